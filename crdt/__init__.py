@@ -1,0 +1,63 @@
+"""Pure CRDT core: ops, clocks, version vectors, merge rules, replicas and their wire format.
+
+Nothing here does I/O or reads a clock or randomness of its own; callers pass them in.
+"""
+
+from crdt.codec import (
+    DEFAULT_LIMITS,
+    FORMAT_VERSION,
+    DecodeLimits,
+    decode_ops,
+    encode_op,
+    encode_ops,
+    encode_state,
+    load_replica,
+    merge_state,
+    save_replica,
+)
+from crdt.errors import (
+    ClockDriftError,
+    CrdtError,
+    DecodeError,
+    InvalidOpError,
+    SnapshotRequired,
+    ValueTooLargeError,
+)
+from crdt.hlc import HybridClock, hlc_pack, hlc_wall_ms
+from crdt.journal import Conflict, ConflictJournal
+from crdt.ops import Collection, Kind, Op, OpId
+from crdt.replica import ApplyResult, Digest, Replica, ReplicaConfig
+from crdt.vector import VersionVector
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMAT_VERSION",
+    "ApplyResult",
+    "ClockDriftError",
+    "Collection",
+    "Conflict",
+    "ConflictJournal",
+    "CrdtError",
+    "DecodeError",
+    "DecodeLimits",
+    "Digest",
+    "HybridClock",
+    "InvalidOpError",
+    "Kind",
+    "Op",
+    "OpId",
+    "Replica",
+    "ReplicaConfig",
+    "SnapshotRequired",
+    "ValueTooLargeError",
+    "VersionVector",
+    "decode_ops",
+    "encode_op",
+    "encode_ops",
+    "encode_state",
+    "hlc_pack",
+    "hlc_wall_ms",
+    "load_replica",
+    "merge_state",
+    "save_replica",
+]

@@ -1,0 +1,188 @@
+"""Versioned msgpack wire format for op batches, state snapshots and saved replicas, decoded strictly."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import msgpack
+
+from crdt.errors import CrdtError, DecodeError
+from crdt.hlc import HLC_MAX, HybridClock
+from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind, Op
+from crdt.replica import Replica, ReplicaConfig
+from crdt.schema import is_int, is_str_map, payload_is_valid
+
+FORMAT_VERSION = 1
+# Wire codes are positions in these tuples: append only, never reorder.
+COLLECTION_CODES: tuple[Collection, ...] = (
+    Collection.PREFERENCES, Collection.SETTINGS, Collection.MESSAGES, Collection.MEMORIES,
+    Collection.NOTES, Collection.COUNTERS, Collection.DEVICES,
+)  # fmt: skip
+KIND_CODES: tuple[Kind, ...] = (
+    Kind.SET, Kind.ADD, Kind.EDIT, Kind.DELETE, Kind.REMOVE, Kind.UPDATE, Kind.ENROL, Kind.REVOKE,
+)  # fmt: skip
+_COLLECTION_CODE = {c: i for i, c in enumerate(COLLECTION_CODES)}
+_KIND_CODE = {k: i for i, k in enumerate(KIND_CODES)}
+
+
+@attrs.frozen
+class DecodeLimits:
+    """Size bounds that decoding enforces before and while it reads untrusted bytes."""
+
+    bytes_max: int = 16 << 20
+    ops_max: int = 100_000
+    devices_max: int = 4096
+    key_chars_max: int = 512
+    value_bytes_max: int = 1 << 20
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _unpack(data: bytes, limits: DecodeLimits) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.bytes_max:
+        raise DecodeError(f"{len(data)} bytes exceeds the {limits.bytes_max}-byte limit")
+    container_max = max(limits.ops_max, limits.devices_max, 1024)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.value_bytes_max,
+            max_bin_len=limits.value_bytes_max,
+            max_array_len=container_max,
+            max_map_len=container_max,
+            max_ext_len=0,
+        )
+    except Exception as error:  # msgpack raises a zoo of types (ValueError, StackError, ExtraData, ...)
+        raise DecodeError(f"not valid msgpack: {type(error).__name__}: {error}") from None
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise DecodeError(message)
+
+
+# -- op batches ------------------------------------------------------------------------------------
+
+
+def encode_ops(ops: Sequence[Op]) -> bytes:
+    """Encode ops as one batch; device ids are written once in a table and referred to by index."""
+    devices: dict[str, int] = {}
+    rows = []
+    for op in ops:
+        device_index = devices.setdefault(op.device, len(devices))
+        prev = None if op.prev is None else [devices.setdefault(op.prev[0], len(devices)), op.prev[1]]
+        rows.append(
+            [device_index, op.seq, op.hlc, _COLLECTION_CODE[op.collection], op.key, _KIND_CODE[op.kind], op.payload, prev]
+        )
+    return msgpack.packb([FORMAT_VERSION, list(devices), rows], use_bin_type=True)
+
+
+def encode_op(op: Op) -> bytes:
+    """Encode one op on its own, naming devices in full: the baseline a batch is measured against."""
+    prev = None if op.prev is None else list(op.prev)
+    row = [op.device, op.seq, op.hlc, _COLLECTION_CODE[op.collection], op.key, _KIND_CODE[op.kind], op.payload, prev]
+    return msgpack.packb(row, use_bin_type=True)
+
+
+def decode_ops(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Op]:
+    """Decode a batch, raising DecodeError for anything malformed, oversized or of another version."""
+    batch = _unpack(data, limits)
+    _expect(type(batch) is list and len(batch) == 3, "batch is not [version, devices, ops]")
+    version, devices, rows = batch
+    _expect(version == FORMAT_VERSION, f"batch format {version!r} is not the supported {FORMAT_VERSION}")
+    _expect(type(devices) is list and len(devices) <= limits.devices_max, "batch device table malformed or too long")
+    _expect(all(type(d) is str and 0 < len(d) <= limits.key_chars_max for d in devices), "bad device id in batch")
+    _expect(type(rows) is list and len(rows) <= limits.ops_max, f"batch holds more than {limits.ops_max} ops")
+    return [_decode_row(row, devices, limits) for row in rows]
+
+
+def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:
+    _expect(type(row) is list and len(row) == 8, "op is not an 8-element array")
+    device_index, seq, hlc, collection_code, key, kind_code, payload, prev = row
+    _expect(is_int(device_index, 0, len(devices) - 1), "op names a device outside the batch table")
+    _expect(is_int(seq, 1) and is_int(hlc, 0, HLC_MAX), "op seq or hlc out of range")
+    _expect(is_int(collection_code, 0, len(COLLECTION_CODES) - 1), f"unknown collection code {collection_code!r}")
+    _expect(is_int(kind_code, 0, len(KIND_CODES) - 1), f"unknown kind code {kind_code!r}")
+    _expect(type(key) is str and 0 < len(key) <= limits.key_chars_max, "op key missing or too long")
+    collection, kind = COLLECTION_CODES[collection_code], KIND_CODES[kind_code]
+    _expect(kind in KINDS_BY_COLLECTION[collection], f"{kind} is not an op of {collection}")
+    _expect(payload_is_valid(collection, kind, payload), f"malformed {collection} {kind} payload")
+    if prev is not None:
+        _expect(type(prev) is list and len(prev) == 2, "op prev is not [device, seq]")
+        _expect(is_int(prev[0], 0, len(devices) - 1) and is_int(prev[1], 1), "op prev out of range")
+        prev = (devices[prev[0]], prev[1])
+    return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev)
+
+
+# -- state snapshots and saved replicas --------------------------------------------------------------
+
+
+def _decode_vector(value: Any, limits: DecodeLimits) -> dict[str, int]:
+    _expect(is_str_map(value) and len(value) <= limits.devices_max, "vector is not a device -> seq map")
+    _expect(all(is_int(seq) for seq in value.values()), "vector seq out of range")
+    return value
+
+
+def encode_state(replica: Replica) -> bytes:
+    """Encode a replica's vector and merged state, which catch up a peer past compacted ops."""
+    return msgpack.packb([FORMAT_VERSION, dict(replica.vector), replica.state()], use_bin_type=True)
+
+
+def merge_state(replica: Replica, data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Merge an encoded state snapshot into a replica; malformed input raises DecodeError and changes nothing."""
+    decoded = _unpack(data, limits)
+    _expect(type(decoded) is list and len(decoded) == 3, "snapshot is not [version, vector, state]")
+    version, vector, state = decoded
+    _expect(version == FORMAT_VERSION, f"snapshot format {version!r} is not the supported {FORMAT_VERSION}")
+    vector = _decode_vector(vector, limits)
+    # Joining into a scratch replica first proves the state well formed without touching the real one.
+    scratch = Replica(replica.device_id, HybridClock(lambda: 0), replica.config)
+    _join_untrusted(scratch, state)
+    replica.join_state(vector, scratch.state())
+
+
+def _join_untrusted(replica: Replica, state: Any) -> None:
+    _expect(is_str_map(state) and state.keys() == {c.value for c in Collection}, "snapshot state lacks collections")
+    try:
+        replica.join_state({}, state)
+    except CrdtError as error:
+        raise DecodeError(f"malformed snapshot state: {error}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+        raise DecodeError(f"malformed snapshot state: {type(error).__name__}: {error}") from None
+
+
+def save_replica(replica: Replica) -> bytes:
+    """Encode everything a device needs to resume: state, log, clock and identity."""
+    log_base, log = replica.log_state()
+    ops = [op for device_ops in log.values() for op in device_ops]
+    return msgpack.packb(
+        [FORMAT_VERSION, replica.device_id, replica.clock.last, log_base, encode_ops(ops), replica.state()],
+        use_bin_type=True,
+    )
+
+
+def load_replica(data: bytes, now_ms: Callable[[], int], config: ReplicaConfig | None = None) -> Replica:
+    """Rebuild a replica saved by `save_replica`; malformed input raises DecodeError."""
+    size = max(len(data), 1)
+    limits = attrs.evolve(DEFAULT_LIMITS, bytes_max=size, ops_max=1 << 30, value_bytes_max=size)
+    decoded = _unpack(data, limits)
+    _expect(type(decoded) is list and len(decoded) == 6, "saved replica is not a 6-element array")
+    version, device_id, clock_last, log_base, log_bytes, state = decoded
+    _expect(version == FORMAT_VERSION, f"saved replica format {version!r} is not the supported {FORMAT_VERSION}")
+    _expect(type(device_id) is str and is_int(clock_last, 0, HLC_MAX), "saved identity or clock malformed")
+    log_base = _decode_vector(log_base, limits)
+    _expect(type(log_bytes) is bytes, "saved log is not bytes")
+    log: dict[str, list[Op]] = {}
+    for op in decode_ops(log_bytes, limits):
+        log.setdefault(op.device, []).append(op)
+    replica = Replica(device_id, HybridClock(now_ms, last=clock_last), config)
+    _join_untrusted(replica, state)
+    try:
+        replica.restore_log(log_base, log)
+    except CrdtError as error:
+        raise DecodeError(str(error)) from None
+    return replica

@@ -1,0 +1,89 @@
+"""Conversation messages: a grow-only set of immutable messages, LWW field edits, winning tombstones."""
+
+from typing import Any
+
+from crdt.journal import ConflictJournal
+from crdt.lww import Register, journal_sink, merge_register
+from crdt.ops import Collection, Kind, Op
+
+EDITABLE_FIELDS = frozenset({"text", "role", "sentiment", "response_time_ms"})
+Stamp = tuple[int, str]
+
+
+class MessageSet:
+    """Messages keyed by id; a delete tombstones the id for good and purges its content."""
+
+    collection = Collection.MESSAGES
+
+    def __init__(self) -> None:
+        self.records: dict[str, Register] = {}
+        self.edits: dict[str, dict[str, Register]] = {}
+        self.tombstones: dict[str, Stamp] = {}
+
+    def apply(self, op: Op, journal: ConflictJournal) -> bool:
+        if op.kind is Kind.ADD:
+            return self._add(op.key, Register.of(op, op.payload))
+        if op.kind is Kind.EDIT:
+            field, value = op.payload
+            return self._edit(op.key, field, Register.of(op, value), journal)
+        return self._delete(op.key, (op.hlc, op.device))
+
+    def _add(self, message_id: str, incoming: Register) -> bool:
+        if message_id in self.tombstones:
+            return False
+        current = self.records.get(message_id)
+        # Ids are unique per add; should two adds ever share one, the earliest stamp wins everywhere.
+        if current is None or (incoming.hlc, incoming.device) < (current.hlc, current.device):
+            self.records[message_id] = incoming
+            return True
+        return False
+
+    def _edit(self, message_id: str, field: str, incoming: Register, journal: ConflictJournal) -> bool:
+        if message_id in self.tombstones:
+            return False
+        fields = self.edits.setdefault(message_id, {})
+        winner = merge_register(fields.get(field), incoming, journal_sink(journal, self.collection, message_id, field))
+        fields[field] = winner
+        return winner is incoming
+
+    def _delete(self, message_id: str, stamp: Stamp) -> bool:
+        known = self.tombstones.get(message_id)
+        self.tombstones[message_id] = stamp if known is None else min(known, stamp)
+        self.records.pop(message_id, None)
+        self.edits.pop(message_id, None)
+        return known is None
+
+    def get(self, message_id: str) -> dict[str, Any] | None:
+        """Return a message with its edits applied, or None if absent or deleted."""
+        record = self.records.get(message_id)
+        if record is None:
+            return None
+        message = dict(record.value)
+        for field, register in self.edits.get(message_id, {}).items():
+            message[field] = register.value
+        return message
+
+    def to_state(self) -> dict:
+        return {
+            "records": {mid: list(r) for mid, r in self.records.items()},
+            "edits": {mid: {f: list(r) for f, r in fields.items()} for mid, fields in self.edits.items()},
+            "tombstones": {mid: list(stamp) for mid, stamp in self.tombstones.items()},
+        }
+
+    def join_state(self, state: dict, journal: ConflictJournal) -> None:
+        for message_id, stamp in state["tombstones"].items():
+            self._delete(message_id, (stamp[0], stamp[1]))
+        for message_id, row in state["records"].items():
+            self._add(message_id, Register.from_state(row))
+        for message_id, fields in state["edits"].items():
+            for field, row in fields.items():
+                self._edit(message_id, field, Register.from_state(row), journal)
+
+    def view(self) -> dict:
+        return {
+            "messages": {mid: self.get(mid) for mid in self.records},
+            "deleted": sorted(self.tombstones),
+        }
+
+    def __len__(self) -> int:
+        return len(self.records)

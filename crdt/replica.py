@@ -1,0 +1,299 @@
+"""A device's replica: version vector, op log, held ops and every collection's merged state."""
+
+import hashlib
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
+from operator import attrgetter
+from typing import Any
+
+import attrs
+import msgpack
+
+from crdt.counters import CounterSet
+from crdt.errors import ClockDriftError, CrdtError, InvalidOpError, SnapshotRequired, ValueTooLargeError
+from crdt.hlc import HybridClock
+from crdt.journal import ConflictJournal
+from crdt.lww import LwwMap
+from crdt.memories import MemorySet
+from crdt.messages import MessageSet
+from crdt.notes import NoteSet
+from crdt.ops import Collection, Kind, Op
+from crdt.registry import DeviceRegistry
+from crdt.schema import payload_is_valid
+from crdt.vector import VersionVector
+
+_by_hlc = attrgetter("hlc")
+
+
+def _tail(log: list[Op], start: int) -> Iterator[Op]:
+    """Yield the ops of a log from index `start` on, without copying the list."""
+    for index in range(start, len(log)):
+        yield log[index]
+
+
+@attrs.frozen
+class ReplicaConfig:
+    """Tunable bounds and thresholds of a replica."""
+
+    dedup_cosine_min: float = 0.95
+    held_ops_max: int = 100_000
+    journal_entries_max: int = 10_000
+    value_bytes_max: int = 1 << 20
+
+
+@attrs.frozen
+class ApplyResult:
+    """What applying a batch of remote ops did."""
+
+    applied: tuple[Op, ...]
+    held: int
+    refused: tuple[tuple[Op, str], ...] = ()
+
+
+@attrs.frozen
+class Digest:
+    """A hash and counts of the synced state; equal exactly when the synced state is equal."""
+
+    sha256: str
+    counts: dict[str, int]
+
+
+def _canonical(value: Any) -> Any:
+    """Return a value with every mapping turned into key-sorted pairs, so it packs the same everywhere."""
+    if isinstance(value, Mapping):
+        return [[key, _canonical(item)] for key, item in sorted(value.items())]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    return value
+
+
+class Replica:
+    """One device's merged state of every synced collection, fed by local writes and remote ops."""
+
+    def __init__(self, device_id: str, clock: HybridClock, config: ReplicaConfig | None = None) -> None:
+        self.device_id = device_id
+        self.clock = clock
+        self.config = config or ReplicaConfig()
+        self.journal = ConflictJournal(self.config.journal_entries_max)
+        self.preferences = LwwMap(Collection.PREFERENCES)
+        self.settings = LwwMap(Collection.SETTINGS)
+        self.messages = MessageSet()
+        self.memories = MemorySet(self.config.dedup_cosine_min)
+        self.notes = NoteSet(device_id)
+        self.counters = CounterSet()
+        self.devices = DeviceRegistry()
+        self._rules = {
+            Collection.PREFERENCES: self.preferences,
+            Collection.SETTINGS: self.settings,
+            Collection.MESSAGES: self.messages,
+            Collection.MEMORIES: self.memories,
+            Collection.NOTES: self.notes,
+            Collection.COUNTERS: self.counters,
+            Collection.DEVICES: self.devices,
+        }
+        self._vector: dict[str, int] = {}
+        self._log: dict[str, list[Op]] = {}
+        self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
+        self._held: dict[str, dict[int, Op]] = {}
+        self._held_count = 0
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def vector(self) -> VersionVector:
+        """Return the version vector of the ops applied here."""
+        return VersionVector(self._vector)
+
+    def seq_of(self, device: str) -> int:
+        """Return the highest contiguous seq applied from a device."""
+        return self._vector.get(device, 0)
+
+    @property
+    def held_count(self) -> int:
+        """Return how many remote ops wait for an earlier op of their device."""
+        return self._held_count
+
+    def ops_since(self, vector: Mapping[str, int], ops_max: int) -> list[Op]:
+        """Return up to `ops_max` ops the holder of `vector` lacks, oldest HLC first."""
+        runs: list[Iterator[Op]] = []
+        for device, have in self._vector.items():
+            known = vector.get(device, 0)
+            if known >= have:
+                continue
+            base = self._log_base.get(device, 0)
+            if known < base:
+                raise SnapshotRequired(f"ops of {device} up to seq {base} were compacted; send a state snapshot")
+            runs.append(_tail(self._log[device], known - base))
+        if not runs:
+            return []
+        merged = runs[0] if len(runs) == 1 else heapq.merge(*runs, key=_by_hlc)
+        return [op for op, _ in zip(merged, range(ops_max))]
+
+    def digest(self) -> Digest:
+        """Return the sha256 and counts of the synced state (no journal, no log, nothing local)."""
+        views = {collection.value: rule.view() for collection, rule in self._rules.items()}
+        encoded = msgpack.packb(_canonical(views), use_bin_type=True)
+        counts = {collection.value: len(rule) for collection, rule in self._rules.items()}
+        return Digest(hashlib.sha256(encoded).hexdigest(), counts)
+
+    # -- local writes ----------------------------------------------------------------------------
+
+    def set_preference(self, key: str, value: Any, *, collection: Collection = Collection.PREFERENCES) -> Op:
+        """Write a preference (or setting) and return its op."""
+        rule = self._rules[collection]
+        if not isinstance(rule, LwwMap):
+            raise InvalidOpError(f"{collection} is not a last-writer-wins map")
+        current = rule.registers.get(key)
+        return self._write(collection, key, Kind.SET, value, None if current is None else current.op_id)
+
+    def add_message(self, message_id: str, fields: Mapping[str, Any]) -> Op:
+        """Add an immutable message (conversation, role, text, ts_ms, ...) and return its op."""
+        return self._write(Collection.MESSAGES, message_id, Kind.ADD, dict(fields))
+
+    def edit_message(self, message_id: str, field: str, value: Any) -> Op:
+        """Change one field of a message (last writer wins) and return the op."""
+        current = self.messages.edits.get(message_id, {}).get(field)
+        return self._write(Collection.MESSAGES, message_id, Kind.EDIT, [field, value], current and current.op_id)
+
+    def delete_message(self, message_id: str) -> Op:
+        """Tombstone a message everywhere and return the op."""
+        return self._write(Collection.MESSAGES, message_id, Kind.DELETE, None)
+
+    def add_memory(self, memory_id: str, text: str, embedding: bytes | None, metadata: Mapping[str, Any]) -> Op:
+        """Add a memory (text, float32 embedding bytes, metadata) and return its op."""
+        payload = {"text": text, "embedding": embedding, "metadata": dict(metadata)}
+        return self._write(Collection.MEMORIES, memory_id, Kind.ADD, payload)
+
+    def edit_memory(self, memory_id: str, field: str, value: Any) -> Op:
+        """Change one field of a memory (last writer wins) and return the op."""
+        current = self.memories.fields.get(memory_id, {}).get(field)
+        return self._write(Collection.MEMORIES, memory_id, Kind.EDIT, [field, value], current and current.op_id)
+
+    def remove_memory(self, memory_id: str) -> Op:
+        """Remove the adds of a memory seen so far (a concurrent add still wins) and return the op."""
+        observed = [list(tag) for tag in self.memories.live_tags(memory_id)]
+        return self._write(Collection.MEMORIES, memory_id, Kind.REMOVE, observed)
+
+    def edit_note(self, name: str, text: str) -> Op:
+        """Set a note's text, merged character-wise with concurrent edits, and return the op."""
+        self._check_size(text)  # before the edit: the Loro document changes as the update is made
+        return self._write(Collection.NOTES, name, Kind.UPDATE, self.notes.edit(name, text))
+
+    def increment(self, name: str, delta: int = 1) -> Op:
+        """Add `delta` (may be negative) to a counter and return the op."""
+        return self._write(Collection.COUNTERS, name, Kind.ADD, list(self.counters.next_totals(name, self.device_id, delta)))
+
+    def enrol_device(self, device: str, record: Mapping[str, Any]) -> Op:
+        """Enrol a device (public key, name, signer, signature) and return the op."""
+        current = self.devices.enrolments.get(device)
+        return self._write(Collection.DEVICES, device, Kind.ENROL, dict(record), current and current.op_id)
+
+    def revoke_device(self, device: str, record: Mapping[str, Any]) -> Op:
+        """Revoke a device for good (signer, signature) and return the op."""
+        return self._write(Collection.DEVICES, device, Kind.REVOKE, dict(record))
+
+    def _check_size(self, value: Any) -> None:
+        size = len(msgpack.packb(value, use_bin_type=True))
+        if size > self.config.value_bytes_max:
+            raise ValueTooLargeError(f"value of {size} bytes exceeds the {self.config.value_bytes_max}-byte limit")
+
+    def _write(self, collection: Collection, key: str, kind: Kind, payload: Any, prev: Any = None) -> Op:
+        if not payload_is_valid(collection, kind, payload):
+            raise InvalidOpError(f"malformed {collection} {kind} value: {payload!r:.200}")
+        self._check_size(payload)
+        op = Op(self.device_id, self.seq_of(self.device_id) + 1, self.clock.now(), collection, key, kind, payload, prev)
+        self._commit(op)
+        return op
+
+    # -- remote ops ------------------------------------------------------------------------------
+
+    def apply(self, ops: Iterable[Op]) -> ApplyResult:
+        """Apply remote ops in any order: duplicates are skipped, ops after a gap are held."""
+        applied: list[Op] = []
+        refused: list[tuple[Op, str]] = []
+        for op in ops:
+            have = self._vector.get(op.device, 0)
+            if op.seq <= have:
+                continue
+            if op.seq > have + 1:
+                self._hold(op)
+                continue
+            ok = self._apply_in_order(op, applied, refused)
+            held = self._held.get(op.device)
+            while ok and held and have + 2 in held:
+                have += 1
+                self._held_count -= 1
+                ok = self._apply_in_order(held.pop(have + 1), applied, refused)
+        return ApplyResult(tuple(applied), self._held_count, tuple(refused))
+
+    def _hold(self, op: Op) -> None:
+        held = self._held.setdefault(op.device, {})
+        # Past the bound an op is dropped rather than held: the vector does not cover it, so it is resent.
+        if op.seq not in held and self._held_count < self.config.held_ops_max:
+            held[op.seq] = op
+            self._held_count += 1
+
+    def _apply_in_order(self, op: Op, applied: list[Op], refused: list[tuple[Op, str]]) -> bool:
+        try:
+            self.clock.observe(op.hlc)
+            self._commit(op)
+        except (ClockDriftError, InvalidOpError) as error:
+            refused.append((op, str(error)))
+            return False
+        applied.append(op)
+        return True
+
+    def _commit(self, op: Op) -> None:
+        self._rules[op.collection].apply(op, self.journal)
+        self._log.setdefault(op.device, []).append(op)
+        self._vector[op.device] = op.seq
+
+    # -- compaction and snapshots ----------------------------------------------------------------
+
+    def compact(self, applied_everywhere: Mapping[str, int]) -> int:
+        """Drop logged ops every trusted device has applied; return how many were dropped."""
+        dropped = 0
+        for device, log in self._log.items():
+            base = self._log_base.get(device, 0)
+            upto = min(applied_everywhere.get(device, 0), self._vector.get(device, 0))
+            if upto > base:
+                del log[: upto - base]
+                self._log_base[device] = upto
+                dropped += upto - base
+        return dropped
+
+    def state(self) -> dict:
+        """Return the merged state of every collection as plain values."""
+        return {collection.value: rule.to_state() for collection, rule in self._rules.items()}
+
+    def join_state(self, vector: Mapping[str, int], state: Mapping[str, Any]) -> None:
+        """Merge a peer's state snapshot (already validated) and skip past the ops it covers."""
+        for collection, rule in self._rules.items():
+            rule.join_state(state[collection.value], self.journal)
+        for device, seq in vector.items():
+            if seq > self._vector.get(device, 0):
+                # The snapshot holds these ops' effects but not the ops, so the log restarts after them.
+                self._log[device] = []
+                self._log_base[device] = seq
+                self._vector[device] = seq
+        for device in list(self._held):
+            held = self._held.pop(device)
+            self._held_count -= len(held)
+            self.apply(held[seq] for seq in sorted(held) if seq > self._vector.get(device, 0))
+
+    def log_state(self) -> tuple[dict[str, int], dict[str, list[Op]]]:
+        """Return the log's base seqs and its ops, for saving."""
+        return dict(self._log_base), {device: list(log) for device, log in self._log.items()}
+
+    def restore_log(self, log_base: Mapping[str, int], log: Mapping[str, list[Op]]) -> None:
+        """Install a saved log into an empty replica whose state was restored from the same save."""
+        if self._vector:
+            raise CrdtError("a log can only be restored into an empty replica")
+        for device, ops in log.items():
+            base = log_base.get(device, 0)
+            if any(op.seq != base + i + 1 or op.device != device for i, op in enumerate(ops)):
+                raise CrdtError(f"saved log of {device} is not contiguous from seq {base + 1}")
+            self._log[device] = list(ops)
+            self._log_base[device] = base
+            if base + len(ops):
+                self._vector[device] = base + len(ops)

@@ -1,0 +1,91 @@
+"""What a well-formed payload of each (collection, kind) looks like; shared by local writes and decoding."""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from crdt.memories import EDITABLE_FIELDS as MEMORY_FIELDS
+from crdt.messages import EDITABLE_FIELDS as MESSAGE_FIELDS
+from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind
+
+SEQ_MAX = (1 << 63) - 1
+
+
+def is_int(value: Any, low: int = 0, high: int = SEQ_MAX) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or type(value) in (int, float)
+
+
+def is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(type(k) is str for k in value)
+
+
+_MESSAGE_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "conversation": lambda v: type(v) is str,
+    "role": lambda v: type(v) is str,
+    "text": lambda v: type(v) is str,
+    "ts_ms": lambda v: is_int(v),
+    "sentiment": _is_number_or_none,
+    "response_time_ms": _is_number_or_none,
+}
+_MEMORY_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "text": lambda v: type(v) is str,
+    "embedding": lambda v: v is None or (type(v) is bytes and len(v) % 4 == 0),
+    "metadata": is_str_map,
+}
+_MESSAGE_REQUIRED = frozenset({"conversation", "role", "text", "ts_ms"})
+
+
+def _valid_message(payload: Any) -> bool:
+    return (
+        is_str_map(payload)
+        and _MESSAGE_REQUIRED <= payload.keys() <= _MESSAGE_FIELD_TYPES.keys()
+        and all(_MESSAGE_FIELD_TYPES[f](v) for f, v in payload.items())
+    )
+
+
+def _valid_field_edit(field_types: Mapping[str, Callable[[Any], bool]], editable: frozenset[str]) -> Callable[[Any], bool]:
+    def valid(payload: Any) -> bool:
+        return type(payload) is list and len(payload) == 2 and payload[0] in editable and field_types[payload[0]](payload[1])
+
+    return valid
+
+
+def _valid_memory(payload: Any) -> bool:
+    return is_str_map(payload) and payload.keys() == _MEMORY_FIELD_TYPES.keys() and all(
+        _MEMORY_FIELD_TYPES[f](v) for f, v in payload.items()
+    )
+
+
+def _valid_tags(payload: Any) -> bool:
+    return type(payload) is list and all(
+        type(t) is list and len(t) == 2 and type(t[0]) is str and is_int(t[1], 1) for t in payload
+    )
+
+
+def _valid_totals(payload: Any) -> bool:
+    return type(payload) is list and len(payload) == 2 and all(is_int(v) for v in payload)
+
+
+_PAYLOAD_VALID: dict[tuple[Collection, Kind], Callable[[Any], bool]] = {
+    (Collection.PREFERENCES, Kind.SET): lambda v: True,
+    (Collection.SETTINGS, Kind.SET): lambda v: True,
+    (Collection.MESSAGES, Kind.ADD): _valid_message,
+    (Collection.MESSAGES, Kind.EDIT): _valid_field_edit(_MESSAGE_FIELD_TYPES, MESSAGE_FIELDS),
+    (Collection.MESSAGES, Kind.DELETE): lambda v: v is None,
+    (Collection.MEMORIES, Kind.ADD): _valid_memory,
+    (Collection.MEMORIES, Kind.EDIT): _valid_field_edit(_MEMORY_FIELD_TYPES, MEMORY_FIELDS),
+    (Collection.MEMORIES, Kind.REMOVE): _valid_tags,
+    (Collection.NOTES, Kind.UPDATE): lambda v: type(v) is bytes,
+    (Collection.COUNTERS, Kind.ADD): _valid_totals,
+    (Collection.DEVICES, Kind.ENROL): is_str_map,
+    (Collection.DEVICES, Kind.REVOKE): is_str_map,
+}
+assert _PAYLOAD_VALID.keys() == {(c, k) for c, kinds in KINDS_BY_COLLECTION.items() for k in kinds}
+
+
+def payload_is_valid(collection: Collection, kind: Kind, payload: Any) -> bool:
+    """Return whether a payload is well formed for its collection and kind."""
+    return _PAYLOAD_VALID[collection, kind](payload)

@@ -1,0 +1,1 @@
+"""The sync node: sessions, wire types, and (later) identity, peers, pairing, bus and CLI."""

@@ -1,0 +1,351 @@
+"""The sync session (`/aico/sync/1`) as a sans-I/O state machine: bytes in, events and bytes out.
+
+It knows no sockets and no clock. Feed received bytes to `receive_data`, send whatever `generate`
+returns until it returns None, and call `refresh` from a timer to re-check what the peer lacks.
+"""
+
+from enum import Enum
+from typing import Protocol
+
+import attrs
+
+from crdt import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    Op,
+    Replica,
+    SnapshotRequired,
+    decode_ops,
+    encode_ops,
+    encode_state,
+    merge_state,
+)
+from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
+from node.wire import (
+    LENGTH_PREFIX_BYTES,
+    PROTOCOL_VERSION,
+    SCHEMA_VERSION,
+    Ack,
+    Deltas,
+    Error,
+    Frame,
+    Hello,
+    StateSnapshot,
+    from_wire,
+    to_wire,
+)
+
+
+class BatchSealer(Protocol):
+    """Seals outgoing batches and opens incoming ones (raising UnsealError); encryption lives here."""
+
+    def seal(self, plain: bytes) -> bytes: ...
+
+    def open(self, sealed: bytes) -> bytes: ...
+
+
+class Plaintext:
+    """A sealer that leaves batches as they are, for simulations and tests of the protocol alone."""
+
+    def seal(self, plain: bytes) -> bytes:
+        return plain
+
+    def open(self, sealed: bytes) -> bytes:
+        return sealed
+
+
+@attrs.frozen
+class SessionConfig:
+    """Versions and bounds one side of a session uses."""
+
+    epoch: int = 0
+    protocol: int = PROTOCOL_VERSION
+    schema: int = SCHEMA_VERSION
+    frame_bytes_max: int = 16 << 20
+    batch_ops_max: int = 2000
+    batch_bytes_max: int = 1 << 20
+    decode_limits: DecodeLimits = DEFAULT_LIMITS
+
+
+class SessionState(Enum):
+    """Where a session is: waiting for the peer's HELLO, syncing, or over."""
+
+    GREETING = "greeting"
+    SYNCING = "syncing"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class PeerHello:
+    """The peer introduced itself; the node checks the device id against the transport's."""
+
+    device_id: str
+    epoch: int
+    vector: dict[str, int]
+
+
+@attrs.frozen
+class OpsApplied:
+    """Ops from the peer were applied (some may be held for a gap or refused)."""
+
+    ops: tuple[Op, ...]
+    held: int
+    refused: tuple[tuple[Op, str], ...]
+
+
+@attrs.frozen
+class StateMerged:
+    """A state snapshot from the peer was merged."""
+
+    vector: dict[str, int]
+
+
+@attrs.frozen
+class PeerAcked:
+    """The peer reported what it has applied."""
+
+    vector: dict[str, int]
+
+
+@attrs.frozen
+class PeerClosed:
+    """The peer ended the session."""
+
+    reason: EndReason
+    detail: str
+
+
+Event = PeerHello | OpsApplied | StateMerged | PeerAcked | PeerClosed
+_REWIND = -1  # marks an ACK owed by `refresh`, which the peer treats as authoritative
+
+
+def _raise_max(vector: dict[str, int], device: str, seq: int) -> None:
+    if seq > vector.get(device, 0):
+        vector[device] = seq
+
+
+class SyncSession:
+    """One side of a sync session with one peer over a reliable, ordered byte stream."""
+
+    def __init__(self, replica: Replica, config: SessionConfig | None = None, sealer: BatchSealer | None = None):
+        self.replica = replica
+        self.config = config or SessionConfig()
+        self.sealer = sealer or Plaintext()
+        self.state = SessionState.GREETING
+        self.peer_device: str | None = None
+        self.peer_vector: dict[str, int] = {}  # what the peer last said it has applied
+        self._inbound = bytearray()
+        self._outbound: list[Frame] = [self._hello()]
+        self._sent: dict[str, int] = {}  # what the peer has, or will have once our batches land
+        self._peer_has: dict[str, int] = {}  # seqs the peer proved it has by sending them
+        self._batches_sent = 0
+        self._last_batch_received: int | None = None
+        self._ack_owed: int | None = None
+        self._early: list[tuple[Frame, int]] = []
+        self._early_bytes = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Take bytes from the peer and return the events they complete."""
+        if self.state is SessionState.CLOSED:
+            raise LocalProtocolError("receive_data on a closed session")
+        self.bytes_received += len(data)
+        self._inbound += data
+        events: list[Event] = []
+        try:
+            while (body := self._next_body()) is not None:
+                events.extend(self._handle(self._decode(body), len(body)))
+                if self.state is SessionState.CLOSED:
+                    break
+        except RemoteProtocolError as error:
+            self._fail(error.reason, error.detail)
+            raise
+        return events
+
+    def _next_body(self) -> bytes | None:
+        if len(self._inbound) < LENGTH_PREFIX_BYTES:
+            return None
+        length = int.from_bytes(self._inbound[:LENGTH_PREFIX_BYTES], "big")
+        if length > self.config.frame_bytes_max:
+            raise RemoteProtocolError(
+                EndReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {self.config.frame_bytes_max}"
+            )
+        end = LENGTH_PREFIX_BYTES + length
+        if len(self._inbound) < end:
+            return None
+        body = bytes(self._inbound[LENGTH_PREFIX_BYTES:end])
+        del self._inbound[:end]
+        return body
+
+    def _decode(self, body: bytes) -> Frame:
+        try:
+            return from_wire(body, self.config.frame_bytes_max)
+        except DecodeError as error:
+            raise RemoteProtocolError(EndReason.MALFORMED_FRAME, str(error)) from None
+
+    def _handle(self, frame: Frame, size: int) -> list[Event]:
+        if isinstance(frame, Error):
+            self.state = SessionState.CLOSED
+            self._outbound.clear()
+            return [PeerClosed(frame.reason, frame.detail)]
+        if isinstance(frame, Hello):
+            return self._on_hello(frame)
+        if self.state is SessionState.GREETING:
+            # Over a stream HELLO comes first; over a datagram path (mailbox, simulation) it may not.
+            # Such frames wait, within a bound, for the HELLO that says whether they can be read.
+            self._early_bytes += size
+            if self._early_bytes > self.config.frame_bytes_max:
+                raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "too much data before HELLO")
+            self._early.append((frame, size))
+            return []
+        match frame:
+            case Deltas():
+                return [self._on_deltas(frame)]
+            case StateSnapshot():
+                return [self._on_state(frame)]
+            case Ack():
+                return [self._on_ack(frame)]
+        raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, f"{type(frame).__name__} after HELLO")
+
+    def _on_hello(self, hello: Hello) -> list[Event]:
+        if hello.protocol != self.config.protocol:
+            raise RemoteProtocolError(
+                EndReason.PROTOCOL_MISMATCH,
+                f"peer speaks sync protocol {hello.protocol}, this node speaks {self.config.protocol}",
+            )
+        if hello.schema != self.config.schema:
+            raise RemoteProtocolError(
+                EndReason.SCHEMA_MISMATCH,
+                f"peer's data schema is version {hello.schema}, this node reads version {self.config.schema}; "
+                "update the older device",
+            )
+        if hello.epoch != self.config.epoch:
+            raise RemoteProtocolError(
+                EndReason.EPOCH_MISMATCH, f"peer is at group epoch {hello.epoch}, this node at {self.config.epoch}"
+            )
+        if hello.device_id == self.replica.device_id:
+            raise RemoteProtocolError(EndReason.SELF_CONNECTION, "peer has this node's own device id")
+        if self.peer_device not in (None, hello.device_id):
+            raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "HELLO from a second device in one session")
+        # A repeated HELLO (a resent one, or a duplicate) is a fresh statement of what the peer has.
+        self.state = SessionState.SYNCING
+        self.peer_device = hello.device_id
+        self.peer_vector = dict(hello.vector)
+        self._sent = dict(hello.vector)
+        for device, seq in self._peer_has.items():
+            _raise_max(self._sent, device, seq)
+        early, self._early = self._early, []
+        events: list[Event] = [PeerHello(hello.device_id, hello.epoch, dict(hello.vector))]
+        self._early_bytes = 0
+        for frame, size in early:
+            events.extend(self._handle(frame, size))
+        return events
+
+    def _open(self, sealed: bytes) -> bytes:
+        try:
+            return self.sealer.open(sealed)
+        except UnsealError as error:
+            raise RemoteProtocolError(EndReason.UNSEAL_FAILED, str(error)) from None
+
+    def _on_deltas(self, deltas: Deltas) -> OpsApplied:
+        try:
+            ops = decode_ops(self._open(deltas.sealed), self.config.decode_limits)
+        except DecodeError as error:
+            raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"batch {deltas.batch_no}: {error}") from None
+        for op in ops:
+            _raise_max(self._peer_has, op.device, op.seq)
+            _raise_max(self._sent, op.device, op.seq)
+        result = self.replica.apply(ops)
+        self._owe_ack(deltas.batch_no)
+        return OpsApplied(result.applied, result.held, result.refused)
+
+    def _on_state(self, snapshot: StateSnapshot) -> StateMerged:
+        limits = attrs.evolve(self.config.decode_limits, bytes_max=self.config.frame_bytes_max)
+        try:
+            merge_state(self.replica, self._open(snapshot.sealed), limits)
+        except DecodeError as error:
+            raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"state {snapshot.batch_no}: {error}") from None
+        for device, seq in self.replica.vector.items():
+            _raise_max(self._peer_has, device, seq)
+        self._owe_ack(snapshot.batch_no)
+        return StateMerged(dict(self.replica.vector))
+
+    def _owe_ack(self, batch_no: int) -> None:
+        if self._last_batch_received is None or batch_no > self._last_batch_received:
+            self._last_batch_received = batch_no
+        if self._ack_owed != _REWIND:
+            self._ack_owed = self._last_batch_received
+
+    def _on_ack(self, ack: Ack) -> PeerAcked:
+        self.peer_vector = dict(ack.vector)
+        # Only an ACK that answers our latest batch (or a refresh) tells the whole truth: then ops we
+        # sent that the peer still lacks were lost or are held behind a gap, and are sent again.
+        if ack.batch_no is None or ack.batch_no == self._batches_sent:
+            self._sent = dict(ack.vector)
+            for device, seq in self._peer_has.items():
+                _raise_max(self._sent, device, seq)
+        return PeerAcked(dict(ack.vector))
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Restate what this side has (HELLO again until the peer's arrives), so the peer resends what is lacking."""
+        if self.state is SessionState.GREETING and not self._outbound:
+            self._outbound.append(self._hello())
+        elif self.state is SessionState.SYNCING:
+            self._ack_owed = _REWIND
+
+    def _hello(self) -> Hello:
+        config = self.config
+        return Hello(config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector))
+
+    def close(self, detail: str = "closing") -> None:
+        """End the session; `generate` then yields a final ERROR frame for the peer."""
+        if self.state is not SessionState.CLOSED:
+            self._fail(EndReason.CLOSED, detail)
+
+    def _fail(self, reason: EndReason, detail: str) -> None:
+        self.state = SessionState.CLOSED
+        self._outbound = [Error(reason, detail)]
+
+    def generate(self) -> bytes | None:
+        """Return the next frame to send, or None when there is nothing to send now."""
+        frame = self._next_frame()
+        if frame is None:
+            return None
+        data = to_wire(frame)
+        self.bytes_sent += len(data)
+        return data
+
+    def _next_frame(self) -> Frame | None:
+        if self._outbound:
+            return self._outbound.pop(0)
+        if self.state is not SessionState.SYNCING:
+            return None
+        if self._ack_owed is not None:
+            batch_no = None if self._ack_owed == _REWIND else self._ack_owed
+            self._ack_owed = None
+            return Ack(batch_no, dict(self.replica.vector))
+        return self._next_batch()
+
+    def _next_batch(self) -> Deltas | StateSnapshot | None:
+        try:
+            ops = self.replica.ops_since(self._sent, self.config.batch_ops_max)
+        except SnapshotRequired:
+            self._batches_sent += 1
+            self._sent = dict(self.replica.vector)
+            return StateSnapshot(self._batches_sent, self.sealer.seal(encode_state(self.replica)))
+        if not ops:
+            return None
+        batch = encode_ops(ops)
+        while len(batch) > self.config.batch_bytes_max and len(ops) > 1:
+            ops = ops[: len(ops) // 2]
+            batch = encode_ops(ops)
+        for op in ops:
+            _raise_max(self._sent, op.device, op.seq)
+        self._batches_sent += 1
+        return Deltas(self._batches_sent, self.sealer.seal(batch))

@@ -1,0 +1,25 @@
+"""Typed errors raised by every store adapter."""
+
+
+class StoreError(Exception):
+    """A store operation failed; the root of every error the stores raise."""
+
+
+class WrongKeyError(StoreError):
+    """The store key or passphrase does not open the store file."""
+
+
+class StoreCorruptError(StoreError):
+    """Stored bytes failed an integrity check or cannot be parsed."""
+
+
+class StoreClosedError(StoreError):
+    """The store was used after it was closed."""
+
+
+class ValueTooLargeError(StoreError):
+    """A value exceeds the size the store accepts."""
+
+
+class StoreTimeoutError(StoreError):
+    """A store call did not finish within its time limit."""

@@ -1,0 +1,392 @@
+"""Encrypted primary SQL store: one adapter interface over SQLCipher and libSQL, migrations, and a trio front."""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import attrs
+import libsql_experimental
+import sqlcipher3
+import trio
+
+from stores.errors import (
+    StoreClosedError,
+    StoreCorruptError,
+    StoreError,
+    StoreTimeoutError,
+    WrongKeyError,
+)
+
+SqlValue = int | float | str | bytes | None
+Row = tuple[SqlValue, ...]
+T = TypeVar("T")
+
+SQL_ENGINES = ("sqlcipher", "libsql")
+"""Valid engine names; the first is the default."""
+
+STORE_KEY_BYTES = 32
+BUSY_TIMEOUT_MS = 5000
+DEFAULT_CALL_TIMEOUT_S = 30.0
+
+# WAL with synchronous=FULL fsyncs every commit, so an acknowledged transaction survives kill -9 and power loss.
+# busy_timeout lets a second process (the CLI opening the store directly) wait briefly for the write lock.
+_OPEN_PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+)
+_CORRUPTION_MARKERS = ("malformed", "not a database", "corrupt")
+
+
+class _Cursor(Protocol):
+    def fetchall(self) -> list[Row] | None: ...
+
+    def fetchone(self) -> Row | None: ...
+
+
+class _Connection(Protocol):
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, parameters: Row = ..., /) -> _Cursor: ...
+
+    def executemany(self, sql: str, parameters: list[Row], /) -> object: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.frozen
+class _EngineSpec:
+    connect: Callable[[Path, bytes], _Connection]
+    errors: tuple[type[Exception], ...]
+
+
+def _connect_sqlcipher(path: Path, key: bytes) -> _Connection:
+    # isolation_level=None: no implicit BEGIN, so transaction() alone decides transaction boundaries.
+    connection = sqlcipher3.connect(str(path), isolation_level=None)
+    connection.execute("PRAGMA cipher_log_level = NONE")
+    # A raw hex key skips SQLCipher's PBKDF2: the store key is already random, not a passphrase.
+    connection.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    return connection
+
+
+def _connect_libsql(path: Path, key: bytes) -> _Connection:
+    return libsql_experimental.connect(str(path), isolation_level=None, encryption_key=key.hex())
+
+
+_ENGINES = {
+    "sqlcipher": _EngineSpec(_connect_sqlcipher, (sqlcipher3.Error,)),
+    # libsql reports every engine failure, SQL errors included, as a plain ValueError.
+    "libsql": _EngineSpec(_connect_libsql, (ValueError,)),
+}
+
+
+def _store_error(error: Exception, engine: str, path: Path) -> StoreError:
+    message = f"{engine} store {path}: {error}"
+    if any(marker in str(error).lower() for marker in _CORRUPTION_MARKERS):
+        return StoreCorruptError(message)
+    return StoreError(message)
+
+
+class SqlAdapter:
+    """One open connection to an encrypted SQL store, with the same interface for every engine."""
+
+    def __init__(self, engine: str, path: Path, connection: _Connection, errors: tuple[type[Exception], ...]) -> None:
+        self._engine = engine
+        self._path = path
+        self._connection: _Connection | None = connection
+        self._errors = errors
+        self._in_transaction = False
+
+    @property
+    def engine(self) -> str:
+        """The engine name, one of SQL_ENGINES."""
+        return self._engine
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @contextmanager
+    def _live(self) -> Iterator[_Connection]:
+        """Yield the open connection, turning engine errors into store errors."""
+        if self._connection is None:
+            raise StoreClosedError(f"{self._engine} store {self._path} is closed")
+        try:
+            yield self._connection
+        except self._errors as error:
+            raise _store_error(error, self._engine, self._path) from error
+
+    def execute(self, sql: str, params: Sequence[SqlValue] = ()) -> None:
+        """Run one statement with positional ? parameters."""
+        with self._live() as connection:
+            connection.execute(sql, tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[SqlValue]]) -> None:
+        """Run one statement once per row of positional parameters."""
+        with self._live() as connection:
+            connection.executemany(sql, [tuple(row) for row in rows])
+
+    def query(self, sql: str, params: Sequence[SqlValue] = ()) -> list[Row]:
+        """Run one statement and return all its rows."""
+        with self._live() as connection:
+            # libsql returns None instead of [] for statements that produce no result set.
+            return list(connection.execute(sql, tuple(params)).fetchall() or [])
+
+    def query_one(self, sql: str, params: Sequence[SqlValue] = ()) -> Row | None:
+        """Run one statement and return its first row, or None."""
+        with self._live() as connection:
+            return connection.execute(sql, tuple(params)).fetchone()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the with-block as one immediate transaction: commit on success, roll back on any exception."""
+        if self._in_transaction:
+            raise StoreError("transactions do not nest: this adapter is already inside one")
+        self.execute("BEGIN IMMEDIATE")
+        self._in_transaction = True
+        try:
+            yield
+            self.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
+        finally:
+            self._in_transaction = False
+
+    def _roll_back(self) -> None:
+        # A failed COMMIT may already have ended the transaction, and a closed adapter has nothing to undo.
+        if self._connection is not None and self._connection.in_transaction:
+            self.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Close the connection; idempotent, and every later call raises StoreClosedError."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.close()
+
+
+def open_sql(engine: str, path: Path, key: bytes) -> SqlAdapter:
+    """Open, creating if absent, the encrypted SQL store at path; a wrong key raises WrongKeyError."""
+    spec = _ENGINES.get(engine)
+    if spec is None:
+        raise StoreError(f"unknown SQL engine {engine!r}; valid engines: {', '.join(SQL_ENGINES)}")
+    if len(key) != STORE_KEY_BYTES:
+        raise StoreError(f"a store key is {STORE_KEY_BYTES} bytes, got {len(key)}")
+    try:
+        connection = spec.connect(path, key)
+    except spec.errors as error:
+        raise StoreError(f"cannot open {engine} store {path}: {error}") from error
+    try:
+        # Both engines only decrypt on the first read, and they must fail before any pragma writes to the file.
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except spec.errors as error:
+        connection.close()
+        if "not a database" in str(error):
+            raise WrongKeyError(
+                f"the store key does not open {path} ({engine}): wrong key, or not an encrypted store"
+            ) from error
+        raise _store_error(error, engine, path) from error
+    adapter = SqlAdapter(engine, path, connection, spec.errors)
+    try:
+        for pragma in _OPEN_PRAGMAS:
+            adapter.execute(pragma)
+    except BaseException:
+        adapter.close()
+        raise
+    return adapter
+
+
+def migrate(adapter: SqlAdapter, migrations: Sequence[tuple[int, str]]) -> int:
+    """Apply, in order and each in its own transaction, the migrations newer than the store; return its version."""
+    versions = [version for version, _ in migrations]
+    if versions != sorted(set(versions)) or any(version < 1 for version in versions):
+        raise StoreError(f"migration versions must be positive, unique and ascending, got {versions}")
+    adapter.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+    newest_known = versions[-1] if versions else 0
+    current = _schema_version(adapter)
+    if current > newest_known:
+        raise StoreError(
+            f"store {adapter.path} has schema version {current}, newer than version {newest_known} "
+            "that this code knows: upgrade aico-node"
+        )
+    for version, script in migrations:
+        # Re-read inside the transaction so a concurrent migrator cannot make us apply a step twice.
+        with adapter.transaction():
+            if _schema_version(adapter) < version:
+                for statement in _statements(script):
+                    adapter.execute(statement)
+                adapter.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    return _schema_version(adapter)
+
+
+def _schema_version(adapter: SqlAdapter) -> int:
+    row = adapter.query_one("SELECT coalesce(max(version), 0) FROM schema_version")
+    assert row is not None and isinstance(row[0], int)
+    return row[0]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a SQL script into complete statements."""
+    # executescript would COMMIT first and break the migration's transaction; sqlite's own completeness
+    # check keeps semicolons inside strings, comments and trigger bodies.
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlcipher3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        raise StoreError(f"incomplete SQL statement in migration: {pending.strip()[:80]!r}")
+    return statements
+
+
+class _Call(Generic[T]):
+    """One function handed to the worker thread, and its outcome."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self.finished = trio.Event()
+
+    def run(self) -> None:
+        """Run the function on the calling thread unless the caller already gave up."""
+        with self._lock:
+            if self._abandoned:
+                return
+            self._started = True
+        try:
+            self._result = self._fn()
+        except BaseException as error:
+            self._error = error
+
+    def abandon(self) -> bool:
+        """Keep the function from starting if it has not; return whether it had started."""
+        with self._lock:
+            self._abandoned = True
+            return self._started
+
+    def outcome(self) -> T:
+        """Return the result or raise the error of the finished function."""
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
+class AsyncSql:
+    """Trio front for one SqlAdapter whose calls all run, one at a time, on one dedicated worker thread.
+
+    sqlcipher3 allows a connection only on the thread that opened it, so the worker opens it too.
+    libsql holds the GIL while a query runs, which stalls the trio loop for that long; sqlcipher does not.
+    Every call waits at most ``timeout_s`` seconds, queueing included, then raises StoreTimeoutError; a call
+    that timed out before it started never runs, one that had started may still complete.
+    """
+
+    def __init__(self, engine: str, timeout_s: float) -> None:
+        self._engine = engine
+        self._timeout_s = timeout_s
+        self._adapter: SqlAdapter | None = None
+        self._stopped = False
+        # One call in flight at a time keeps the worker's inbox at most one deep.
+        self._idle = trio.Semaphore(1)
+        self._inbox: queue.SimpleQueue[tuple[_Call[Any], trio.lowlevel.TrioToken] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._serve, name=f"aico-sql-{engine}", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    async def open(
+        cls, engine: str, path: Path, key: bytes, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    ) -> AsyncSql:
+        """Open the store on a new worker thread; timeout_s bounds this and every later call."""
+        db = cls(engine, timeout_s)
+        try:
+            db._adapter = await db._call(functools.partial(open_sql, engine, path, key))
+        except BaseException:
+            db._stop_worker()
+            raise
+        return db
+
+    @property
+    def engine(self) -> str:
+        """The engine name, one of SQL_ENGINES."""
+        return self._engine
+
+    async def execute(self, sql: str, params: Sequence[SqlValue] = ()) -> None:
+        """Run one statement on the worker thread."""
+        await self.run(SqlAdapter.execute, sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[SqlValue]]) -> None:
+        """Run one statement per row on the worker thread."""
+        await self.run(SqlAdapter.executemany, sql, rows)
+
+    async def query(self, sql: str, params: Sequence[SqlValue] = ()) -> list[Row]:
+        """Return all rows of one statement run on the worker thread."""
+        return await self.run(SqlAdapter.query, sql, params)
+
+    async def query_one(self, sql: str, params: Sequence[SqlValue] = ()) -> Row | None:
+        """Return the first row of one statement run on the worker thread."""
+        return await self.run(SqlAdapter.query_one, sql, params)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Return fn(adapter, *args) run on the worker thread, e.g. a whole transaction body."""
+        if self._adapter is None:
+            raise StoreClosedError(f"{self._engine} store is closed")
+        return await self._call(functools.partial(fn, self._adapter, *args))
+
+    async def close(self) -> None:
+        """Close the store and end the worker thread; idempotent."""
+        if self._adapter is None:
+            return
+        adapter, self._adapter = self._adapter, None
+        try:
+            await self._call(adapter.close)
+        finally:
+            self._stop_worker()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        call = _Call(fn)
+        token = trio.lowlevel.current_trio_token()
+        with trio.move_on_after(self._timeout_s):
+            try:
+                await self._idle.acquire()
+                if self._stopped:
+                    self._idle.release()
+                    raise StoreClosedError(f"{self._engine} store is closed")
+                self._inbox.put((call, token))
+                await call.finished.wait()
+            finally:
+                started = call.abandon()
+        if not call.finished.is_set():
+            fate = "it may still complete" if started else "it was not started"
+            raise StoreTimeoutError(f"{self._engine} store call did not finish within {self._timeout_s} s; {fate}")
+        return call.outcome()
+
+    def _serve(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            call, token = item
+            call.run()
+            try:
+                token.run_sync_soon(self._finished, call)
+            except trio.RunFinishedError:
+                pass  # the trio run that was waiting has ended; nobody needs the outcome
+
+    def _finished(self, call: _Call[Any]) -> None:
+        self._idle.release()
+        call.finished.set()
+
+    def _stop_worker(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
