@@ -231,13 +231,22 @@ class SyncSession:
             raise RemoteProtocolError(EndReason.SELF_CONNECTION, "peer has this node's own device id")
         if self.peer_device not in (None, hello.device_id):
             raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "HELLO from a second device in one session")
-        # A repeated HELLO (a resent one, or a duplicate) is a fresh statement of what the peer has.
+        repeated = self.peer_device is not None
         self.state = SessionState.SYNCING
         self.peer_device = hello.device_id
         self.peer_vector = dict(hello.vector)
-        self._sent = dict(hello.vector)
-        for device, seq in self._peer_has.items():
-            _raise_max(self._sent, device, seq)
+        if repeated and hello.greeted:
+            # A duplicated HELLO may be older than batches already in flight: no rewind.
+            for device, seq in hello.vector.items():
+                _raise_max(self._sent, device, seq)
+        else:
+            # A first HELLO, or a repeated one from a peer that never got ours and so has read
+            # nothing we sent: its vector is exactly what it has.
+            self._sent = dict(hello.vector)
+            for device, seq in self._peer_has.items():
+                _raise_max(self._sent, device, seq)
+            if repeated and not any(isinstance(frame, Hello) for frame in self._outbound):
+                self._outbound.append(self._hello())
         early, self._early = self._early, []
         events: list[Event] = [PeerHello(hello.device_id, hello.epoch, dict(hello.vector))]
         self._early_bytes = 0
@@ -301,7 +310,8 @@ class SyncSession:
 
     def _hello(self) -> Hello:
         config = self.config
-        return Hello(config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector))
+        greeted = self.peer_device is not None
+        return Hello(config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector), greeted)
 
     def close(self, detail: str = "closing") -> None:
         """End the session; `generate` then yields a final ERROR frame for the peer."""

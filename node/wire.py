@@ -24,6 +24,7 @@ class Hello:
     device_id: str
     epoch: int
     vector: dict[str, int]
+    greeted: bool = False  # whether the sender has the receiver's HELLO; if not, the receiver sends it again
 
 
 @attrs.frozen
@@ -65,7 +66,7 @@ def to_wire(frame: Frame) -> bytes:
     """Encode a frame with its length prefix."""
     match frame:
         case Hello():
-            body = [HELLO, frame.protocol, frame.schema, frame.device_id, frame.epoch, frame.vector]
+            body = [HELLO, frame.protocol, frame.schema, frame.device_id, frame.epoch, frame.vector, frame.greeted]
         case Deltas():
             body = [DELTAS, frame.batch_no, frame.sealed]
         case StateSnapshot():
@@ -100,8 +101,9 @@ def from_wire(body: bytes, bytes_max: int) -> Frame:
         raise DecodeError("frame is not [type, ...]")
     kind, rest = fields[0], fields[1:]
     match kind, rest:
-        case (0, [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector]) if device_id:
-            return Hello(protocol, schema, device_id, epoch, _vector(vector))
+        case (0, [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector, bool() as greeted]):
+            if device_id:
+                return Hello(protocol, schema, device_id, epoch, _vector(vector), greeted)
         case (1, [int() as batch_no, bytes() as sealed]):
             return Deltas(batch_no, sealed)
         case (3, [int() as batch_no, bytes() as sealed]):

@@ -219,3 +219,28 @@ def test_a_closed_session_says_goodbye_once(clock):
     sa.close("shutting down")
     assert b"shutting down" in sa.generate()
     assert sa.generate() is None
+
+
+def test_over_a_stream_each_op_crosses_once(clock):
+    a, b = seeded_pair(clock, ops_each=200)
+    sa, sb = SyncSession(a), SyncSession(b)
+    converse(sa, sb)
+    alone_a = sum(len(f) for f in iter(SyncSession(a).generate, None))  # a HELLO only
+    fresh_a, empty = SyncSession(a), SyncSession(make_replica("dev-c", clock))
+    fresh_a.receive_data(empty.generate())
+    batches = sum(len(f) for f in iter(fresh_a.generate, None)) - alone_a
+    # What a sent to b is its HELLO plus at most one copy of the ops b lacked, plus ACKs.
+    assert sa.bytes_sent < alone_a + batches * 1.1 + 200
+
+
+def test_a_lost_hello_is_sent_again_when_the_peer_asks(clock):
+    a, b = seeded_pair(clock, ops_each=5)
+    sa, sb = SyncSession(a), SyncSession(b)
+    sa.generate()  # a's HELLO is lost
+    sa.receive_data(sb.generate())
+    while sa.generate() is not None:  # and so is everything a sends until b can read it
+        pass
+    sb.refresh()  # b, still greeting, says HELLO again without having heard a
+    sa.receive_data(sb.generate())
+    converse(sa, sb)
+    assert a.digest() == b.digest() and sb.state is SessionState.SYNCING
