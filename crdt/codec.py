@@ -100,6 +100,34 @@ def decode_ops(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Op]:
     return [_decode_row(row, devices, limits) for row in rows]
 
 
+def decode_op(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Op:
+    """Decode one op encoded by `encode_op`, raising DecodeError for anything malformed."""
+    row = _unpack(data, limits)
+    _expect(type(row) is list and len(row) == 8 and type(row[0]) is str, "op is not [device, seq, ...]")
+    devices, prev = [row[0]], row[7]
+    if type(prev) is list and len(prev) == 2 and type(prev[0]) is str:
+        devices.append(prev[0])
+        prev = [1, prev[1]]
+    return _decode_row([0, *row[1:7], prev], devices, limits)
+
+
+def decode_stored_ops(bodies: Sequence[bytes]) -> list[Op]:
+    """Decode ops written by `encode_op` to this device's own authenticated store, skipping payload checks.
+
+    Only structure is checked: the store's encryption authenticates its pages, and every op was
+    checked when it was first written or received. Anything malformed raises DecodeError.
+    """
+    collections, kinds = COLLECTION_CODES, KIND_CODES
+    try:
+        ops = []
+        for body in bodies:
+            device, seq, hlc, collection, key, kind, payload, prev = msgpack.unpackb(body, raw=False)
+            ops.append(Op(device, seq, hlc, collections[collection], key, kinds[kind], payload, prev and tuple(prev)))
+        return ops
+    except Exception as error:  # any shape error in a stored op means the store is damaged
+        raise DecodeError(f"stored op is malformed: {type(error).__name__}: {error}") from None
+
+
 def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:
     _expect(type(row) is list and len(row) == 8, "op is not an 8-element array")
     device_index, seq, hlc, collection_code, key, kind_code, payload, prev = row

@@ -30,12 +30,19 @@ class ConflictJournal:
     def __init__(self, entries_max: int = 10_000) -> None:
         self._entries: deque[Conflict] = deque(maxlen=entries_max)
         self.dropped = 0
+        self.recorded = 0  # all conflicts ever recorded, so a reader can tell which ones are new
 
     def record(self, conflict: Conflict) -> None:
         """Append a conflict, dropping the oldest when full."""
         if len(self._entries) == self._entries.maxlen:
             self.dropped += 1
         self._entries.append(conflict)
+        self.recorded += 1
+
+    def since(self, recorded: int) -> list[Conflict]:
+        """Return the conflicts recorded after the first `recorded` ones (as many as are still kept)."""
+        new = min(self.recorded - recorded, len(self._entries))
+        return list(self._entries)[len(self._entries) - new :] if new > 0 else []
 
     def __iter__(self) -> Iterator[Conflict]:
         return iter(self._entries)

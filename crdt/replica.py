@@ -19,7 +19,7 @@ from crdt.messages import MessageSet
 from crdt.notes import NoteSet
 from crdt.ops import Collection, Kind, Op
 from crdt.registry import DeviceRegistry
-from crdt.schema import payload_is_valid
+from crdt.schema import payload_is_valid, redacted_payload
 from crdt.vector import VersionVector
 
 _by_hlc = attrgetter("hlc")
@@ -204,6 +204,37 @@ class Replica:
         op = Op(self.device_id, self.seq_of(self.device_id) + 1, self.clock.now(), collection, key, kind, payload, prev)
         self._commit(op)
         return op
+
+    def forget(self, collection: Collection, key: str) -> tuple[Op, list[Op]]:
+        """Delete a message or remove a memory, and strip its content from the log and state.
+
+        Returns the deleting op and the logged ops whose payloads were redacted (for the stores
+        to rewrite). Redacted ops still merge: a peer that lacks them gets them without content.
+        """
+        if collection is Collection.MESSAGES:
+            op = self.delete_message(key)
+        elif collection is Collection.MEMORIES:
+            op = self.remove_memory(key)
+            self.memories.redact(key, redacted_payload(Collection.MEMORIES, Kind.ADD, None))
+        else:
+            raise InvalidOpError(f"only messages and memories can be forgotten, not {collection}")
+        redacted = []
+        for device, log in self._log.items():
+            for index, logged in enumerate(log):
+                if logged.collection is collection and logged.key == key:
+                    payload = redacted_payload(collection, logged.kind, logged.payload)
+                    if payload != logged.payload:
+                        log[index] = attrs.evolve(logged, payload=payload)
+                        redacted.append(log[index])
+        return op, redacted
+
+    def replay(self, ops: Iterable[Op]) -> None:
+        """Re-apply this device's own stored ops at start, in their stored order, without drift checks."""
+        for op in ops:
+            if op.seq != self._vector.get(op.device, 0) + 1:
+                raise CrdtError(f"stored op {op.device}:{op.seq} is out of order; the op log is damaged")
+            self._commit(op)
+            self.clock.last = max(self.clock.last, op.hlc)
 
     # -- remote ops ------------------------------------------------------------------------------
 

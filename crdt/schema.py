@@ -89,3 +89,20 @@ assert _PAYLOAD_VALID.keys() == {(c, k) for c, kinds in KINDS_BY_COLLECTION.item
 def payload_is_valid(collection: Collection, kind: Kind, payload: Any) -> bool:
     """Return whether a payload is well formed for its collection and kind."""
     return _PAYLOAD_VALID[collection, kind](payload)
+
+
+_NEUTRAL_MESSAGE_FIELDS = {"text": "", "role": "", "sentiment": None, "response_time_ms": None}
+_NEUTRAL_MEMORY = {"text": "", "embedding": None, "metadata": {}}
+
+
+def redacted_payload(collection: Collection, kind: Kind, payload: Any) -> Any:
+    """Return a payload of the same kind with every piece of user content replaced by a neutral value."""
+    if collection is Collection.MESSAGES and kind is Kind.ADD:
+        return {**payload, "text": ""}
+    if collection is Collection.MESSAGES and kind is Kind.EDIT:
+        return [payload[0], _NEUTRAL_MESSAGE_FIELDS[payload[0]]]
+    if collection is Collection.MEMORIES and kind is Kind.ADD:
+        return dict(_NEUTRAL_MEMORY)
+    if collection is Collection.MEMORIES and kind is Kind.EDIT:
+        return [payload[0], _NEUTRAL_MEMORY[payload[0]]]
+    return payload

@@ -104,7 +104,19 @@ def bench_crdt() -> list[Metric]:
     return [bench_apply_lww(), bench_wire_bytes(), *bench_simulation(), bench_seed_sweep()]
 
 
-BENCHES: dict[str, Callable[[], list[Metric]]] = {"crdt": bench_crdt}
+def _bench_stores() -> list[Metric]:
+    from simulations.bench_stores import bench_stores
+
+    return bench_stores()
+
+
+def _bench_sync() -> list[Metric]:
+    from simulations.bench_sync import bench_sync
+
+    return bench_sync()
+
+
+BENCHES: dict[str, Callable[[], list[Metric]]] = {"crdt": bench_crdt, "stores": _bench_stores, "sync": _bench_sync}
 
 
 def run_bench(name: str) -> dict:

@@ -157,9 +157,9 @@ class AnalyticsStore:
     def count(self) -> int:
         """Return the number of messages."""
         with self._live() as connection:
-            row = connection.execute("SELECT count(*) FROM messages").fetchone()
-        assert row is not None
-        return int(row[0])
+            # fetchall, not fetchone: DuckDB 2 refuses further work while a result is unfinished.
+            ((count,),) = connection.execute("SELECT count(*) FROM messages").fetchall()
+        return int(count)
 
     def daily(self, days: int, now_ms: int) -> list[DailyRow]:
         """Per UTC day of the last `days` days up to now_ms, newest first: count, mean sentiment, p95 response time."""

@@ -131,3 +131,14 @@ def test_closed_store_refuses_calls(store: AnalyticsStore) -> None:
     store.close()
     with pytest.raises(StoreClosedError):
         store.count()
+
+
+def test_any_call_may_follow_any_other():
+    store = AnalyticsStore()
+    try:
+        for call in (store.count, lambda: store.delete(["x"]), store.count, store.clear, lambda: store.daily(2, 0)):
+            call()
+        store.upsert([AnalyticsMessage("m", "c", "user", 0)])
+        assert store.count() == 1
+    finally:
+        store.close()

@@ -1,0 +1,118 @@
+"""Pairing over libp2p (`/aico/pair/1`): the inviter's handler and the joiner's run, around node.pairing."""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgpack
+import trio
+
+from node.errors import RemoteProtocolError
+from node.identity import DeviceIdentity, GroupKey, enrolment_record
+from node.p2p import READ_BYTES, P2pHost, Stream, dial_protocol
+from node.pairing import (
+    PROTOCOL_ID,
+    InviteGuard,
+    InviterPaired,
+    InviterSession,
+    JoinerPaired,
+    JoinerSession,
+    PairingError,
+    PairingReason,
+)
+
+log = logging.getLogger(__name__)
+PAIR_TIMEOUT_S = 120.0
+DIAL_TIMEOUT_S = 10.0
+PairingSession = InviterSession | JoinerSession
+
+
+async def pump_pairing(stream: Stream, session: PairingSession) -> InviterPaired | JoinerPaired:
+    """Run one pairing session over a stream until it pairs, or raise PairingError / RemoteProtocolError."""
+    with trio.fail_after(PAIR_TIMEOUT_S):
+        try:
+            while True:
+                while (data := session.generate()) is not None:
+                    await stream.write(data)
+                chunk = await stream.read(READ_BYTES)
+                if not chunk:
+                    raise PairingError(PairingReason.ABORTED, "the other device closed the connection")
+                events = session.receive_data(chunk, time.time())
+                if events:
+                    while (data := session.generate()) is not None:  # the joiner's DONE
+                        await stream.write(data)
+                    return events[0]
+        except (PairingError, RemoteProtocolError):
+            with trio.move_on_after(2, shield=True):  # tell the other side why, if the session has an ERROR frame
+                while (data := session.generate()) is not None:
+                    await stream.write(data)
+            raise
+
+
+class InviteDesk:
+    """Answers pairing streams for the one open invite of this node."""
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        group_key: Callable[[], GroupKey],
+        host: P2pHost,
+        enrol: Callable[[InviterPaired], Awaitable[None]],
+    ) -> None:
+        self.identity = identity
+        self.group_key = group_key
+        self.host = host
+        self._enrol = enrol
+        self._open: tuple[InviteGuard, trio.MemorySendChannel] | None = None
+        host.libp2p_host.set_stream_handler(PROTOCOL_ID, self._serve)
+
+    def open_invite(self, guard: InviteGuard) -> trio.MemoryReceiveChannel:
+        """Make `guard`'s invite the open one; the returned channel yields the joined device id or a PairingError."""
+        send, receive = trio.open_memory_channel(4)
+        self._open = (guard, send)
+        return receive
+
+    def close_invite(self) -> None:
+        self._open = None
+
+    async def _serve(self, stream: Stream) -> None:
+        if self._open is None:
+            await stream.reset()
+            return
+        guard, report = self._open
+
+        def enrolment_for(device_id: str, verify_key: bytes) -> bytes:
+            record = enrolment_record(self.identity, device_id, verify_key, "paired device")
+            return msgpack.packb(record, use_bin_type=True)
+
+        session = InviterSession(guard, self.identity, self.group_key(), enrolment_for, time.time(), self.host.addresses)
+        try:
+            paired = await pump_pairing(stream, session)
+            await self._enrol(paired)
+            _report(report, paired.peer_device_id)
+        except (PairingError, RemoteProtocolError, trio.TooSlowError) as error:
+            log.info("pairing attempt refused: %s", error)
+            _report(report, error if isinstance(error, PairingError) else PairingError(PairingReason.ABORTED, str(error)))
+        except Exception:
+            # An error escaping a libp2p stream handler would stop the host: log it and drop this stream.
+            log.exception("pairing handler failed")
+        finally:
+            with trio.move_on_after(2, shield=True):
+                await stream.close()
+
+
+def _report(channel: trio.MemorySendChannel, outcome: object) -> None:
+    try:
+        channel.send_nowait(outcome)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # nobody is waiting for this invite any more
+
+
+async def join(host: P2pHost, identity: DeviceIdentity, code: str, address: str) -> JoinerPaired:
+    """Pair with the inviting device at `address` using `code`; return what the inviter handed over."""
+    _, stream = await dial_protocol(host, address, PROTOCOL_ID, timeout_s=DIAL_TIMEOUT_S)
+    try:
+        return await pump_pairing(stream, JoinerSession(code, identity, time.time()))
+    finally:
+        with trio.move_on_after(2, shield=True):
+            await stream.close()

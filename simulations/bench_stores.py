@@ -1,0 +1,215 @@
+"""`bench stores`: the data layer on the real engines, each figure beside a same-run baseline."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from simulations.bench import Metric, metric
+from stores import open_sql
+from stores.datalayer import DataLayer
+from stores.projector import Projector
+from stores.repositories import UnitOfWork
+
+PASSPHRASE = "bench passphrase"
+SINGLE_WRITES = 300
+IMPORT_MESSAGES = 100_000
+SEARCH_SIZES = (10_000, 100_000)
+SEARCH_QUERIES = 50
+DIMS = 384
+
+
+def _message_fields(i: int, now_ms: int) -> dict:
+    return {
+        "conversation": f"conversation-{i % 50}",
+        "text": f"message number {i} about tea, walks and music",
+        "role": "user" if i % 2 else "assistant",
+        "ts_ms": now_ms - (i % 30) * 86_400_000,
+        "sentiment": ((i * 37) % 200 - 100) / 100,
+        "response_time_ms": float(100 + (i * 53) % 2900),
+    }
+
+
+async def _open_node(home: Path) -> tuple[object, DataLayer]:
+    from node.app import init_home, load_store_config
+    from node.identity import unlock_identity
+    from stores.datalayer import StoreConfig
+
+    if not (home / "config.json").exists():
+        await init_home(home, PASSPHRASE, StoreConfig())
+    identity = unlock_identity(home, PASSPHRASE)
+    return identity, await DataLayer.open(home, identity.device_id, identity.store_key, load_store_config(home))
+
+
+async def _bench_writes(root: Path) -> list[Metric]:
+    identity, data = await _open_node(root / "writes")
+    now_ms = time.time_ns() // 1_000_000
+    try:
+        started = time.perf_counter()
+        for i in range(SINGLE_WRITES):
+            async with UnitOfWork(data) as uow:
+                uow.conversations.add_message(**_single(i, now_ms))
+                await uow.commit()
+        uow_s = time.perf_counter() - started
+    finally:
+        await data.close()
+    raw = open_sql("sqlcipher", root / "raw.db", identity.store_key("sql"))
+    try:
+        raw.execute(
+            "CREATE TABLE messages (id TEXT PRIMARY KEY, conversation TEXT, role TEXT, text TEXT, ts_ms INTEGER, "
+            "sentiment REAL, response_time_ms REAL)"
+        )
+        started = time.perf_counter()
+        for i in range(SINGLE_WRITES):
+            f = _message_fields(i, now_ms)
+            with raw.transaction():
+                raw.execute(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (f"id-{i}", f["conversation"], f["role"], f["text"], f["ts_ms"], f["sentiment"], f["response_time_ms"]),
+                )
+        raw_s = time.perf_counter() - started
+    finally:
+        raw.close()
+    per_uow_ms, per_raw_ms = uow_s / SINGLE_WRITES * 1000, raw_s / SINGLE_WRITES * 1000
+    return [metric("uow_write_ms", per_uow_ms, "ms/write", per_raw_ms, "<= 3x baseline", per_uow_ms <= 3 * per_raw_ms)]
+
+
+def _single(i: int, now_ms: int) -> dict:
+    fields = _message_fields(i, now_ms)
+    return {"conversation": fields.pop("conversation"), "text": fields.pop("text"), **fields}
+
+
+async def _bench_import(root: Path) -> list[Metric]:
+    home = root / "import"
+    identity, data = await _open_node(home)
+    now_ms = time.time_ns() // 1_000_000
+    try:
+        started = time.perf_counter()
+        async with UnitOfWork(data) as uow:
+            for i in range(IMPORT_MESSAGES):
+                uow.conversations.add_message(**_single(i, now_ms))
+            await uow.commit()
+        import_s = time.perf_counter() - started
+        started = time.perf_counter()
+        await Projector(data).drain()
+        project_s = time.perf_counter() - started
+        daily_s = _best_of(5, lambda: data.analytics.daily(30, now_ms))
+        sqlite_daily_s = await _sqlite_daily(data, now_ms)
+    finally:
+        await data.close()
+    raw = open_sql("sqlcipher", root / "raw-import.db", identity.store_key("sql"))
+    try:
+        raw.execute("CREATE TABLE m (id TEXT PRIMARY KEY, conversation TEXT, role TEXT, text TEXT, ts_ms INTEGER, "
+                    "sentiment REAL, response_time_ms REAL)")  # fmt: skip
+        rows = [(f"id-{i}", *_message_fields(i, now_ms).values()) for i in range(IMPORT_MESSAGES)]
+        started = time.perf_counter()
+        with raw.transaction():
+            raw.executemany("INSERT INTO m VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        raw_import_s = time.perf_counter() - started
+    finally:
+        raw.close()
+    ready_s = _ready_s(home)
+    empty_ready_s = _ready_s(root / "writes")
+    return [
+        metric("import_100k_messages_s", import_s, "s", raw_import_s, "reported", True),
+        metric("project_100k_messages_s", project_s, "s", raw_import_s, "reported", True),
+        metric("daily_query_100k_ms", daily_s * 1000, "ms", sqlite_daily_s * 1000, "<= 50 ms", daily_s <= 0.05),
+        metric("run_ready_100k_messages_s", ready_s, "s", empty_ready_s, "<= 2.5 s", ready_s <= 2.5),
+    ]
+
+
+async def _sqlite_daily(data: DataLayer, now_ms: int) -> float:
+    """The daily aggregate (without a percentile, which SQLite lacks) on the primary store, as a baseline."""
+    query = (
+        "SELECT ts_ms / 86400000 AS day, count(*), avg(sentiment) FROM messages WHERE ts_ms > ? "
+        "GROUP BY day ORDER BY day DESC"
+    )
+    started = time.perf_counter()
+    await data.sql.query(query, (now_ms - 30 * 86_400_000,))
+    return time.perf_counter() - started
+
+
+def _best_of(times: int, fn) -> float:
+    best = float("inf")
+    for _ in range(times):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _ready_s(home: Path) -> float:
+    """Seconds from starting `aico-node run` to its ready line."""
+    env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node", "--home", str(home), "run"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        ready_s = time.perf_counter() - started
+        if '"ready": true' not in line:
+            raise RuntimeError(f"node did not become ready: {line!r}")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return ready_s
+
+
+async def _bench_search(root: Path) -> list[Metric]:
+    metrics = []
+    rng = np.random.default_rng(7)
+    _, data = await _open_node(root / "search")
+    try:
+        vectors = np.empty((0, DIMS), dtype="<f4")
+        ids: list[str] = []
+        for size in SEARCH_SIZES:
+            fresh = rng.standard_normal((size - len(ids), DIMS)).astype("<f4")
+            for start in range(0, len(fresh), 5000):
+                async with UnitOfWork(data) as uow:
+                    ids += [uow.memories.save_memory(f"memory {len(ids) + j}", v) for j, v in enumerate(fresh[start : start + 5000])]
+                    await uow.commit()
+            await Projector(data).drain()
+            vectors = np.vstack([vectors, fresh])
+            metrics += await _search_metrics(data, ids, vectors, rng, size)
+    finally:
+        await data.close()
+    return metrics
+
+
+async def _search_metrics(data: DataLayer, ids: list[str], vectors: np.ndarray, rng, size: int) -> list[Metric]:
+    units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.choice(len(vectors), SEARCH_QUERIES, replace=False)] + rng.standard_normal((SEARCH_QUERIES, DIMS)).astype("<f4") * 0.5
+    recalls, latencies, exact_latencies = [], [], []
+    for query in queries:
+        started = time.perf_counter()
+        async with UnitOfWork(data) as uow:
+            found = await uow.memories.get_memories_by_context(query, limit=5)
+        latencies.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        exact = np.argsort(-(units @ (query / np.linalg.norm(query))))[:5]
+        exact_latencies.append(time.perf_counter() - started)
+        recalls.append(len({m.id for m in found} & {ids[i] for i in exact}) / 5)
+    label = f"{size // 1000}k"
+    p50, exact_p50 = float(np.median(latencies)) * 1000, float(np.median(exact_latencies)) * 1000
+    recall = float(np.mean(recalls))
+    return [
+        metric(f"search_top5_{label}_p50_ms", p50, "ms", exact_p50, "reported", True),
+        metric(f"search_top5_{label}_recall", recall, "recall@5", 1.0, "reported (exact numpy = 1.0)", True),
+    ]
+
+
+def bench_stores() -> list[Metric]:
+    with tempfile.TemporaryDirectory(prefix="aico-bench-") as folder:
+        root = Path(folder)
+
+        async def run_all() -> list[Metric]:
+            return [*await _bench_writes(root), *await _bench_import(root), *await _bench_search(root)]
+
+        return trio.run(run_all)

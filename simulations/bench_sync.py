@@ -1,0 +1,179 @@
+"""`bench sync`: two node processes on loopback; every figure beside a baseline from the same run."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from crdt import encode_op
+from node.rpc import RpcClient
+from simulations.bench import Metric, metric
+from stores import open_sql
+
+PASSPHRASE = "bench passphrase"
+CATCH_UP_OPS = 100_000
+LIVE_CHANGES = 1000
+IDLE_S = 60
+
+
+def _env() -> dict:
+    return {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "--home", str(home), *args], capture_output=True, text=True, env=_env(), timeout=600
+    )
+    if done.returncode:
+        raise RuntimeError(f"aico-node {' '.join(args)} failed: {done.stderr}")
+    return done
+
+
+class _Node:
+    def __init__(self, home: Path, *peers: str) -> None:
+        self.home = home
+        command = [sys.executable, "-m", "node", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]
+        for peer in peers:
+            command += ["--peer", peer]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+        ready = json.loads(self.process.stdout.readline())
+        self.address, self.device_id = ready["addresses"][0], ready["device_id"]
+
+    def client(self) -> RpcClient:
+        return RpcClient.connect(self.home / "node.sock", timeout_s=600)
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def _pair(a: _Node, b_home: Path) -> None:
+    invite = subprocess.Popen(
+        [sys.executable, "-m", "node", "--home", str(a.home), "pair", "invite", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        code = json.loads(invite.stdout.readline())["code"]
+        _cli(b_home, "pair", "join", code, "--address", a.address)
+    finally:
+        invite.terminate()
+        invite.wait(timeout=30)
+
+
+def _import(home: Path, count: int) -> list[bytes]:
+    """Write `count` messages on the (stopped) node at `home` in one unit of work; return their ops' encodings."""
+    from node.app import Node
+    from stores.repositories import UnitOfWork
+
+    async def write() -> list[bytes]:
+        async with Node.opened(home, PASSPHRASE) as node:
+            async with UnitOfWork(node.data) as uow:
+                for i in range(count):
+                    uow.conversations.add_message(f"c{i % 50}", f"catch-up message {i}", sentiment=0.1, response_time_ms=200)
+                ops = await uow.commit()
+            return [encode_op(op) for op in ops]
+
+    return trio.run(write)
+
+
+def _wait(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.02)
+
+
+def _bench_catch_up(root: Path) -> tuple[list[Metric], _Node, _Node]:
+    a_home, b_home = root / "a", root / "b"
+    _cli(a_home, "init")
+    a = _Node(a_home)
+    _pair(a, b_home)
+    a.stop()
+    encoded = _import(a_home, CATCH_UP_OPS)
+    a = _Node(a_home)
+    started = time.perf_counter()
+    b = _Node(b_home, a.address)
+    with b.client() as client:
+        _wait(lambda: client.call("status")["ops"] >= CATCH_UP_OPS, 900)
+        catch_up_s = time.perf_counter() - started
+        peer = client.call("status")["peers"][0]
+    raw_s = _raw_insert_s(root, encoded)
+    op_bytes = statistics.fmean(len(e) for e in encoded)
+    per_op = peer["bytes_in"] / CATCH_UP_OPS
+    rate, raw_rate = CATCH_UP_OPS / catch_up_s, CATCH_UP_OPS / raw_s
+    return (
+        [
+            metric("catch_up_100k_ops_per_s", rate, "ops/s", raw_rate, ">= 0.3x baseline", rate >= 0.3 * raw_rate),
+            metric("catch_up_wire_bytes_per_op", per_op, "bytes", op_bytes, "<= 1.3x baseline", per_op <= 1.3 * op_bytes),
+        ],
+        a,
+        b,
+    )
+
+
+def _raw_insert_s(root: Path, encoded: list[bytes]) -> float:
+    """A bulk insert of the same op rows into the same engine: the baseline rate."""
+    raw = open_sql("sqlcipher", root / "raw.db", b"k" * 32)
+    try:
+        raw.execute("CREATE TABLE ops (device TEXT, seq INTEGER, body BLOB, PRIMARY KEY (device, seq))")
+        started = time.perf_counter()
+        with raw.transaction():
+            raw.executemany("INSERT INTO ops VALUES (?, ?, ?)", [("d", i, body) for i, body in enumerate(encoded, 1)])
+        return time.perf_counter() - started
+    finally:
+        raw.close()
+
+
+def _bench_live(a: _Node, b: _Node) -> list[Metric]:
+    latencies = []
+    with a.client() as writer, b.client() as watcher_client:
+        events = watcher_client.stream("bus.subscribe", pattern="user.preferences.changed")
+        for i in range(LIVE_CHANGES):
+            started = time.perf_counter()
+            writer.call("pref.set", key="live", value=i)
+            while next(events)["payload"]["new_value"] != i:
+                pass
+            latencies.append(time.perf_counter() - started)
+        events.close()
+    local = []
+    with a.client() as writer:
+        for i in range(200):
+            started = time.perf_counter()
+            writer.call("pref.set", key="local", value=i)
+            local.append(time.perf_counter() - started)
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000
+    local_p50 = sorted(local)[len(local) // 2] * 1000
+    return [
+        metric("live_latency_p50_ms", p50, "ms", local_p50, "<= 20 ms", p50 <= 20),
+        metric("live_latency_p99_ms", p99, "ms", local_p50, "<= 100 ms", p99 <= 100),
+    ]
+
+
+def _bench_idle(a: _Node, b: _Node) -> list[Metric]:
+    before = a.cpu_s() + b.cpu_s()
+    time.sleep(IDLE_S)
+    share = (a.cpu_s() + b.cpu_s() - before) / (2 * IDLE_S)
+    return [metric("idle_cpu_share_per_node", share * 100, "%", 1.0, "< 1% over 60 s", share < 0.01)]
+
+
+def bench_sync() -> list[Metric]:
+    with tempfile.TemporaryDirectory(prefix="aico-bench-sync-") as folder:
+        catch_up, a, b = _bench_catch_up(Path(folder))
+        try:
+            return [*catch_up, *_bench_live(a, b), *_bench_idle(a, b)]
+        finally:
+            a.stop()
+            b.stop()

@@ -1,0 +1,208 @@
+"""The four stores of one device opened together, with the replica that merges into them."""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from crdt import Collection, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
+from stores import primary
+from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
+from stores.cache import SealedKv
+from stores.errors import StoreError
+from stores.primary import Change
+from stores.sql import SQL_ENGINES, AsyncSql
+
+PRIMARY_FILE = "primary.db"
+VECTORS_DIR = "vectors"
+CACHE_DIR = "cache"
+MEMORY_COLLECTION = "memories"
+
+
+@attrs.frozen
+class StoreConfig:
+    """Which SQL engine, which embedding size, and how long a store call may take."""
+
+    engine: str = SQL_ENGINES[0]
+    embedding_dims: int = 384
+    sql_timeout_s: float = 120.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.engine not in SQL_ENGINES:
+            raise StoreError(f"unknown SQL engine {self.engine!r}; choose one of {', '.join(SQL_ENGINES)}")
+
+
+def materialise(replica: Replica, keys: Iterable[tuple[Collection, str]]) -> list[Change]:
+    """Return the table row (or deletion) each changed key now has in the replica."""
+    changes = []
+    for collection, key in keys:
+        changes.append(Change(collection, key, _row(replica, collection, key)))
+    return changes
+
+
+def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
+    if collection in (Collection.PREFERENCES, Collection.SETTINGS):
+        rule = replica.preferences if collection is Collection.PREFERENCES else replica.settings
+        return (collection.value, key, primary.pack(rule.get(key)))
+    if collection is Collection.MESSAGES:
+        message = replica.messages.get(key)
+        if message is None:
+            return None
+        fields = ("conversation", "role", "text", "ts_ms", "sentiment", "response_time_ms")
+        return (key, *(message.get(field) for field in fields))
+    if collection is Collection.MEMORIES:
+        if not replica.memories.is_live(key):
+            return None
+        fields = {field: register.value for field, register in replica.memories.fields[key].items()}
+        return (key, fields["text"], fields["embedding"], primary.pack(fields["metadata"]))
+    if collection is Collection.NOTES:
+        return (key, replica.notes.text(key) or "")
+    if collection is Collection.COUNTERS:
+        return (key, replica.counters.value(key))
+    record = replica.devices.get(key)
+    revoked = record.pop("revoked")
+    return (key, primary.pack(record), int(revoked))
+
+
+class DataLayer:
+    """One device's stores: the primary SQL store (truth), DuckDB analytics, Chroma vectors, RocksDB cache."""
+
+    def __init__(
+        self,
+        home: Path,
+        config: StoreConfig,
+        sql: AsyncSql,
+        replica: Replica,
+        analytics: AnalyticsStore,
+        cache: SealedKv,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.home = home
+        self.now_ms = now_ms
+        self.config = config
+        self.sql = sql
+        self.replica = replica
+        self.analytics = analytics
+        self.cache = cache
+        self.write_lock = trio.Lock()
+        self.vectors_limiter = trio.CapacityLimiter(1)  # Chroma's client is used from one thread at a time
+        self._vectors = None
+        self._conflicts_seen = replica.journal.recorded
+        self._analytics_lock = trio.Lock()
+        self._analytics_loaded = False
+
+    @classmethod
+    async def open(
+        cls,
+        home: Path,
+        device_id: str,
+        store_key: Callable[[str], bytes],
+        config: StoreConfig | None = None,
+        now_ms: Callable[[], int] | None = None,
+    ) -> "DataLayer":
+        """Open (creating if needed) every store in `home` and rebuild the in-memory ones from primary SQL."""
+        config = config or StoreConfig()
+        now_ms = now_ms or _wall_clock_ms
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sql = await AsyncSql.open(config.engine, home / PRIMARY_FILE, store_key("sql"), timeout_s=config.sql_timeout_s)
+        try:
+            await sql.run(primary.open_schema)
+            replica = await cls._load_replica(sql, device_id, now_ms)
+            analytics = AnalyticsStore()
+            cache = SealedKv(home / CACHE_DIR, store_key("cache"))
+        except BaseException:
+            await sql.close()
+            raise
+        return cls(home, config, sql, replica, analytics, cache, now_ms)
+
+    @staticmethod
+    async def _load_replica(sql: AsyncSql, device_id: str, now_ms: Callable[[], int]) -> Replica:
+        stored_device = await sql.run(primary.get_meta, "device_id")
+        if stored_device is None:
+            await sql.run(primary.set_meta, "device_id", device_id)
+        elif stored_device != device_id:
+            raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
+        ops = await sql.run(primary.load_ops)
+        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig())
+        try:
+            replica.replay(ops)
+        except CrdtError as error:
+            raise StoreError(f"cannot rebuild state from the op log: {error}") from None
+        # Replaying re-detects old conflicts; those are already in the conflicts table.
+        replica.journal = ConflictJournal(replica.config.journal_entries_max)
+        return replica
+
+    async def reload_replica(self) -> None:
+        """Rebuild the replica from primary SQL after a failed write left it ahead of the store."""
+        self.replica = await self._load_replica(self.sql, self.replica.device_id, self.now_ms)
+        self._conflicts_seen = 0
+
+    async def analytics_ready(self) -> AnalyticsStore:
+        """Return the analytics store, loading it from the replica's messages on first use.
+
+        A node starts serving before this load (it is the slowest part of a start with many
+        messages); whatever needs analytics waits here instead.
+        """
+        async with self._analytics_lock:
+            if not self._analytics_loaded:
+                columns = _message_columns(self.replica)
+                if columns["id"]:
+                    await trio.to_thread.run_sync(self.analytics.load, columns)
+                self._analytics_loaded = True
+        return self.analytics
+
+    def vectors(self):
+        """Return the Chroma index, opening it on first use (chromadb is slow to import)."""
+        if self._vectors is None:
+            from stores.vectors import VectorIndex
+
+            self._vectors = VectorIndex(self.home / VECTORS_DIR, MEMORY_COLLECTION, self.config.embedding_dims)
+        return self._vectors
+
+    async def persist(self, ops: Sequence[Op], redacted: Sequence[Op] = ()) -> None:
+        """Write ops already applied to the replica, with their effects, in one transaction.
+
+        If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
+        """
+        keys = dict.fromkeys((op.collection, op.key) for op in ops)
+        changes = materialise(self.replica, keys)
+        conflicts = self.replica.journal.since(self._conflicts_seen)
+        try:
+            await self.sql.run(primary.persist, ops, changes, conflicts, redacted)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.reload_replica()
+            raise
+        self._conflicts_seen = self.replica.journal.recorded
+
+    async def close(self) -> None:
+        """Close every store; idempotent."""
+        if self._vectors is not None:
+            self._vectors.close()
+            self._vectors = None
+        self.cache.close()
+        self.analytics.close()
+        await self.sql.close()
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _message_columns(replica: Replica) -> dict[str, list]:
+    """Return every message's analytics facts, column-wise, as the replica holds them."""
+    columns: dict[str, list] = {name: [] for name in MESSAGE_COLUMNS}
+    for message_id in replica.messages.records:
+        message = replica.messages.get(message_id)
+        columns["id"].append(message_id)
+        for name in MESSAGE_COLUMNS[1:]:
+            columns[name].append(message.get(name))
+    return columns
+
+
+async def _load_analytics(sql: AsyncSql, analytics: AnalyticsStore) -> int:
+    rows = await sql.query(f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages")
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(MESSAGE_COLUMNS)}
+    return analytics.load(columns) if rows else 0

@@ -1,0 +1,275 @@
+"""Repositories and the unit of work: the only way modules read and change a device's data.
+
+Writes are staged on the unit of work and turned into ops only at `commit`, under the write lock,
+so a unit of work that fails or is abandoned changes nothing.
+"""
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+import trio
+
+from crdt import Collection, CrdtError, Op, Replica
+from stores import primary
+from stores.datalayer import DataLayer
+from stores.errors import StoreError
+
+Intent = Callable[[Replica], tuple[list[Op], list[Op]]]  # -> (ops made, logged ops redacted)
+SEARCH_OVERFETCH = 4  # near-duplicates collapse after the vector query, so ask for more than k
+
+
+class DataError(StoreError):
+    """A request the data layer refuses: a malformed value, an unknown id, a wrong embedding size."""
+
+    rpc_error_type = "bad_request"
+
+
+@attrs.frozen
+class Message:
+    """A conversation message."""
+
+    id: str
+    conversation: str
+    role: str
+    text: str
+    ts_ms: int
+    sentiment: float | None
+    response_time_ms: float | None
+
+
+@attrs.frozen
+class Memory:
+    """A memory: text, metadata, and its distance to a search query if it came from one."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    distance: float | None = None
+
+
+def _one(op: Op) -> tuple[list[Op], list[Op]]:
+    return [op], []
+
+
+def embedding_bytes(embedding: Any, dims: int) -> bytes | None:
+    """Return an embedding as little-endian float32 bytes, checking its size."""
+    if embedding is None:
+        return None
+    vector = np.asarray(embedding, dtype="<f4").reshape(-1)
+    if vector.shape != (dims,) or not np.all(np.isfinite(vector)):
+        raise DataError(f"embedding must be {dims} finite numbers, got shape {vector.shape}")
+    return vector.tobytes()
+
+
+class _Repository:
+    def __init__(self, uow: "UnitOfWork") -> None:
+        self._uow = uow
+        self._data = uow.data
+
+
+class PreferenceRepository(_Repository):
+    """User preferences and settings: last writer wins per key."""
+
+    def set(self, key: str, value: Any, collection: Collection = Collection.PREFERENCES) -> None:
+        self._uow.stage(lambda r: _one(r.set_preference(key, value, collection=collection)))
+
+    async def get(self, key: str, collection: Collection = Collection.PREFERENCES) -> Any:
+        row = await self._data.sql.query_one(
+            "SELECT value FROM preferences WHERE collection = ? AND key = ?", (collection.value, key)
+        )
+        return None if row is None else primary.unpack(row[0])
+
+    async def all(self, collection: Collection = Collection.PREFERENCES) -> dict[str, Any]:
+        rows = await self._data.sql.query("SELECT key, value FROM preferences WHERE collection = ?", (collection.value,))
+        return {key: primary.unpack(value) for key, value in rows}
+
+
+class ConversationRepository(_Repository):
+    """Conversations and their immutable messages."""
+
+    def add_message(
+        self,
+        conversation: str,
+        text: str,
+        *,
+        role: str = "user",
+        ts_ms: int | None = None,
+        sentiment: float | None = None,
+        response_time_ms: float | None = None,
+    ) -> str:
+        """Stage a new message and return its id."""
+        message_id = uuid.uuid4().hex
+        fields = {
+            "conversation": conversation,
+            "role": role,
+            "text": text,
+            "ts_ms": ts_ms if ts_ms is not None else time.time_ns() // 1_000_000,
+            "sentiment": sentiment,
+            "response_time_ms": response_time_ms,
+        }
+        self._uow.stage(lambda r: _one(r.add_message(message_id, fields)))
+        return message_id
+
+    def edit_message(self, message_id: str, field: str, value: Any) -> None:
+        self._uow.stage(lambda r: _one(r.edit_message(message_id, field, value)))
+
+    def forget(self, message_id: str) -> None:
+        """Stage deleting a message everywhere, its content purged from every store."""
+        self._uow.stage(lambda r: _forget(r, Collection.MESSAGES, message_id))
+
+    async def get(self, message_id: str) -> Message | None:
+        row = await self._data.sql.query_one(
+            "SELECT id, conversation, role, text, ts_ms, sentiment, response_time_ms FROM messages WHERE id = ?",
+            (message_id,),
+        )
+        return None if row is None else Message(*row)
+
+    async def messages(self, conversation: str, limit: int = 100) -> list[Message]:
+        rows = await self._data.sql.query(
+            "SELECT id, conversation, role, text, ts_ms, sentiment, response_time_ms FROM messages "
+            "WHERE conversation = ? ORDER BY ts_ms DESC LIMIT ?",
+            (conversation, limit),
+        )
+        return [Message(*row) for row in rows]
+
+    async def conversations(self) -> list[tuple[str, int, int]]:
+        """Return (id, message count, last message time) of every conversation, newest first."""
+        return await self._data.sql.query("SELECT id, message_count, last_ts_ms FROM conversations ORDER BY last_ts_ms DESC")
+
+
+def _forget(replica: Replica, collection: Collection, key: str) -> tuple[list[Op], list[Op]]:
+    exists = replica.messages.get(key) if collection is Collection.MESSAGES else replica.memories.is_live(key)
+    if not exists:
+        raise DataError(f"no {collection.value[:-1]} with id {key}")
+    op, redacted = replica.forget(collection, key)
+    return [op], redacted
+
+
+class MemoryRepository(_Repository):
+    """Memories with embeddings; near-duplicates collapse to one canonical memory."""
+
+    def save_memory(self, text: str, embedding: Any = None, metadata: Mapping[str, Any] | None = None) -> str:
+        """Stage a new memory and return its id."""
+        memory_id = uuid.uuid4().hex
+        vector = embedding_bytes(embedding, self._data.config.embedding_dims)
+        self._uow.stage(lambda r: _one(r.add_memory(memory_id, text, vector, dict(metadata or {}))))
+        return memory_id
+
+    def forget(self, memory_id: str) -> None:
+        """Stage removing a memory everywhere, its content purged from every store."""
+        self._uow.stage(lambda r: _forget(r, Collection.MEMORIES, memory_id))
+
+    async def get(self, memory_id: str) -> Memory | None:
+        rows = await self._data.sql.run(primary.rows_by_id, "memories", "id, text, metadata", [memory_id])
+        return Memory(rows[0][0], rows[0][1], primary.unpack(rows[0][2])) if rows else None
+
+    async def get_memories_by_context(
+        self, embedding: Any, limit: int = 10, where: Mapping[str, Any] | None = None
+    ) -> list[Memory]:
+        """Return the memories nearest an embedding, one per near-duplicate group, nearest first."""
+        vector = np.frombuffer(embedding_bytes(embedding, self._data.config.embedding_dims), dtype="<f4")
+        index = self._data.vectors()
+        hits = await trio.to_thread.run_sync(
+            lambda: index.query(vector, limit * SEARCH_OVERFETCH, dict(where) if where else None),
+            limiter=self._data.vectors_limiter,
+        )
+        canonical = self._data.replica.memories.canonical_ids()
+        best: dict[str, float] = {}
+        for hit in hits:
+            group = canonical.get(hit.id)
+            if group is not None and group not in best:
+                best[group] = hit.distance
+        chosen = list(best)[:limit]
+        rows = {row[0]: row for row in await self._data.sql.run(primary.rows_by_id, "memories", "id, text, metadata", chosen)}
+        return [Memory(i, rows[i][1], primary.unpack(rows[i][2]), best[i]) for i in chosen if i in rows]
+
+
+class NoteRepository(_Repository):
+    """Relationship notes and profile texts, merged character-wise."""
+
+    def edit(self, name: str, text: str) -> None:
+        self._uow.stage(lambda r: _one(r.edit_note(name, text)))
+
+    async def get(self, name: str) -> str | None:
+        row = await self._data.sql.query_one("SELECT text FROM notes WHERE name = ?", (name,))
+        return None if row is None else row[0]
+
+
+class CounterRepository(_Repository):
+    """Interaction counters summed over every device."""
+
+    def increment(self, name: str, delta: int = 1) -> None:
+        self._uow.stage(lambda r: _one(r.increment(name, delta)))
+
+    async def get(self, name: str) -> int:
+        row = await self._data.sql.query_one("SELECT value FROM counters WHERE name = ?", (name,))
+        return 0 if row is None else row[0]
+
+
+class DeviceRepository(_Repository):
+    """The registry of this user's devices."""
+
+    def enrol(self, device: str, record: Mapping[str, Any]) -> None:
+        self._uow.stage(lambda r: _one(r.enrol_device(device, record)))
+
+    def revoke(self, device: str, record: Mapping[str, Any]) -> None:
+        self._uow.stage(lambda r: _one(r.revoke_device(device, record)))
+
+    async def list(self) -> list[dict[str, Any]]:
+        rows = await self._data.sql.query("SELECT device, record, revoked FROM devices ORDER BY device")
+        return [{"device": d, **primary.unpack(record), "revoked": bool(revoked)} for d, record, revoked in rows]
+
+
+class UnitOfWork:
+    """Stages writes across repositories and commits them atomically: `async with uow: ...; await uow.commit()`."""
+
+    def __init__(self, data: DataLayer, on_commit: Callable[[list[Op]], None] | None = None) -> None:
+        self.data = data
+        self._on_commit = on_commit
+        self._intents: list[Intent] = []
+        self.preferences = PreferenceRepository(self)
+        self.conversations = ConversationRepository(self)
+        self.memories = MemoryRepository(self)
+        self.notes = NoteRepository(self)
+        self.counters = CounterRepository(self)
+        self.devices = DeviceRepository(self)
+
+    def stage(self, intent: Intent) -> None:
+        self._intents.append(intent)
+
+    async def __aenter__(self) -> "UnitOfWork":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.rollback()  # anything not committed by now is dropped
+
+    def rollback(self) -> None:
+        """Drop every staged write."""
+        self._intents.clear()
+
+    async def commit(self) -> list[Op]:
+        """Turn the staged writes into ops and store them in one transaction; return the ops."""
+        intents, self._intents = self._intents, []
+        if not intents:
+            return []
+        data = self.data
+        async with data.write_lock:
+            ops: list[Op] = []
+            redacted: list[Op] = []
+            try:
+                for intent in intents:
+                    made, stripped = intent(data.replica)
+                    ops += made
+                    redacted += stripped
+            except (CrdtError, StoreError) as error:
+                if ops:  # earlier intents of this unit already changed the replica
+                    await data.reload_replica()
+                raise error if isinstance(error, StoreError) else DataError(str(error)) from None
+            await data.persist(ops, redacted)
+        if self._on_commit is not None:
+            self._on_commit(ops)
+        return ops

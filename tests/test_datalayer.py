@@ -1,0 +1,159 @@
+"""The data layer end to end on the real engines: unit of work, materialised tables, outbox projector."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import trio
+
+from crdt import Collection
+from stores.datalayer import DataLayer, StoreConfig
+from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
+from stores.repositories import DataError, UnitOfWork
+
+DIMS = 8
+DEVICE = "12D3KooWTestDevice"
+
+
+def store_key(purpose: str) -> bytes:
+    return hashlib.sha256(b"test-key:" + purpose.encode()).digest()
+
+
+async def open_data(home, engine="sqlcipher") -> DataLayer:
+    return await DataLayer.open(home, DEVICE, store_key, StoreConfig(engine=engine, embedding_dims=DIMS))
+
+
+def vector(*values: float) -> np.ndarray:
+    padded = np.zeros(DIMS, dtype="<f4")
+    padded[: len(values)] = values
+    return padded
+
+
+@pytest.fixture(params=["sqlcipher", "libsql"])
+def engine(request):
+    return request.param
+
+
+@pytest.mark.trio
+async def test_a_unit_of_work_commits_everything_or_nothing(tmp_path, engine):
+    data = await open_data(tmp_path, engine)
+    try:
+        async with UnitOfWork(data) as uow:
+            uow.preferences.set("theme", "dark")
+            message_id = uow.conversations.add_message("chat", "hello", sentiment=0.5, response_time_ms=120)
+            uow.counters.increment("chats", 2)
+            uow.notes.edit("partner", "Sam likes tea")
+            await uow.commit()
+        async with UnitOfWork(data) as uow:
+            assert await uow.preferences.get("theme") == "dark"
+            assert (await uow.conversations.get(message_id)).text == "hello"
+            assert await uow.counters.get("chats") == 2
+            assert await uow.notes.get("partner") == "Sam likes tea"
+            assert await uow.conversations.conversations() == [("chat", 1, (await uow.conversations.get(message_id)).ts_ms)]
+        digest = data.replica.digest()
+        with pytest.raises(DataError):
+            async with UnitOfWork(data) as uow:
+                uow.preferences.set("theme", "light")
+                uow.memories.save_memory("bad", vector(1)[:3])  # wrong size: refused at staging
+        with pytest.raises(DataError, match="no message"):
+            async with UnitOfWork(data) as uow:
+                uow.preferences.set("theme", "light")
+                uow.conversations.forget("no-such-id")  # refused at commit, after the first write was made
+                await uow.commit()
+        async with UnitOfWork(data) as uow:
+            uow.preferences.set("theme", "blue")  # staged, never committed
+        assert data.replica.digest() == digest
+        async with UnitOfWork(data) as uow:
+            assert await uow.preferences.get("theme") == "dark"
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_state_survives_reopening_and_the_replica_is_rebuilt_from_the_op_log(tmp_path, engine):
+    data = await open_data(tmp_path, engine)
+    async with UnitOfWork(data) as uow:
+        for i in range(50):
+            uow.conversations.add_message(f"c{i % 3}", f"message {i}")
+        uow.preferences.set("lang", "de")
+        await uow.commit()
+    digest = data.replica.digest()
+    await data.close()
+    data = await open_data(tmp_path, engine)
+    try:
+        assert data.replica.digest() == digest
+        assert (await data.analytics_ready()).count() == 50  # loaded from the rebuilt replica on first use
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_the_projector_brings_every_derived_store_up_to_date(tmp_path):
+    data = await open_data(tmp_path)
+    projector = Projector(data)
+    try:
+        async with UnitOfWork(data) as uow:
+            tea = uow.memories.save_memory("likes green tea", vector(1, 0), {"topic": "food"})
+            tea_again = uow.memories.save_memory("likes green tea a lot", vector(1, 0.01), {"topic": "food"})
+            cat = uow.memories.save_memory("has a cat named Miso", vector(0, 1), {"topic": "pets"})
+            message_id = uow.conversations.add_message("chat", "hi", sentiment=0.2, response_time_ms=100)
+            uow.preferences.set("theme", "dark")
+            await uow.commit()
+        assert await projector.drain() == 5
+        assert data.vectors().count() == 3 and data.analytics.count() == 1
+        assert data.cache.get(PREFERENCE_CACHE_PREFIX + b"theme") is not None
+        async with UnitOfWork(data) as uow:
+            found = await uow.memories.get_memories_by_context(vector(1, 0.005), limit=5)
+            assert [m.id for m in found] == [tea, cat]  # the near-duplicate collapsed into its canonical
+            assert found[0].text == "likes green tea"
+            filtered = await uow.memories.get_memories_by_context(vector(1, 0), limit=5, where={"topic": "pets"})
+            assert [m.id for m in filtered] == [cat]
+            uow.memories.forget(tea)
+            uow.conversations.forget(message_id)
+            await uow.commit()
+        await projector.drain()
+        assert data.vectors().count() == 2 and data.analytics.count() == 0
+        async with UnitOfWork(data) as uow:
+            found = await uow.memories.get_memories_by_context(vector(1, 0), limit=5)
+            assert [m.id for m in found][0] == tea_again
+        assert await projector.drain() == 0
+        counts = await projector.rebuild()
+        assert counts == {"analytics": 0, "vectors": 2, "cache": 1}
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_forgetting_leaves_no_content_in_the_primary_store_file(tmp_path, engine):
+    secret = "my-very-distinctive-secret-text"
+    data = await open_data(tmp_path, engine)
+    async with UnitOfWork(data) as uow:
+        message_id = uow.conversations.add_message("chat", secret)
+        memory_id = uow.memories.save_memory(secret + "-memory", vector(0, 0, 1), {})
+        await uow.commit()
+    async with UnitOfWork(data) as uow:
+        uow.conversations.forget(message_id)
+        uow.memories.forget(memory_id)
+        await uow.commit()
+    assert secret not in repr(data.replica.state())
+    assert all(secret not in repr(op.payload) for op in data.replica.ops_since({}, 1000))
+    rows = await data.sql.query("SELECT count(*) FROM messages")
+    assert rows == [(0,)]
+    await data.close()
+    data = await open_data(tmp_path, engine)  # the redaction was stored, not just made in memory
+    try:
+        assert all(secret not in repr(op.payload) for op in data.replica.ops_since({}, 1000))
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_a_store_of_another_device_or_with_another_key_is_refused(tmp_path):
+    from stores.errors import StoreError, WrongKeyError
+
+    data = await open_data(tmp_path)
+    await data.close()
+    with pytest.raises(StoreError, match="belongs to device"):
+        await DataLayer.open(tmp_path, "12D3KooWOther", store_key, StoreConfig(embedding_dims=DIMS))
+    with pytest.raises(WrongKeyError):
+        await DataLayer.open(tmp_path, DEVICE, lambda p: b"\x01" * 32, StoreConfig(embedding_dims=DIMS))
