@@ -42,9 +42,12 @@ UNIT_SCALE = 2**11
 HYPERPLANE_SCALE = 2**16
 # Memories embedded and hashed together in one vectorised step, bounding the temporary arrays of a bulk resolve.
 _CHUNK = 1024
-# Bucket entries walked in one neighbour lookup, bounding its temporary arrays (and the vectors gathered for its
-# pairs) even when many memories share buckets, as exact copies of a memory do in every table.
-_WALK_BUDGET = 1 << 16
+# Bucket entries looked at together when finding neighbours, bounding the temporary arrays (and the vectors gathered
+# for the pairs) even when many memories share buckets, as exact copies of a memory do in every table.
+_LOOKUP_BUDGET = 1 << 16
+# Bucket entries of recently indexed rows kept in a small sorted run, so that indexing a row does not copy the large
+# run; past this many they are merged into it.
+_RECENT_MAX = 1 << 16
 
 
 def unit_vectors(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,24 +100,33 @@ def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
     return grown
 
 
+def _merged(places: np.ndarray, rows: np.ndarray, new_places: np.ndarray, new_rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return a run of bucket entries sorted by place with a run of new entries, also sorted, merged in."""
+    at = np.searchsorted(places, new_places)
+    return np.insert(places, at, new_places), np.insert(rows, at, new_rows)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Return the indices of the ranges [start, start + count), one range after the other."""
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+
 class _Space:
     """The indexed memories of one embedding dimension, by row: unit vectors, LSH buckets and pointers."""
 
     def __init__(self, dim: int) -> None:
         self.units = np.zeros((0, dim), np.float32)
-        self.keys = np.zeros((0, TABLES), np.int32)
-        # Each table hashes its bucket keys into slots, each a doubly linked list through its rows; the number of
-        # slots grows with the rows up to one per key, so a small space stays small. Links hold row + 1 so that
-        # 0 means none.
-        self.head = np.zeros((TABLES, 1), np.int32)
-        self.sizes = np.zeros((TABLES, 1), np.int32)  # how many rows each slot holds
-        self.next = np.zeros((0, TABLES), np.int32)
-        self.prev = np.zeros((0, TABLES), np.int32)
+        self.places = np.zeros((0, TABLES), np.int64)  # each row's bucket in every table, as table << BITS | bucket
+        self.live = np.zeros(0, bool)
         self.pointer = np.zeros(0, np.int64)  # the row each row points to, plus one; 0 for itself
         self.pointer_dot = np.zeros(0, np.float64)
         self.pointed_by: dict[int, set[int]] = {}
         self.ids: list[str | None] = []
         self.orders: list[OrderKey | None] = []
+        # The rows of each bucket, as (place, row) entries in two runs sorted by place: a large one and a small one
+        # of recent rows. Removed rows stay listed, and are not reused, until the runs are compacted.
+        self.runs = [(np.zeros(0, np.int64), np.zeros(0, np.int64)), (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+        self.retired: list[int] = []
         self.free: list[int] = []
         self.comparisons = 0
 
@@ -124,82 +136,43 @@ class _Space:
         rows = np.array(reused + list(range(len(self.ids), len(self.ids) + len(ids) - len(reused))), np.int64)
         self.ids += [None] * (len(ids) - len(reused))
         self.orders += [None] * (len(ids) - len(reused))
-        for row, memory_id, order in zip(rows.tolist(), ids, orders):
-            self.ids[row], self.orders[row] = memory_id, order
         if len(self.ids) > len(self.units):
             capacity = 2 * len(self.ids)
-            self.units, self.keys = _grown(self.units, capacity), _grown(self.keys, capacity)
-            self.next, self.prev = _grown(self.next, capacity), _grown(self.prev, capacity)
-            self.pointer, self.pointer_dot = _grown(self.pointer, capacity), _grown(self.pointer_dot, capacity)
-            self.head = np.zeros((TABLES, min(1 << BITS, 1 << (capacity - 1).bit_length())), np.int32)
-            self.sizes = np.zeros_like(self.head)
-            rows_to_link = np.array([row for row, memory_id in enumerate(self.ids) if memory_id is not None])
-        else:
-            rows_to_link = rows
-        self.units[rows], self.keys[rows] = units, keys
-        self._link(rows_to_link)
+            self.units, self.places = _grown(self.units, capacity), _grown(self.places, capacity)
+            self.live, self.pointer = _grown(self.live, capacity), _grown(self.pointer, capacity)
+            self.pointer_dot = _grown(self.pointer_dot, capacity)
+        for row, memory_id, order in zip(rows.tolist(), ids, orders):
+            self.ids[row], self.orders[row] = memory_id, order
+        self.units[rows] = units
+        self.places[rows] = np.arange(TABLES) << BITS | keys
+        self.live[rows] = True
+        places, by_place = self.places[rows].ravel(), np.argsort(self.places[rows], axis=None)
+        self.runs[1] = _merged(*self.runs[1], places[by_place], np.repeat(rows, TABLES)[by_place])
+        self._tidy()
         return rows
-
-    def _slots(self, keys: np.ndarray) -> np.ndarray:
-        """Return the slots that bucket keys hash to."""
-        return keys & (self.head.shape[1] - 1)
-
-    def _link(self, rows: np.ndarray) -> None:
-        """Push rows onto the front of their slots' lists, all tables and rows at once."""
-        if not len(rows):
-            return
-        tables = np.tile(np.arange(TABLES), len(rows))
-        slots = self._slots(self.keys[rows].ravel())
-        rows = np.repeat(rows, TABLES)
-        places = tables * self.head.shape[1] + slots
-        by_place = np.argsort(places)
-        places, tables, slots, rows = places[by_place], tables[by_place], slots[by_place], rows[by_place]
-        # Rows entering the same slot are chained to each other, the last one to the slot's old front.
-        same_as_next = places[1:] == places[:-1]
-        starts, ends = np.r_[True, ~same_as_next], np.r_[~same_as_next, True]
-        old_front = self.head[tables, slots]
-        self.next[rows, tables] = np.where(ends, old_front, np.r_[rows[1:] + 1, 0])
-        self.prev[rows, tables] = np.where(starts, 0, np.r_[0, rows[:-1] + 1])
-        joined = ends & (old_front > 0)
-        self.prev[old_front[joined] - 1, tables[joined]] = rows[joined] + 1
-        self.head[tables[starts], slots[starts]] = rows[starts] + 1
-        self.sizes[tables[starts], slots[starts]] += np.diff(np.flatnonzero(np.r_[starts, True]))
 
     def remove(self, row: int) -> list[str]:
         """Drop a row from the index; return the ids of the memories that pointed to it (now to themselves)."""
         self._point(row, -1, 0.0)
         orphans = self.pointed_by.pop(row, set())
         self.pointer[list(orphans)] = 0
-        tables, after, before = np.arange(TABLES), self.next[row], self.prev[row]
-        has_before, has_after = before > 0, after > 0
-        self.next[before[has_before] - 1, tables[has_before]] = after[has_before]
-        self.head[tables[~has_before], self._slots(self.keys[row][~has_before])] = after[~has_before]
-        self.prev[after[has_after] - 1, tables[has_after]] = before[has_after]
-        self.sizes[tables, self._slots(self.keys[row])] -= 1
         orphan_ids = [self.ids[orphan] for orphan in orphans]
         self.ids[row] = self.orders[row] = None
-        self.free.append(row)
+        self.live[row] = False
+        self.retired.append(row)
+        self._tidy()
         return orphan_ids
 
-    def _mates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (row, mate) pairs, each once, for every other row sharing a bucket with one of `rows`."""
-        owners = np.repeat(rows, TABLES)
-        tables = np.tile(np.arange(TABLES), len(rows))
-        keys = self.keys[rows].ravel()
-        cursors = self.head[tables, self._slots(keys)]
-        found_owners, found_mates = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        # Walk all the slots' lists in step, one link per round, keeping the rows of the owner's very bucket.
-        while len(cursors):
-            walking = cursors > 0
-            owners, tables, keys, cursors = owners[walking], tables[walking], keys[walking], cursors[walking] - 1
-            same_bucket = self.keys[cursors, tables] == keys
-            found_owners.append(owners[same_bucket])
-            found_mates.append(cursors[same_bucket])
-            cursors = self.next[cursors, tables]
-        pairs = np.concatenate(found_owners) * len(self.units) + np.concatenate(found_mates)
-        owners, mates = np.divmod(np.unique(pairs), len(self.units))
-        others = owners != mates
-        return owners[others], mates[others]
+    def _tidy(self) -> None:
+        """Merge the recent run into the large one, dropping removed rows, once either has grown too much."""
+        if len(self.runs[1][0]) <= _RECENT_MAX and 4 * len(self.retired) <= len(self.ids):
+            return
+        (places, rows), (recent_places, recent_rows) = self.runs
+        listed, recently_listed = self.live[rows], self.live[recent_rows]
+        large = _merged(places[listed], rows[listed], recent_places[recently_listed], recent_rows[recently_listed])
+        self.runs = [large, (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+        self.free += self.retired
+        self.retired = []
 
     def _order_ranks(self, rows: np.ndarray) -> np.ndarray:
         """Return each of `rows`'s position in memory order among the distinct `rows`."""
@@ -223,12 +196,28 @@ class _Space:
 
     def _close_pairs(self, queries: np.ndarray, is_query: np.ndarray, dot_min: float) -> tuple[np.ndarray, ...]:
         """Return each pair of a query and another row that share a bucket and are close enough, once, with its dot."""
+        places = self.places[queries].ravel()
+        by_place = np.argsort(places)  # binary searches in sorted order stay in cache: several times faster
+        spans = []
+        for run, _ in self.runs:
+            start, end = np.empty_like(places), np.empty_like(places)
+            start[by_place] = np.searchsorted(run, places[by_place], "left")
+            end[by_place] = np.searchsorted(run, places[by_place], "right")
+            spans.append((start.reshape(-1, TABLES), end.reshape(-1, TABLES)))
+        listed = sum((end - start).sum(axis=1) for start, end in spans)
         found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
-        walk_lengths = self.sizes[np.arange(TABLES), self._slots(self.keys[queries])].sum(axis=1)
-        for chunk in np.split(queries, np.flatnonzero(np.diff(np.cumsum(walk_lengths) // _WALK_BUDGET)) + 1):
-            rows, mates = self._mates(chunk)
-            once = ~is_query[mates] | (mates < rows)  # two queries meet twice: keep one meeting
-            rows, mates = rows[once], mates[once]
+        for chunk in np.split(np.arange(len(queries)), np.flatnonzero(np.diff(np.cumsum(listed) // _LOOKUP_BUDGET)) + 1):
+            owners = np.repeat(queries[chunk], TABLES)
+            listed_rows, listed_mates = [], []
+            for (start, end), (_, run_rows) in zip(spans, self.runs):
+                counts = (end[chunk] - start[chunk]).ravel()
+                listed_rows.append(np.repeat(owners, counts))
+                listed_mates.append(run_rows[_ranges(start[chunk].ravel(), counts)])
+            # A pair is listed once per bucket it shares; two queries meet twice, keep one meeting.
+            pairs = np.unique(np.concatenate(listed_rows) * len(self.units) + np.concatenate(listed_mates))
+            rows, mates = np.divmod(pairs, len(self.units))
+            kept = self.live[mates] & (mates != rows) & (~is_query[mates] | (mates < rows))
+            rows, mates = rows[kept], mates[kept]
             dots = np.einsum("ij,ij->i", self.units[rows], self.units[mates]).astype(np.float64)
             self.comparisons += len(dots)
             close = dots >= dot_min

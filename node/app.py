@@ -141,6 +141,8 @@ class Node:
             "memory.add": self.memory_add,
             "memory.search": self.memory_search,
             "note.edit": self.note_edit,
+            "counter.add": self.counter_add,
+            "counter.get": self.counter_get,
             "note.show": self.note_show,
             "forget": self.forget,
             "analytics.daily": self.analytics_daily,
@@ -347,6 +349,19 @@ class Node:
             uow.notes.edit(_text(params, "name"), _text(params, "text", empty_ok=True))
             await uow.commit()
         return {"name": params["name"]}
+
+    async def counter_add(self, params: dict) -> dict:
+        delta = params.get("delta", 1)
+        if type(delta) is not int or abs(delta) > 1 << 40:
+            raise DataError("delta must be an integer")
+        async with self.unit_of_work() as uow:
+            uow.counters.increment(_text(params, "name"), delta)
+            await uow.commit()
+        return {"name": params["name"]}
+
+    async def counter_get(self, params: dict) -> int:
+        async with self.unit_of_work() as uow:
+            return await uow.counters.get(_text(params, "name"))
 
     async def note_show(self, params: dict) -> str | None:
         async with self.unit_of_work() as uow:

@@ -14,11 +14,13 @@ from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, keep_connected, run_
 from node.sealing import GroupSealer, new_session_id
 from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
 from stores.datalayer import DataLayer
+from stores.primary import get_meta, set_meta
 
 log = logging.getLogger(__name__)
 SESSION_ID_BYTES = 16
 HANDSHAKE_TIMEOUT_S = 10.0
 PEERS_DIALLED_MAX = 256
+PEERS_META = "sync_peers"
 
 
 @attrs.define
@@ -29,13 +31,14 @@ class PeerState:
     online: bool = False
     path: str | None = None
     last_sync: float | None = None
+    vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None
 
     def behind(self, replica: Replica) -> tuple[int, int]:
         """Return (ops the peer has that this node lacks, ops this node has that the peer lacks)."""
-        if self.session is None:
-            return (0, 0)
-        theirs, ours = self.session.peer_vector, replica.vector
+        if self.session is not None:
+            self.vector = dict(self.session.peer_vector)
+        theirs, ours = self.vector, replica.vector
         devices = set(theirs) | set(ours)
         ahead_in = sum(max(0, theirs.get(d, 0) - ours.get(d, 0)) for d in devices)
         ahead_out = sum(max(0, ours.get(d, 0) - theirs.get(d, 0)) for d in devices)
@@ -72,6 +75,8 @@ class SyncService:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept sessions from trusted devices and keep dialling the static peers, until cancelled."""
+        for device_id, saved in (await self.data.sql.run(get_meta, PEERS_META) or {}).items():
+            self.peers[device_id] = PeerState(device_id, last_sync=saved["last_sync"], vector=saved["vector"])
         self.host.serve_sync(self.is_trusted, self.serve_stream)
         async with trio.open_nursery() as nursery:
             for address in self.static_peers:
@@ -153,6 +158,15 @@ class SyncService:
             log.info("sync session with %s ended: %s", device_id, reason)
         finally:
             peer.online = False
+            peer.behind(self.data.replica)  # keeps the peer's last vector
+            peer.session = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S, shield=True):
+                await self._save_peers()
+
+    async def _save_peers(self) -> None:
+        """Persist what is known of each peer, so `status` can show devices that are offline."""
+        saved = {p.device_id: {"last_sync": p.last_sync, "vector": p.vector} for p in self.peers.values() if p.vector}
+        await self.data.sql.run(set_meta, PEERS_META, saved)
 
     async def _on_events(self, peer: PeerState, events: list) -> None:
         """Check and persist what a session did; runs under the data layer's write lock."""

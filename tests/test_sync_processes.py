@@ -110,10 +110,12 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
         for i, node in enumerate(nodes):
             node.call("msg.add", conversation="chat", text=f"hello from {i}", sentiment=0.1 * i, response_time_ms=100)
             node.call("memory.add", text=f"memory {i}", embedding=rng.standard_normal(384).tolist())
+            node.call("counter.add", name="chats", delta=i + 1)
         c.call("forget", kind="message", id=doomed)
         wait_until(lambda: converged(*nodes), what="convergence after writes everywhere")
         assert a.call("note.show", name="partner") == "Sam really likes hiking in autumn."
         assert a.call("msg.get", id=doomed) is None
+        assert c.call("counter.get", name="chats") == 6
         for node in nodes:
             status = node.call("status")
             assert status["stores"]["messages"] == 3 and status["stores"]["memories"] == 3
