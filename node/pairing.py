@@ -27,6 +27,7 @@ from spake2.ed25519_basic import NotOnCurve
 from node.errors import EndReason, LocalProtocolError, NodeError, RemoteProtocolError
 
 from node.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
+from node.wire import LENGTH_PREFIX_BYTES, FrameBuffer
 
 PROTOCOL_ID = "/aico/pair/1"
 PROTOCOL_VERSION = 1
@@ -46,7 +47,6 @@ ATTEMPTS_LIMIT = 10
 RUN_TTL_S = 120.0
 
 FRAME_BYTES_MAX = 64 * 1024
-LENGTH_PREFIX_BYTES = 4
 SPAKE_MSG_BYTES = 33  # one side byte, then a 32-byte Ed25519 group element
 MAC_BYTES = 32
 VERIFY_KEY_BYTES = 32
@@ -446,17 +446,17 @@ class _Side:
             raise LocalProtocolError(f"a run lasts more than 0 and at most {INVITE_TTL_S_MAX} s, not {run_ttl_s}")
         self.state = state
         self._deadline_s = now_s + run_ttl_s
-        self._inbound = bytearray()
+        self._inbound = FrameBuffer(FRAME_BYTES_MAX)
         self._outbound: list[Frame] = []
 
     def receive_data(self, data: bytes, now_s: float) -> list[Event]:
         """Take bytes from the peer at time `now_s` and return the events they complete."""
         if self.state in _ENDED:
             raise LocalProtocolError(f"receive_data on a run that is {self.state.value}")
-        self._inbound += data
+        self._inbound.feed(data)
         events: list[Event] = []
         try:
-            while self.state not in _ENDED and (body := self._next_body()) is not None:
+            while self.state not in _ENDED and (body := self._inbound.next_body()) is not None:
                 frame = from_wire(body)
                 if isinstance(frame, Error):
                     self.state = PairingState.FAILED  # the peer has ended the run; nothing goes back
@@ -470,19 +470,6 @@ class _Side:
                 self._outbound = [Error(str(error.reason), error.detail)]
             raise
         return events
-
-    def _next_body(self) -> bytes | None:
-        if len(self._inbound) < LENGTH_PREFIX_BYTES:
-            return None
-        length = int.from_bytes(self._inbound[:LENGTH_PREFIX_BYTES], "big")
-        if length > FRAME_BYTES_MAX:
-            raise RemoteProtocolError(EndReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {FRAME_BYTES_MAX}")
-        end = LENGTH_PREFIX_BYTES + length
-        if len(self._inbound) < end:
-            return None
-        body = bytes(self._inbound[LENGTH_PREFIX_BYTES:end])
-        del self._inbound[:end]
-        return body
 
     def _handle(self, frame: Frame, now_s: float) -> list[Event]:
         raise NotImplementedError

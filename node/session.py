@@ -23,13 +23,13 @@ from crdt import (
 )
 from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
 from node.wire import (
-    LENGTH_PREFIX_BYTES,
     PROTOCOL_VERSION,
     SCHEMA_VERSION,
     Ack,
     Deltas,
     Error,
     Frame,
+    FrameBuffer,
     Hello,
     StateSnapshot,
     from_wire,
@@ -135,7 +135,7 @@ class SyncSession:
         self.state = SessionState.GREETING
         self.peer_device: str | None = None
         self.peer_vector: dict[str, int] = {}  # what the peer last said it has applied
-        self._inbound = bytearray()
+        self._inbound = FrameBuffer(self.config.frame_bytes_max)
         self._outbound: list[Frame] = [self._hello()]
         self._sent: dict[str, int] = {}  # what the peer has, or will have once our batches land
         self._peer_has: dict[str, int] = {}  # seqs the peer proved it has by sending them
@@ -154,10 +154,10 @@ class SyncSession:
         if self.state is SessionState.CLOSED:
             raise LocalProtocolError("receive_data on a closed session")
         self.bytes_received += len(data)
-        self._inbound += data
+        self._inbound.feed(data)
         events: list[Event] = []
         try:
-            while (body := self._next_body()) is not None:
+            while (body := self._inbound.next_body()) is not None:
                 events.extend(self._handle(self._decode(body), len(body)))
                 if self.state is SessionState.CLOSED:
                     break
@@ -165,21 +165,6 @@ class SyncSession:
             self._fail(error.reason, error.detail)
             raise
         return events
-
-    def _next_body(self) -> bytes | None:
-        if len(self._inbound) < LENGTH_PREFIX_BYTES:
-            return None
-        length = int.from_bytes(self._inbound[:LENGTH_PREFIX_BYTES], "big")
-        if length > self.config.frame_bytes_max:
-            raise RemoteProtocolError(
-                EndReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {self.config.frame_bytes_max}"
-            )
-        end = LENGTH_PREFIX_BYTES + length
-        if len(self._inbound) < end:
-            return None
-        body = bytes(self._inbound[LENGTH_PREFIX_BYTES:end])
-        del self._inbound[:end]
-        return body
 
     def _decode(self, body: bytes) -> Frame:
         try:

@@ -6,7 +6,7 @@ import attrs
 import msgpack
 
 from crdt import FORMAT_VERSION, DecodeError
-from node.errors import EndReason
+from node.errors import EndReason, RemoteProtocolError
 
 PROTOCOL_VERSION = 1
 SCHEMA_VERSION = FORMAT_VERSION
@@ -60,6 +60,32 @@ class Error:
 
 
 Frame = Hello | Deltas | StateSnapshot | Ack | Error
+
+
+class FrameBuffer:
+    """Collects stream bytes and splits them into length-prefixed frame bodies, refusing oversized frames early."""
+
+    def __init__(self, frame_bytes_max: int) -> None:
+        self.frame_bytes_max = frame_bytes_max
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+
+    def next_body(self) -> bytes | None:
+        """Return the next complete frame body, or None until more bytes arrive."""
+        if len(self._pending) < LENGTH_PREFIX_BYTES:
+            return None
+        length = int.from_bytes(self._pending[:LENGTH_PREFIX_BYTES], "big")
+        if length > self.frame_bytes_max:
+            # Refused from the prefix alone, before the body is buffered.
+            raise RemoteProtocolError(EndReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {self.frame_bytes_max}")
+        end = LENGTH_PREFIX_BYTES + length
+        if len(self._pending) < end:
+            return None
+        body = bytes(self._pending[LENGTH_PREFIX_BYTES:end])
+        del self._pending[:end]
+        return body
 
 
 def to_wire(frame: Frame) -> bytes:
