@@ -9,8 +9,9 @@ Near-duplicate memories collapse to a canonical memory by this rule, a pure func
   bit b of table t; bit b is 1 when the quantized unit vector (below) has a positive dot product with the
   hyperplane rounded to a multiple of 2^-16, and the bucket of table t is the sum of bit b << b. Vectors of
   different dimension never match.
-- Cosines are exact: an embedding v is quantized to q = round_half_even(2^11 * v / |v|), where |v|^2 is the
-  left-to-right float64 sum of the squared components, and cosine(m, e) = (q_m . q_e) / 2^22.
+- Cosines are exact: an embedding v (little-endian float32, widened to float64) is quantized to
+  q = round_half_even(2^11 * v / |v|), where |v|^2 is the left-to-right float64 sum of the squared components, and
+  cosine(m, e) = (q_m . q_e) / 2^22.
 - `pointer(m)` = among live memories e that come before m in order, share at least one bucket with m, and have
   cosine(m, e) >= `dedup_cosine_min`: the one with the highest cosine (ties: earlier order key); none -> m points
   to itself.
@@ -48,6 +49,7 @@ _LOOKUP_BUDGET = 1 << 16
 # Bucket entries of recently indexed rows kept in a small sorted run, so that indexing a row does not copy the large
 # run; past this many they are merged into it.
 _RECENT_MAX = 1 << 16
+_NO_ENTRIES = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def unit_vectors(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +102,9 @@ def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
     return grown
 
 
-def _merged(places: np.ndarray, rows: np.ndarray, new_places: np.ndarray, new_rows: np.ndarray) -> tuple[np.ndarray, ...]:
+def _merged(
+    places: np.ndarray, rows: np.ndarray, new_places: np.ndarray, new_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Return a run of bucket entries sorted by place with a run of new entries, also sorted, merged in."""
     at = np.searchsorted(places, new_places)
     return np.insert(places, at, new_places), np.insert(rows, at, new_rows)
@@ -125,9 +129,9 @@ class _Space:
         self.orders: list[OrderKey | None] = []
         # The rows of each bucket, as (place, row) entries in two runs sorted by place: a large one and a small one
         # of recent rows. Removed rows stay listed, and are not reused, until the runs are compacted.
-        self.runs = [(np.zeros(0, np.int64), np.zeros(0, np.int64)), (np.zeros(0, np.int64), np.zeros(0, np.int64))]
-        self.retired: list[int] = []
-        self.free: list[int] = []
+        self.runs = [_NO_ENTRIES, _NO_ENTRIES]
+        self.retired: list[int] = []  # removed rows still listed
+        self.free: list[int] = []  # removed rows no longer listed, to reuse
         self.comparisons = 0
 
     def insert(self, ids: list[str], orders: list[OrderKey], units: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -146,8 +150,9 @@ class _Space:
         self.units[rows] = units
         self.places[rows] = np.arange(TABLES) << BITS | keys
         self.live[rows] = True
-        places, by_place = self.places[rows].ravel(), np.argsort(self.places[rows], axis=None)
-        self.runs[1] = _merged(*self.runs[1], places[by_place], np.repeat(rows, TABLES)[by_place])
+        entries = self.places[rows].ravel()
+        by_place = np.argsort(entries)
+        self.runs[1] = _merged(*self.runs[1], entries[by_place], np.repeat(rows, TABLES)[by_place])
         self._tidy()
         return rows
 
@@ -170,7 +175,7 @@ class _Space:
         (places, rows), (recent_places, recent_rows) = self.runs
         listed, recently_listed = self.live[rows], self.live[recent_rows]
         large = _merged(places[listed], rows[listed], recent_places[recently_listed], recent_rows[recently_listed])
-        self.runs = [large, (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+        self.runs = [large, _NO_ENTRIES]
         self.free += self.retired
         self.retired = []
 
@@ -206,7 +211,8 @@ class _Space:
             spans.append((start.reshape(-1, TABLES), end.reshape(-1, TABLES)))
         listed = sum((end - start).sum(axis=1) for start, end in spans)
         found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
-        for chunk in np.split(np.arange(len(queries)), np.flatnonzero(np.diff(np.cumsum(listed) // _LOOKUP_BUDGET)) + 1):
+        boundaries = np.flatnonzero(np.diff(np.cumsum(listed) // _LOOKUP_BUDGET)) + 1
+        for chunk in np.split(np.arange(len(queries)), boundaries):
             owners = np.repeat(queries[chunk], TABLES)
             listed_rows, listed_mates = [], []
             for (start, end), (_, run_rows) in zip(spans, self.runs):

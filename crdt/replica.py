@@ -230,11 +230,19 @@ class Replica:
 
     def replay(self, ops: Iterable[Op]) -> None:
         """Re-apply this device's own stored ops at start, in their stored order, without drift checks."""
+        # The start of a node with a large log is spent here, so the loop avoids per-op method calls.
+        vector, log, rules, journal = self._vector, self._log, self._rules, self.journal
+        last = self.clock.last
         for op in ops:
-            if op.seq != self._vector.get(op.device, 0) + 1:
-                raise CrdtError(f"stored op {op.device}:{op.seq} is out of order; the op log is damaged")
-            self._commit(op)
-            self.clock.last = max(self.clock.last, op.hlc)
+            device = op.device
+            if op.seq != vector.get(device, 0) + 1:
+                raise CrdtError(f"stored op {device}:{op.seq} is out of order; the op log is damaged")
+            rules[op.collection].apply(op, journal)
+            log.setdefault(device, []).append(op)
+            vector[device] = op.seq
+            if op.hlc > last:
+                last = op.hlc
+        self.clock.last = last
 
     # -- remote ops ------------------------------------------------------------------------------
 

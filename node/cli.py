@@ -1,11 +1,13 @@
 """The `aico-node` command line."""
 
 import getpass
+import importlib
 import json
 import os
 import random
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -185,6 +187,9 @@ def run(ctx: typer.Context, listen: ListenOption = [], peer: PeerOption = [], no
     fresh = not is_initialised(home)
     secret = passphrase(confirm=fresh)
     network = _network(listen, peer, no_mdns)
+    # libp2p takes ~0.7 s to import; doing it on another thread overlaps it with loading the stores, whose
+    # SQL reads release the GIL. The later import waits for this one.
+    threading.Thread(target=importlib.import_module, args=("node.p2p",), daemon=True).start()
 
     async def serve() -> None:
         if fresh:

@@ -137,14 +137,15 @@ def persist(
         adapter.executemany(
             "UPDATE ops SET body = ? WHERE device = ? AND seq = ?", [(encode_op(op), op.device, op.seq) for op in redacted]
         )
-        conversations: set[str] = set()
+        message_ids = [c.key for c in changes if c.collection is Collection.MESSAGES]
+        # Conversations whose counts change: those the messages join and those they leave (read before the write).
+        conversations = {c.row[1] for c in changes if c.collection is Collection.MESSAGES and c.row is not None}
+        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", message_ids)}
         outbox: list[tuple[str, str, str]] = []
         upserts: dict[Collection, list[tuple]] = {}
         deletes: dict[Collection, list[tuple]] = {}
         for change in changes:
             table = _table_of(change.collection)
-            if table is Collection.MESSAGES:
-                conversations |= _conversations_of(adapter, change)
             if change.row is None:
                 deletes.setdefault(table, []).append((change.key,))
             else:
@@ -168,12 +169,6 @@ def persist(
         )
         for name, value in (meta or {}).items():
             set_meta(adapter, name, value)
-
-
-def _conversations_of(adapter: SqlAdapter, change: Change) -> set[str]:
-    found = set() if change.row is None else {change.row[1]}
-    row = adapter.query_one("SELECT conversation FROM messages WHERE id = ?", (change.key,))
-    return found | ({row[0]} if row else set())
 
 
 def _refresh_conversation(adapter: SqlAdapter, conversation: str) -> None:
