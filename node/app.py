@@ -142,6 +142,8 @@ class Node:
             "memory.search": self.memory_search,
             "note.edit": self.note_edit,
             "counter.add": self.counter_add,
+            "session.set": self.session_set,
+            "session.get": self.session_get,
             "counter.get": self.counter_get,
             "note.show": self.note_show,
             "forget": self.forget,
@@ -358,6 +360,15 @@ class Node:
             uow.counters.increment(_text(params, "name"), delta)
             await uow.commit()
         return {"name": params["name"]}
+
+    async def session_set(self, params: dict) -> dict:
+        async with self.unit_of_work() as uow:
+            uow.session.set(_text(params, "key"), params.get("value"), params.get("ttl_s", 3600.0))
+        return {"key": params["key"]}
+
+    async def session_get(self, params: dict) -> Any:
+        async with self.unit_of_work() as uow:
+            return uow.session.get(_text(params, "key"))
 
     async def counter_get(self, params: dict) -> int:
         async with self.unit_of_work() as uow:

@@ -111,7 +111,7 @@ class DataLayer:
             await sql.run(primary.open_schema)
             replica = await cls._load_replica(sql, device_id, now_ms)
             analytics = AnalyticsStore()
-            cache = SealedKv(home / CACHE_DIR, store_key("cache"))
+            cache = SealedKv(home / CACHE_DIR, store_key("cache"), now=lambda: now_ms() / 1000)
         except BaseException:
             await sql.close()
             raise

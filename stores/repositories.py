@@ -224,6 +224,22 @@ class DeviceRepository(_Repository):
         return [{"device": d, **primary.unpack(record), "revoked": bool(revoked)} for d, record, revoked in rows]
 
 
+SESSION_PREFIX = b"session:"
+
+
+class SessionRepository(_Repository):
+    """Session context: short-lived values in the sealed RocksDB cache, local to this device and written at once."""
+
+    def set(self, key: str, value: Any, ttl_s: float | None = 3600.0) -> None:
+        if ttl_s is not None and not 0 < ttl_s <= 30 * 86_400:
+            raise DataError("ttl_s must be between 0 and 30 days")
+        self._data.cache.put(SESSION_PREFIX + key.encode(), primary.pack(value), ttl_s=ttl_s)
+
+    def get(self, key: str) -> Any:
+        packed = self._data.cache.get(SESSION_PREFIX + key.encode())
+        return None if packed is None else primary.unpack(packed)
+
+
 class UnitOfWork:
     """Stages writes across repositories and commits them atomically: `async with uow: ...; await uow.commit()`."""
 
@@ -237,6 +253,7 @@ class UnitOfWork:
         self.notes = NoteRepository(self)
         self.counters = CounterRepository(self)
         self.devices = DeviceRepository(self)
+        self.session = SessionRepository(self)
 
     def stage(self, intent: Intent) -> None:
         self._intents.append(intent)

@@ -157,3 +157,20 @@ async def test_a_store_of_another_device_or_with_another_key_is_refused(tmp_path
         await DataLayer.open(tmp_path, "12D3KooWOther", store_key, StoreConfig(embedding_dims=DIMS))
     with pytest.raises(WrongKeyError):
         await DataLayer.open(tmp_path, DEVICE, lambda p: b"\x01" * 32, StoreConfig(embedding_dims=DIMS))
+
+
+@pytest.mark.trio
+async def test_session_context_is_sealed_and_expires(tmp_path):
+    now = [1_700_000_000_000]
+    data = await DataLayer.open(tmp_path, DEVICE, store_key, StoreConfig(embedding_dims=DIMS), now_ms=lambda: now[0])
+    try:
+        async with UnitOfWork(data) as uow:
+            uow.session.set("active_context", {"topic": "a very distinctive topic"}, ttl_s=60)
+            assert uow.session.get("active_context") == {"topic": "a very distinctive topic"}
+            now[0] += 61_000
+            assert uow.session.get("active_context") is None
+            with pytest.raises(DataError):
+                uow.session.set("x", 1, ttl_s=-1)
+    finally:
+        await data.close()
+    assert all(b"a very distinctive topic" not in path.read_bytes() for path in (tmp_path / "cache").rglob("*") if path.is_file())
