@@ -246,9 +246,12 @@ class Node:
             async with trio.open_nursery() as nursery:
                 async for found in discovery:
                     # The hint is only a claim: Noise proves who answers, and untrusted peers are dropped.
-                    # Of two members that find each other, only the one with the lower id dials: one session each.
                     peer = found.peer_hint
-                    if peer and peer > self.identity.device_id and self.sync.is_trusted(peer):
+                    if not peer or not self.sync.is_trusted(peer):
+                        continue
+                    self.sync.lan_devices.add(peer)
+                    # Of two members that find each other, only the one with the lower id dials: one session each.
+                    if peer > self.identity.device_id:
                         for address in found.addresses:
                             self.sync.dial(nursery, address)
 

@@ -29,7 +29,6 @@ class PeerState:
 
     device_id: str
     online: bool = False
-    path: str | None = None
     last_sync: float | None = None
     vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None
@@ -70,6 +69,7 @@ class SyncService:
         self.refresh_every_s = refresh_every_s
         self.outgoing = Notifier()
         self.peers: dict[str, PeerState] = {}
+        self.lan_devices: set[str] = set()  # devices mDNS found on the LAN
         self.bootstrap_peers = dict(bootstrap_peers or {})  # device id -> public key, trusted before the registry
         self._on_applied = on_applied
 
@@ -113,7 +113,7 @@ class SyncService:
                 {
                     "device_id": device_id,
                     "online": peer.online,
-                    "path": peer.path,
+                    "path": ("lan" if device_id in self.lan_devices else "direct") if peer.online else None,
                     "last_sync": peer.last_sync,
                     "ops_behind_in": ahead_in,
                     "ops_behind_out": ahead_out,
@@ -144,7 +144,7 @@ class SyncService:
             outbound_session_id=outbound_session_id,
         )
         session = SyncSession(self.data.replica, SessionConfig(epoch=self.group_key.epoch), sealer)
-        peer.online, peer.path, peer.session = True, "direct", session
+        peer.online, peer.session = True, session
         try:
             reason = await run_session(
                 stream,

@@ -137,6 +137,10 @@ def _raw_insert_s(root: Path, encoded: list[bytes]) -> float:
 
 
 def _bench_live(a: _Node, b: _Node) -> list[Metric]:
+    # Steady state: both nodes have finished projecting the catch-up into their derived stores.
+    for node in (a, b):
+        with node.client() as client:
+            _wait(lambda: client.call("status")["stores"]["projector_backlog"] == 0, 600)
     latencies = []
     with a.client() as writer, b.client() as watcher_client:
         events = watcher_client.stream("bus.subscribe", pattern="user.preferences.changed")

@@ -85,6 +85,8 @@ def test_three_hosts_find_each_other_by_mdns_pair_and_converge_and_a_stranger_is
         # b and c were only ever given a's address for pairing, yet they also sync with each other directly.
         peers_b = {p["device_id"]: p for p in _call(homes[1], "status")["peers"]}
         assert peers_b[ready_c["device_id"]]["online"] and peers_b[ready_a["device_id"]]["online"]
+        peers_a = {p["device_id"]: p for p in _call(homes[0], "status")["peers"]}
+        assert peers_a[ready_b["device_id"]]["path"] == peers_a[ready_c["device_id"]]["path"] == "lan"
         # The stranger (another group) is never accepted and never receives anything.
         assert _call(homes[3], "pref.get", key="theme") is None
         assert all(not p["online"] for p in _call(homes[3], "status")["peers"])
