@@ -25,13 +25,19 @@ class LocalProtocolError(NodeError):
     """This side used a protocol object wrongly (a bug here, not the peer's fault)."""
 
 
-class RemoteProtocolError(NodeError):
-    """The peer sent something this side cannot accept; the session is over."""
+class ReasonedError(NodeError):
+    """An error with a machine-readable `reason` (a StrEnum member) and a `detail` for people."""
 
-    def __init__(self, reason: EndReason, detail: str) -> None:
+    def __init__(self, reason: StrEnum, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class RemoteProtocolError(ReasonedError):
+    """The peer sent something this side cannot accept; the session is over."""
+
+    reason: EndReason
 
 
 class UnsealError(NodeError):

@@ -24,7 +24,7 @@ from nacl.encoding import RawEncoder
 from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
 from spake2.ed25519_basic import NotOnCurve
 
-from node.errors import EndReason, LocalProtocolError, NodeError, RemoteProtocolError
+from node.errors import EndReason, LocalProtocolError, ReasonedError, RemoteProtocolError
 
 from node.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
 from node.wire import LENGTH_PREFIX_BYTES, FrameBuffer
@@ -77,13 +77,10 @@ class PairingReason(StrEnum):
     ABORTED = "aborted"
 
 
-class PairingError(NodeError):
+class PairingError(ReasonedError):
     """A pairing run ended without pairing, for a reason the user should be told."""
 
-    def __init__(self, reason: PairingReason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: PairingReason
 
 
 # -- codes and invites -----------------------------------------------------------------------------

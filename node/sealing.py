@@ -17,7 +17,7 @@ import nacl.signing
 import nacl.utils
 from nacl.encoding import RawEncoder
 
-from node.errors import LocalProtocolError, UnsealError
+from node.errors import LocalProtocolError, ReasonedError, UnsealError
 from node.identity import DeviceIdentity, GroupKey, verify
 
 SESSION_ID_BYTES = 16
@@ -58,13 +58,10 @@ class UnsealReason(StrEnum):
     REPLAYED = "replayed"
 
 
-class UnsealRefusedError(UnsealError):
+class UnsealRefusedError(UnsealError, ReasonedError):
     """Sealed bytes were refused; `reason` says why and `detail` explains."""
 
-    def __init__(self, reason: UnsealReason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: UnsealReason
 
 
 def new_session_id() -> bytes:
