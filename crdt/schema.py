@@ -39,11 +39,13 @@ _MESSAGE_REQUIRED = frozenset({"conversation", "role", "text", "ts_ms"})
 
 
 def _valid_message(payload: Any) -> bool:
-    return (
-        is_str_map(payload)
-        and _MESSAGE_REQUIRED <= payload.keys() <= _MESSAGE_FIELD_TYPES.keys()
-        and all(_MESSAGE_FIELD_TYPES[f](v) for f, v in payload.items())
-    )
+    # On the catch-up hot path: a plain loop, and no separate key-type pass (only str keys can be a subset).
+    if type(payload) is not dict or not _MESSAGE_REQUIRED <= payload.keys() <= _MESSAGE_FIELD_TYPES.keys():
+        return False
+    for field, value in payload.items():
+        if not _MESSAGE_FIELD_TYPES[field](value):
+            return False
+    return True
 
 
 def _valid_field_edit(field_types: Mapping[str, Callable[[Any], bool]], editable: frozenset[str]) -> Callable[[Any], bool]:
