@@ -2,12 +2,12 @@
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 
-from crdt import Replica
+from crdt import Op, Replica
 from node.errors import EndReason, RemoteProtocolError
 from node.identity import DeviceIdentity, GroupKey
 from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, keep_connected, run_session
@@ -54,7 +54,7 @@ class SyncService:
         group_key: GroupKey,
         host: P2pHost,
         *,
-        on_applied,
+        on_applied: Callable[[list[Op]], None],
         static_peers: Sequence[str] = (),
         bootstrap_peers: dict[str, bytes] | None = None,
         read_timeout_s: float = 30.0,
