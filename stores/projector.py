@@ -67,13 +67,13 @@ class Projector:
             primary.rows_by_id, "messages", "id, conversation, role, ts_ms, sentiment, response_time_ms", upserts
         )
         analytics = await self.data.analytics_ready()
-        analytics.delete(deletes + [key for key in upserts if key not in {row[0] for row in rows}])
+        analytics.delete(deletes + _without_rows(upserts, rows))
         analytics.upsert(AnalyticsMessage(*row) for row in rows)
 
     async def _project_vectors(self, upserts: list[str], deletes: list[str]) -> None:
         rows = await self.data.sql.run(primary.rows_by_id, "memories", "id, embedding, metadata", upserts)
         with_vectors = [row for row in rows if row[1]]
-        gone = deletes + [key for key in upserts if key not in {row[0] for row in with_vectors}]
+        gone = deletes + _without_rows(upserts, with_vectors)
         index = self.data.vectors()
 
         def apply() -> None:
@@ -108,6 +108,12 @@ class Projector:
         await self._project_cache(keys, [])
         vectors = await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter)
         return {"analytics": messages, "vectors": vectors, "cache": len(keys)}
+
+
+def _without_rows(keys: list[str], rows: list[tuple]) -> list[str]:
+    """Return the keys that have no row (keyed by its first column): gone from primary SQL since queued."""
+    present = {row[0] for row in rows}
+    return [key for key in keys if key not in present]
 
 
 def _scalar_metadata(metadata: dict) -> dict | None:
