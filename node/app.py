@@ -72,6 +72,11 @@ def load_store_config(home: Path) -> StoreConfig:
         raise HomeError(f"unreadable config {path}: {error}") from None
 
 
+def _write_config(home: Path, config: StoreConfig) -> None:
+    # Written last by every way of making a home: a home with a config is a complete home.
+    (home / CONFIG_FILE).write_text(json.dumps({"stores": attrs.asdict(config)}, indent=2))
+
+
 def is_initialised(home: Path) -> bool:
     return (home / CONFIG_FILE).exists()
 
@@ -95,7 +100,7 @@ async def init_joined_home(home: Path, identity: DeviceIdentity, paired: Any, co
         await data.sql.run(set_meta, BOOTSTRAP_PEER, bootstrap)
     finally:
         await data.close()
-    (home / CONFIG_FILE).write_text(json.dumps({"stores": attrs.asdict(config)}, indent=2))
+    _write_config(home, config)
 
 
 async def init_home(home: Path, passphrase: str, config: StoreConfig) -> DeviceIdentity:
@@ -113,8 +118,7 @@ async def init_home(home: Path, passphrase: str, config: StoreConfig) -> DeviceI
             await uow.commit()
     finally:
         await data.close()
-    # Written last: a home with a config is a complete home.
-    (home / CONFIG_FILE).write_text(json.dumps({"stores": attrs.asdict(config)}, indent=2))
+    _write_config(home, config)
     return identity
 
 
@@ -131,7 +135,6 @@ class Node:
         self.host: Any = None  # a P2pHost while the network runs
         self.bus = Bus()
         self.projector = Projector(data)
-        self.started_at = time.time()
         self.handlers: dict[str, Handler] = {
             "status": self.status,
             "pref.set": self.pref_set,

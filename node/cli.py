@@ -162,14 +162,14 @@ def _network(listen: list[str], peer: list[str], no_mdns: bool):
     return NetworkOptions(listen=tuple(listen) or NetworkOptions().listen, peers=tuple(peer), mdns=not no_mdns)
 
 
-async def _serve_until_signal(node, network, ready_extra: dict | None = None) -> None:
+async def _serve_until_signal(node, network) -> None:
     from node.app import socket_path
 
     async with trio.open_nursery() as nursery:
         await nursery.start(node.serve, network)
         ready = {"ready": True, "device_id": node.identity.device_id, "socket": str(socket_path(node.home))}
         ready["addresses"] = node.host.addresses if node.host else []
-        print(json.dumps({**ready, **(ready_extra or {})}), flush=True)
+        print(json.dumps(ready), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
@@ -249,13 +249,14 @@ def pair_join(
     sync_timeout_s: Annotated[float, typer.Option("--sync-timeout", min=1, help="Seconds to wait for the first full sync.")] = 600,
 ) -> None:
     """Join this user's group: pair with the inviting device using CODE, then sync everything from it."""
-    from node.app import Node, NetworkOptions, identity_for_joining, init_joined_home
+    from node.app import Node, identity_for_joining, init_joined_home
+    from node.identity import IDENTITY_FILE
     from node.p2p import p2p_host
     from node.pair_service import join
     from stores.datalayer import StoreConfig
 
     home = _home(ctx)
-    secret = passphrase(confirm=not (home / "identity.key").exists())
+    secret = passphrase(confirm=not (home / IDENTITY_FILE).exists())
 
     async def pair_and_sync() -> None:
         identity = identity_for_joining(home, secret)
@@ -263,7 +264,7 @@ def pair_join(
             paired = await join(host, identity, code, address)
         await init_joined_home(home, identity, paired, StoreConfig())
         console.print(f"[green]enrolled[/green] as {identity.device_id}; syncing from {paired.peer_device_id}")
-        network = NetworkOptions(listen=tuple(listen) or NetworkOptions().listen, peers=(address,), mdns=False)
+        network = _network(listen, [address], no_mdns=True)
         async with Node.opened(home, secret) as node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.serve, network)
