@@ -75,14 +75,24 @@ class Replica:
         self.clock = clock
         self.config = config or ReplicaConfig()
         self.journal = ConflictJournal(self.config.journal_entries_max)
+        self._fresh_rules()
+        self._vector: dict[str, int] = {}
+        self._log: dict[str, list[Op]] = {}
+        self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
+        self._held: dict[str, dict[int, Op]] = {}
+        self._held_count = 0
+        self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
+
+    def _fresh_rules(self) -> None:
+        """Give every collection an empty merge state."""
         self.preferences = LwwMap(Collection.PREFERENCES)
         self.settings = LwwMap(Collection.SETTINGS)
         self.messages = MessageSet()
         self.memories = MemorySet(self.config.dedup_cosine_min)
-        self.notes = NoteSet(device_id)
+        self.notes = NoteSet(self.device_id)
         self.counters = CounterSet()
         self.devices = DeviceRegistry()
-        self._rules = {
+        self._rules: dict[Collection, Any] = {
             Collection.PREFERENCES: self.preferences,
             Collection.SETTINGS: self.settings,
             Collection.MESSAGES: self.messages,
@@ -91,11 +101,6 @@ class Replica:
             Collection.COUNTERS: self.counters,
             Collection.DEVICES: self.devices,
         }
-        self._vector: dict[str, int] = {}
-        self._log: dict[str, list[Op]] = {}
-        self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
-        self._held: dict[str, dict[int, Op]] = {}
-        self._held_count = 0
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -128,6 +133,10 @@ class Replica:
             return []
         merged = runs[0] if len(runs) == 1 else heapq.merge(*runs, key=_by_hlc)
         return [op for op, _ in zip(merged, range(ops_max))]
+
+    def logged_keys(self) -> set[tuple[Collection, str]]:
+        """Return every (collection, key) an op in the log wrote."""
+        return {(op.collection, op.key) for log in self._log.values() for op in log}
 
     def digest(self) -> Digest:
         """Return the sha256 and counts of the synced state (no journal, no log, nothing local)."""
@@ -243,6 +252,8 @@ class Replica:
             if op.hlc > last:
                 last = op.hlc
         self.clock.last = last
+        if self._logs_void_ops():
+            self._rebuild_state()
 
     # -- remote ops ------------------------------------------------------------------------------
 
@@ -283,9 +294,43 @@ class Replica:
         return True
 
     def _commit(self, op: Op) -> None:
-        self._rules[op.collection].apply(op, self.journal)
+        # An op its device stamped after that device's revocation is logged and counted, so it is never resent,
+        # but has no effect.
+        revoked_at = self.devices.revoked_at(op.device)
+        if revoked_at is None or op.hlc <= revoked_at:
+            self._rules[op.collection].apply(op, self.journal)
         self._log.setdefault(op.device, []).append(op)
         self._vector[op.device] = op.seq
+        if op.kind is Kind.REVOKE and self._logs_void_ops():
+            self._rebuild_state()
+
+    def _logs_void_ops(self) -> bool:
+        """Whether the log holds an op stamped after its device's revocation (it may have taken effect)."""
+        for device, register in self.devices.revocations.items():
+            if any(op.hlc > register.hlc for op in self._log.get(device, ())):
+                return True
+        return False
+
+    def _rebuild_state(self) -> None:
+        """Recompute every collection from the log, leaving out ops stamped after their device's revocation.
+
+        Needed when a revocation arrives after ops it voids were applied. A revocation counts only if its signer
+        was not itself revoked before signing it, so revocations are settled first, in HLC order.
+        """
+        if any(self._log_base.values()):
+            # A compacted log cannot be replayed; the voided ops keep their effect (docs/spec/sync.md).
+            return
+        logged = sorted((op for log in self._log.values() for op in log), key=_by_hlc)
+        revoked_at: dict[str, int] = {}
+        for op in logged:
+            if op.kind is Kind.REVOKE and op.hlc <= revoked_at.get(op.device, op.hlc):
+                revoked_at[op.key] = min(revoked_at.get(op.key, op.hlc), op.hlc)
+        self._fresh_rules()
+        self.rebuilds += 1
+        scratch = ConflictJournal(self.config.journal_entries_max)  # conflicts were journalled when first seen
+        for op in logged:
+            if op.hlc <= revoked_at.get(op.device, op.hlc):
+                self._rules[op.collection].apply(op, scratch)
 
     # -- compaction and snapshots ----------------------------------------------------------------
 

@@ -90,6 +90,7 @@ class DataLayer:
         self.vectors_limiter = trio.CapacityLimiter(1)  # Chroma's client is used from one thread at a time
         self._vectors = None
         self._conflicts_seen = replica.journal.recorded
+        self._rebuilds_seen = replica.rebuilds
         self._analytics_lock = trio.Lock()
         self._analytics_loaded = False
 
@@ -138,6 +139,7 @@ class DataLayer:
         """Rebuild the replica from primary SQL after a failed write left it ahead of the store."""
         self.replica = await self._load_replica(self.sql, self.replica.device_id, self.now_ms)
         self._conflicts_seen = 0
+        self._rebuilds_seen = self.replica.rebuilds
 
     async def analytics_ready(self) -> AnalyticsStore:
         """Return the analytics store, loading it from the replica's messages on first use.
@@ -167,6 +169,9 @@ class DataLayer:
         If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
         """
         keys = dict.fromkeys((op.collection, op.key) for op in ops)
+        if self.replica.rebuilds != self._rebuilds_seen:
+            # A revocation voided ops that had taken effect: any key they wrote may have changed.
+            keys.update(dict.fromkeys(self.replica.logged_keys()))
         changes = materialise(self.replica, keys)
         conflicts = self.replica.journal.since(self._conflicts_seen)
         try:
@@ -176,6 +181,7 @@ class DataLayer:
                 await self.reload_replica()
             raise
         self._conflicts_seen = self.replica.journal.recorded
+        self._rebuilds_seen = self.replica.rebuilds
 
     async def close(self) -> None:
         """Close every store; idempotent."""

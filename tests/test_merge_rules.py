@@ -156,3 +156,21 @@ def test_malformed_and_oversized_local_writes_are_refused_and_change_nothing(clo
     with pytest.raises(ValueTooLargeError):
         a.edit_note("big", "x" * (2 << 20))
     assert a.digest() == digest and a.seq_of("dev-a") == 0 and a.notes.text("big") in (None, "")
+
+
+@pytest.mark.parametrize("revocation_first", [True, False])
+def test_writes_stamped_after_a_revocation_have_no_effect_whichever_arrives_first(clock, revocation_first):
+    admin, revoked, observer = make_replica("a", clock), make_replica("c", clock), make_replica("o", clock)
+    before = revoked.set_preference("theme", "dark")
+    clock.now += 10
+    revocation = admin.revoke_device("c", {"signer": "a"})
+    clock.now += 10
+    after = [revoked.set_preference("theme", "stolen"), revoked.increment("visits", 5)]
+    deliveries = [[before, revocation], after] if revocation_first else [[before, *after], [revocation]]
+    for ops in deliveries:
+        observer.apply(ops)
+    assert observer.preferences.get("theme") == "dark"
+    assert observer.counters.value("visits") == 0
+    assert observer.seq_of("c") == 3  # counted, so never resent
+    admin.apply([before, *after])
+    assert admin.digest() == observer.digest()
