@@ -12,7 +12,7 @@ import attrs
 import msgpack
 import trio
 
-from crdt import Collection, Op
+from crdt import Collection, Kind, Op
 from node import bus as topics
 from node.bus import Bus
 from node.embed import default_embedder
@@ -23,10 +23,11 @@ from node.identity import (
     create_group_key,
     create_identity,
     enrolment_record,
-    load_group_key,
+    revocation_record,
     save_group_key,
     unlock_identity,
 )
+from node.keyring import KeyRing
 from node.pairing import INVITE_TTL_S, InviteGuard, display_code, new_invite
 from node.rpc import Stream, serve_rpc
 from stores.datalayer import DataLayer, StoreConfig
@@ -129,7 +130,7 @@ class Node:
         self.home = home
         self.identity = identity
         self.data = data
-        self.group_key = load_group_key(home, identity)
+        self.keyring = KeyRing(home, identity)
         self.sync: Any = None  # a SyncService while the network runs
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs
@@ -155,6 +156,7 @@ class Node:
             "conflicts": self.conflicts,
             "rebuild": self.rebuild,
             "devices.list": self.devices_list,
+            "devices.revoke": self.devices_revoke,
             "pair.invite": self.pair_invite,
             "bus.publish": self.bus_publish,
             "bus.subscribe": self.bus_subscribe,
@@ -185,6 +187,22 @@ class Node:
         if self.sync is not None:
             self.sync.outgoing.notify()
         self._committed_events(ops)
+        self._take_keys_and_revocations(ops)
+
+    def _take_keys_and_revocations(self, ops: list[Op]) -> None:
+        """Adopt group keys rotated to this device, and drop the sessions of revoked devices."""
+        adopted = self.keyring.adopt(ops, self._trusted_public_key)
+        revoked = [op.key for op in ops if op.collection is Collection.DEVICES and op.kind is Kind.REVOKE]
+        if self.sync is not None:
+            if revoked:
+                self.sync.drop_devices(revoked)
+            if adopted:
+                log.info("adopted group key epoch %s; sessions restart under it", self.keyring.current.epoch)
+                self.sync.end_sessions()
+
+    def _trusted_public_key(self, device_id: str) -> bytes | None:
+        devices = self.data.replica.devices
+        return devices.get(device_id)["public_key"] if devices.is_trusted(device_id) else None
 
     def _committed_events(self, ops: list[Op]) -> None:
         for op in ops:
@@ -217,13 +235,13 @@ class Node:
             self.sync = SyncService(
                 self.data,
                 self.identity,
-                self.group_key,
+                self.keyring,
                 host,
                 on_applied=self._applied,
                 static_peers=network.peers,
                 bootstrap_peers={bootstrap["device_id"]: bootstrap["public_key"]} if bootstrap else {},
             )
-            self.desk = InviteDesk(self.identity, lambda: self.group_key, host, self._enrol_paired)
+            self.desk = InviteDesk(self.identity, lambda: self.keyring.current, host, self._enrol_paired)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.sync.run)
@@ -244,7 +262,7 @@ class Node:
             return
         interfaces = sorted({a.split("/")[2] for a in lan})
         port = int(lan[0].split("/")[4])
-        async with MdnsDiscovery(interfaces, lambda: self.group_key.secret, port, lan) as discovery:
+        async with MdnsDiscovery(interfaces, lambda: self.keyring.current.secret, port, lan) as discovery:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 async for found in discovery:
@@ -263,6 +281,7 @@ class Node:
         self.projector.wake()
         self.bus.publish(topics.SYNC_REMOTE_APPLIED, {"ops": len(ops)})
         self._committed_events(ops)
+        self._take_keys_and_revocations(ops)
 
     async def _enrol_paired(self, paired) -> None:
         async with self.unit_of_work() as uow:
@@ -290,6 +309,8 @@ class Node:
         index = data.vectors()
         return {
             "device_id": self.identity.device_id,
+            "group_epoch": self.keyring.current.epoch,
+            "revoked": data.replica.devices.revoked_at(self.identity.device_id) is not None,
             "addresses": self.host.addresses if self.host else [],
             "peers": self.sync.status() if self.sync else [],
             "engine": data.config.engine,
@@ -452,6 +473,23 @@ class Node:
         async with self.unit_of_work() as uow:
             devices = await uow.devices.list()
         return [{**d, "public_key": d["public_key"].hex(), "signature": d["signature"].hex()} for d in devices]
+
+    async def devices_revoke(self, params: dict) -> dict:
+        device_id = params.get("device")
+        devices = self.data.replica.devices
+        if device_id == self.identity.device_id:
+            raise DataError("a device cannot revoke itself; revoke it from another of this user's devices")
+        if not isinstance(device_id, str) or devices.get(device_id) is None:
+            raise DataError(f"{device_id!r} is not an enrolled device; `aico-node devices` lists them")
+        if devices.revoked_at(device_id) is not None:
+            raise DataError(f"{device_id} is already revoked")
+        keeping = [d for d in devices.enrolments if devices.is_trusted(d) and d not in (device_id, self.identity.device_id)]
+        rotation = self.keyring.rotation({d: devices.get(d)["public_key"] for d in keeping})
+        async with self.unit_of_work() as uow:
+            uow.devices.revoke(device_id, revocation_record(self.identity, device_id, str(params.get("reason") or "")))
+            uow.preferences.set(rotation.setting_key, rotation.value, collection=Collection.SETTINGS)
+            await uow.commit()
+        return {"revoked": device_id, "epoch": rotation.group_key.epoch, "key_sent_to": sorted(keeping)}
 
     async def rebuild(self, params: dict) -> dict:
         return await self.projector.rebuild()

@@ -424,6 +424,16 @@ def devices(ctx: typer.Context) -> None:
         _print_json(call(_home(ctx), "devices.list"))
 
 
+@devices_app.command("revoke")
+def devices_revoke(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Argument(help="The device id to cut off for good.")],
+    reason: Annotated[str, typer.Option(help="Why, kept in the registry.")] = "",
+) -> None:
+    """Revoke a device for good and rotate the group key so it reads nothing written from now on."""
+    _print_json(call(_home(ctx), "devices.revoke", device=device, reason=reason))
+
+
 def _parse_faults(faults: str) -> frozenset[str]:
     from simulations import FAULT_NAMES
 

@@ -8,6 +8,7 @@ import re
 import tempfile
 import unicodedata
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -26,6 +27,9 @@ IDENTITY_FILE = "identity.key"
 GROUP_KEY_FILE = "group.key"
 SEED_BYTES = 32
 GROUP_SECRET_BYTES = nacl.secret.SecretBox.KEY_SIZE
+GROUP_KEYS_MAX = 256  # one per rotation, i.e. per revoked device
+KEY_ID_BYTES = 8
+_KEY_ID_PERSON = b"aico-group-kid"
 KDF_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
 KDF_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
 
@@ -129,6 +133,13 @@ def enrolment_record(signer: "DeviceIdentity", device_id: str, verify_key: bytes
     return record
 
 
+def revocation_record(signer: "DeviceIdentity", device_id: str, reason: str) -> dict[str, Any]:
+    """Return a device-registry record revoking a device for good, signed by `signer`."""
+    record: dict[str, Any] = {"revoked": True, "reason": reason, "signer": signer.device_id}
+    record["signature"] = signer.sign(msgpack.packb([device_id, record], use_bin_type=True))
+    return record
+
+
 def verify(verify_key_bytes: bytes, data: bytes, signature: bytes) -> bool:
     """Whether `signature` is a valid Ed25519 signature of `data` by the key `verify_key_bytes`."""
     try:
@@ -145,6 +156,15 @@ class GroupKey:
 
     secret: bytes = attrs.field(repr=False, validator=_check_group_secret)
     epoch: int = attrs.field(validator=_check_epoch)
+
+    @property
+    def key_id(self) -> bytes:
+        """A short public name of this key, so two devices can find a key they share without revealing it."""
+        return nacl.hash.blake2b(self.secret, digest_size=KEY_ID_BYTES, person=_KEY_ID_PERSON, encoder=RawEncoder)
+
+    def rank(self) -> tuple[int, bytes]:
+        """The order of keys: a later epoch first; two keys made for one epoch at once are ordered by key id."""
+        return (self.epoch, self.key_id)
 
 
 def create_group_key() -> GroupKey:
@@ -320,15 +340,27 @@ def change_passphrase(home: Path, old_passphrase: str, new_passphrase: str) -> N
 
 
 def save_group_key(home: Path, identity: DeviceIdentity, group_key: GroupKey) -> None:
-    """Store `group_key` in `home`, sealed with this device's group store key, replacing any previous one."""
+    """Store `group_key` in `home` as the only key, sealed with this device's group store key."""
+    save_group_keys(home, identity, [group_key])
+
+
+def save_group_keys(home: Path, identity: DeviceIdentity, group_keys: Sequence[GroupKey]) -> None:
+    """Store every group key this device holds in `home`, sealed with its group store key, replacing the file."""
+    if not 0 < len(group_keys) <= GROUP_KEYS_MAX:
+        raise GroupKeyError(f"a device holds 1 to {GROUP_KEYS_MAX} group keys, not {len(group_keys)}")
     box = nacl.secret.SecretBox(identity.store_key("group"))
-    sealed = box.encrypt(msgpack.packb([group_key.epoch, group_key.secret], use_bin_type=True))
+    sealed = box.encrypt(msgpack.packb([[key.epoch, key.secret] for key in group_keys], use_bin_type=True))
     body = {"format": _GROUP_KEY_FORMAT, "version": _FORMAT_VERSION, "sealed": bytes(sealed)}
     _write_private_file(home / GROUP_KEY_FILE, msgpack.packb(body, use_bin_type=True), overwrite=True)
 
 
 def load_group_key(home: Path, identity: DeviceIdentity) -> GroupKey:
-    """Read the group key from `home`, opened with this device's group store key."""
+    """Read the newest group key from `home`."""
+    return max(load_group_keys(home, identity), key=GroupKey.rank)
+
+
+def load_group_keys(home: Path, identity: DeviceIdentity) -> list[GroupKey]:
+    """Read every group key from `home`, opened with this device's group store key."""
     path = home / GROUP_KEY_FILE
     fields = _read_key_file(path, "this device has no group key yet; pair it with `aico-node pair`", GroupKeyError)
     sealed = fields.get("sealed")
@@ -339,8 +371,12 @@ def load_group_key(home: Path, identity: DeviceIdentity) -> GroupKey:
         plain = nacl.secret.SecretBox(identity.store_key("group")).decrypt(sealed)
     except nacl.exceptions.CryptoError:
         raise GroupKeyError(f"{path} does not open with this device's key: corrupt or from another device") from None
-    match msgpack.unpackb(plain, raw=False):
-        case [int() as epoch, bytes() as secret] if type(epoch) is int and epoch >= 0:
-            if len(secret) == GROUP_SECRET_BYTES:
-                return GroupKey(secret, epoch)
+    stored = msgpack.unpackb(plain, raw=False)
+    if type(stored) is list and len(stored) == 2 and type(stored[0]) is int:
+        stored = [stored]  # written before devices kept more than one key
+    try:
+        if type(stored) is list and 0 < len(stored) <= GROUP_KEYS_MAX:
+            return [GroupKey(secret, epoch) for epoch, secret in stored]
+    except (IdentityError, TypeError, ValueError):
+        pass
     raise GroupKeyError(f"{path} holds a malformed group key")

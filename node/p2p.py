@@ -92,6 +92,15 @@ class P2pHost:
         self.libp2p_host.set_stream_handler(SYNC_PROTOCOL, handle)
 
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to `peer_id`, within a bound."""
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await self.libp2p_host.disconnect(ID.from_base58(peer_id))
+            except (BaseLibp2pError, OSError, ValueError) as error:
+                logger.info("closing the connections to %s failed: %s", peer_id, error)
+
+
 def _build_host(identity: DeviceIdentity) -> IHost:
     # PLATFORM.md: create_new_key_pair(seed=...) gives the same Ed25519 key as nacl's SigningKey(seed).
     key_pair = create_new_key_pair(seed=identity.seed)

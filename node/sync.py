@@ -5,11 +5,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import attrs
+import msgpack
 import trio
 
 from crdt import Op, Replica
 from node.errors import EndReason, RemoteProtocolError
-from node.identity import DeviceIdentity, GroupKey
+from node.identity import DeviceIdentity
+from node.keyring import KeyRing
 from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, keep_connected, run_session
 from node.sealing import GroupSealer, new_session_id
 from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
@@ -18,6 +20,7 @@ from stores.primary import get_meta, set_meta
 
 log = logging.getLogger(__name__)
 SESSION_ID_BYTES = 16
+OFFERS_BYTES_MAX = 4096  # the handshake's list of group keys; 64 offers take about 1.1 KiB
 HANDSHAKE_TIMEOUT_S = 10.0
 PEERS_DIALLED_MAX = 256
 PEERS_META = "sync_peers"
@@ -32,6 +35,7 @@ class PeerState:
     last_sync: float | None = None
     vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None
+    scope: trio.CancelScope | None = None  # ends the running session
 
     def behind(self, replica: Replica) -> tuple[int, int]:
         """Return (ops the peer has that this node lacks, ops this node has that the peer lacks)."""
@@ -51,7 +55,7 @@ class SyncService:
         self,
         data: DataLayer,
         identity: DeviceIdentity,
-        group_key: GroupKey,
+        keyring: KeyRing,
         host: P2pHost,
         *,
         on_applied: Callable[[list[Op]], None],
@@ -62,7 +66,7 @@ class SyncService:
     ) -> None:
         self.data = data
         self.identity = identity
-        self.group_key = group_key
+        self.keyring = keyring
         self.host = host
         self.static_peers = list(static_peers)
         self.read_timeout_s = read_timeout_s
@@ -72,6 +76,7 @@ class SyncService:
         self.lan_devices: set[str] = set()  # devices mDNS found on the LAN
         self.bootstrap_peers = dict(bootstrap_peers or {})  # device id -> public key, trusted before the registry
         self._on_applied = on_applied
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept sessions from trusted devices and keep dialling the static peers, until cancelled."""
@@ -79,6 +84,7 @@ class SyncService:
             self.peers[device_id] = PeerState(device_id, last_sync=saved["last_sync"], vector=saved["vector"])
         self.host.serve_sync(self.is_trusted, self.serve_stream)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for address in self.static_peers:
                 nursery.start_soon(keep_connected, self.host, address, self.serve_stream)
             task_status.started()
@@ -89,6 +95,23 @@ class SyncService:
         if address not in self.static_peers and len(self.static_peers) < PEERS_DIALLED_MAX:
             self.static_peers.append(address)
             nursery.start_soon(keep_connected, self.host, address, self.serve_stream)
+
+    def end_sessions(self) -> None:
+        """End every running session; peers that dial redial, and the new sessions pick the newest shared key."""
+        for peer in self.peers.values():
+            if peer.scope is not None:
+                peer.scope.cancel()
+
+    def drop_devices(self, device_ids: Sequence[str]) -> None:
+        """End the sessions and close the connections of devices that are no longer trusted."""
+        for device_id in device_ids:
+            if device_id == self.identity.device_id:
+                continue  # this device was revoked: its peers drop it, it has no session with itself
+            peer = self.peers.get(device_id)
+            if peer is not None and peer.scope is not None:
+                peer.scope.cancel()
+            if self._nursery is not None:
+                self._nursery.start_soon(self.host.disconnect, device_id)
 
     def is_trusted(self, device_id: str) -> bool:
         """Return whether a device may sync: enrolled, not revoked, and not this device."""
@@ -131,33 +154,41 @@ class SyncService:
             await stream.reset()
             return
         inbound_session_id = new_session_id()
+        offers = msgpack.packb(self.keyring.offers(), use_bin_type=True)
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            # Each side picks the session id for the batches it receives, so old batches never replay.
-            await stream.write(inbound_session_id)
+            # Each side picks the session id for the batches it receives, so old batches never replay, and names
+            # the group keys it holds, so both seal with the newest key they share.
+            await stream.write(inbound_session_id + len(offers).to_bytes(2, "big") + offers)
             outbound_session_id = await _read_exactly(stream, SESSION_ID_BYTES)
+            group_key = self.keyring.shared_key(await _read_offers(stream))
+        if group_key is None:
+            log.warning("no group key in common with %s: it must be paired again", device_id)
+            await stream.reset()
+            return
         sealer = GroupSealer(
             self.identity,
-            self.group_key,
+            group_key,
             device_id,
             self._public_key(device_id),
             inbound_session_id=inbound_session_id,
             outbound_session_id=outbound_session_id,
         )
-        session = SyncSession(self.data.replica, SessionConfig(epoch=self.group_key.epoch), sealer)
-        peer.online, peer.session = True, session
+        session = SyncSession(self.data.replica, SessionConfig(epoch=group_key.epoch), sealer)
+        peer.online, peer.session, peer.scope = True, session, trio.CancelScope()
         try:
-            reason = await run_session(
-                stream,
-                session,
-                on_events=lambda events: self._on_events(peer, events),
-                outgoing=self.outgoing,
-                read_timeout_s=self.read_timeout_s,
-                refresh_every_s=self.refresh_every_s,
-                apply_lock=self.data.write_lock,
-            )
-            log.info("sync session with %s ended: %s", device_id, reason)
+            with peer.scope:
+                reason = await run_session(
+                    stream,
+                    session,
+                    on_events=lambda events: self._on_events(peer, events),
+                    outgoing=self.outgoing,
+                    read_timeout_s=self.read_timeout_s,
+                    refresh_every_s=self.refresh_every_s,
+                    apply_lock=self.data.write_lock,
+                )
+                log.info("sync session with %s ended: %s", device_id, reason)
         finally:
-            peer.online = False
+            peer.online, peer.scope = False, None
             peer.behind(self.data.replica)  # keeps the peer's last vector
             peer.session = None
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S, shield=True):
@@ -185,6 +216,19 @@ class SyncService:
                     raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
                 case PeerAcked():
                     peer.last_sync = time.time()
+
+
+async def _read_offers(stream: Stream) -> list:
+    size = int.from_bytes(await _read_exactly(stream, 2), "big")
+    if size > OFFERS_BYTES_MAX:
+        raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"{size} bytes of key offers, over {OFFERS_BYTES_MAX}")
+    try:
+        offers = msgpack.unpackb(await _read_exactly(stream, size), raw=False)
+    except Exception:  # msgpack raises many exception types for bad input
+        offers = None
+    if type(offers) is not list:
+        raise RemoteProtocolError(EndReason.MALFORMED_FRAME, "the key offers are not a msgpack list")
+    return offers
 
 
 async def _read_exactly(stream: Stream, size: int) -> bytes:
