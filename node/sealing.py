@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 
 import nacl.exceptions
@@ -23,6 +23,7 @@ from node.identity import DeviceIdentity, GroupKey, verify
 SESSION_ID_BYTES = 16
 BATCH_DOMAIN_TAG = b"aico-sync-batch-v1"
 DEVICE_DOMAIN_TAG = b"aico-device-seal-v1"
+MAILBOX_DOMAIN_TAG = b"aico-mailbox-batch-v1"
 HINT_BYTES = 4
 EPOCH_BYTES = 4
 VERIFY_KEY_BYTES = 32
@@ -34,11 +35,16 @@ _HINT_PERSON = b"aico-seal-hint"
 _BATCH_HEADER = struct.Struct(f">{HINT_BYTES}s{HINT_BYTES}s{HINT_BYTES}sQ{_SIGNATURE_BYTES}s")
 # Signed with a batch, before the two device ids and the body: epoch, counter, session id.
 _BATCH_SIGNED_FIELDS = struct.Struct(f">IQ{SESSION_ID_BYTES}s")
+# Inside a mailbox batch: signature, then the sender's id with a one-byte length; the body follows.
+_MAILBOX_HEADER = struct.Struct(f">{_SIGNATURE_BYTES}sB")
 # Inside a message to one device: sender hint, recipient hint, signature; the body follows.
 _DEVICE_HEADER = struct.Struct(f">{HINT_BYTES}s{HINT_BYTES}s{_SIGNATURE_BYTES}s")
 
 BATCH_OVERHEAD_BYTES = (
     EPOCH_BYTES + nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES + _BATCH_HEADER.size
+)
+MAILBOX_OVERHEAD_BYTES = (
+    EPOCH_BYTES + nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES + _MAILBOX_HEADER.size + 1
 )
 DEVICE_OVERHEAD_BYTES = (
     nacl.public.PublicKey.SIZE + nacl.secret.SecretBox.MACBYTES + _DEVICE_HEADER.size  # SealedBox: ephemeral key, MAC
@@ -236,3 +242,58 @@ def open_from_device(identity: DeviceIdentity, sender_verify_key: bytes, sealed:
     if not verify(sender_verify_key, _device_signed_data(sender_verify_key, own_verify_key, body), signature):
         raise UnsealRefusedError(UnsealReason.BAD_SIGNATURE, "the signature does not verify with the sender's key")
     return body
+
+
+def _mailbox_signed_data(epoch: int, mailbox_id: bytes, sender_id: bytes, body: bytes) -> bytes:
+    return b"".join(
+        (MAILBOX_DOMAIN_TAG, epoch.to_bytes(EPOCH_BYTES, "big"), bytes([len(mailbox_id)]), mailbox_id, sender_id, body)
+    )
+
+
+def seal_for_mailbox(identity: DeviceIdentity, group_key: GroupKey, mailbox_id: bytes, plain: bytes) -> bytes:
+    """Sign `plain` for mailbox `mailbox_id` and encrypt it under `group_key`, for any device holding that key."""
+    if not 0 < len(mailbox_id) <= 255:
+        raise LocalProtocolError("a mailbox id is 1 to 255 bytes")
+    sender_id = _device_id_bytes("the sender's device id", identity.device_id)
+    body = bytes(plain)
+    signature = identity.sign(_mailbox_signed_data(group_key.epoch, mailbox_id, sender_id, body))
+    inner = _MAILBOX_HEADER.pack(signature, len(sender_id)) + sender_id + body
+    box = nacl.secret.SecretBox(group_key.secret)
+    return group_key.epoch.to_bytes(EPOCH_BYTES, "big") + bytes(box.encrypt(inner))
+
+
+def open_from_mailbox(
+    group_key: GroupKey, mailbox_id: bytes, sealed: bytes, verify_key_of: Callable[[str], bytes | None]
+) -> tuple[str, bytes]:
+    """Return (sender device id, body) of a batch sealed for mailbox `mailbox_id`, or raise UnsealRefusedError.
+
+    `verify_key_of(device_id)` gives the Ed25519 key of a device this node trusts, or None.
+    """
+    if len(sealed) < MAILBOX_OVERHEAD_BYTES:
+        raise UnsealRefusedError(
+            UnsealReason.MALFORMED, f"{len(sealed)} bytes is shorter than any mailbox batch ({MAILBOX_OVERHEAD_BYTES})"
+        )
+    epoch = int.from_bytes(sealed[:EPOCH_BYTES], "big")
+    if epoch != group_key.epoch:
+        raise UnsealRefusedError(UnsealReason.BAD_EPOCH, f"sealed under epoch {epoch}, expected {group_key.epoch}")
+    try:
+        inner = nacl.secret.SecretBox(group_key.secret).decrypt(bytes(sealed[EPOCH_BYTES:]))
+    except nacl.exceptions.CryptoError:
+        raise UnsealRefusedError(
+            UnsealReason.CANNOT_DECRYPT, f"the group key of epoch {epoch} does not open it: tampered, or another group"
+        ) from None
+    signature, sender_length = _MAILBOX_HEADER.unpack_from(inner)
+    sender_id = inner[_MAILBOX_HEADER.size : _MAILBOX_HEADER.size + sender_length]
+    body = inner[_MAILBOX_HEADER.size + sender_length :]
+    try:
+        sender = sender_id.decode()
+    except UnicodeDecodeError:
+        raise UnsealRefusedError(UnsealReason.MALFORMED, "the sender's device id is not UTF-8") from None
+    verify_key = verify_key_of(sender) if len(sender_id) == sender_length and sender_length else None
+    if verify_key is None:
+        raise UnsealRefusedError(UnsealReason.WRONG_SENDER, f"sent by {sender!r:.80}, not a device this node trusts")
+    if not verify(verify_key, _mailbox_signed_data(epoch, mailbox_id, sender_id, body), signature):
+        raise UnsealRefusedError(
+            UnsealReason.BAD_SIGNATURE, f"the signature does not verify with the key of {sender} for this mailbox"
+        )
+    return sender, body

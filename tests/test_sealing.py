@@ -379,3 +379,28 @@ def test_a_replayed_deltas_frame_ends_the_session(clock, into_new_session, reaso
     with pytest.raises(RemoteProtocolError) as raised:
         sa.receive_data(captured)
     assert raised.value.reason is EndReason.UNSEAL_FAILED and raised.value.detail.startswith(reason)
+
+
+def test_mailbox_batches_open_only_for_the_group_the_mailbox_and_a_trusted_sender():
+    from node.identity import create_group_key
+    from node.sealing import open_from_mailbox, seal_for_mailbox
+
+    sender, stranger = ALICE, CAROL
+    group_key, other_key = create_group_key(), create_group_key()
+    trusted = {sender.device_id: sender.verify_key_bytes}.get
+    sealed = seal_for_mailbox(sender, group_key, b"box-1", b"ops")
+    assert open_from_mailbox(group_key, b"box-1", sealed, trusted) == (sender.device_id, b"ops")
+    refusals = {
+        UnsealReason.CANNOT_DECRYPT: (other_key, b"box-1", sealed, trusted),
+        UnsealReason.BAD_SIGNATURE: (group_key, b"box-2", sealed, trusted),  # moved to another mailbox
+        UnsealReason.WRONG_SENDER: (group_key, b"box-1", seal_for_mailbox(stranger, group_key, b"box-1", b"x"), trusted),
+        UnsealReason.MALFORMED: (group_key, b"box-1", sealed[:20], trusted),
+    }
+    for reason, arguments in refusals.items():
+        with pytest.raises(UnsealRefusedError) as refused:
+            open_from_mailbox(*arguments)
+        assert refused.value.reason is reason
+    for position in range(0, len(sealed), 7):
+        flipped = sealed[:position] + bytes([sealed[position] ^ 1]) + sealed[position + 1 :]
+        with pytest.raises(UnsealRefusedError):
+            open_from_mailbox(group_key, b"box-1", flipped, trusted)
