@@ -264,3 +264,16 @@ def test_fuzzed_bytes_only_ever_raise_remote_protocol_error():
             except RemoteProtocolError:
                 pass
     assert BLOB_BYTES_MAX == 1 << 20
+
+
+def test_relay_imports_nothing_of_the_node():
+    import ast
+    from pathlib import Path
+
+    import relay
+
+    for path in Path(relay.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        modules |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+        assert not {m for m in modules if m.split(".")[0] in {"node", "stores", "discovery", "simulations"}}, path
