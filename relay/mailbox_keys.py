@@ -87,7 +87,7 @@ def current_mailbox(group_secret: bytes, epoch: int, now_s: float, bucket_s: int
 def mailboxes_to_drain(
     group_secret: bytes, epoch: int, since_s: float, now_s: float, bucket_s: int = BUCKET_S
 ) -> list[MailboxKeys]:
-    """The mailboxes, oldest first, that may hold blobs put from `since_s` to `now_s` (at most DRAIN_BUCKETS_MAX + 1)."""
+    """The mailboxes, oldest first, that may hold blobs put from `since_s` to `now_s`, at most DRAIN_BUCKETS_MAX + 1."""
     last = time_bucket(now_s, bucket_s) + SKEW_BUCKETS
     first = max(time_bucket(max(since_s, 0.0), bucket_s) - SKEW_BUCKETS, last - DRAIN_BUCKETS_MAX, 0)
     return [mailbox_keys(group_secret, epoch, bucket) for bucket in range(first, last + 1)]

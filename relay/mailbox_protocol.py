@@ -33,7 +33,9 @@ _CURSOR_END = 1 << 63
 _FIXED_BYTES_MAX = 2048
 _ITEM_OVERHEAD_BYTES = 16  # msgpack array header, uint64 cursor, bin32 header
 REQUEST_FRAME_BYTES_MAX = BLOB_BYTES_MAX + _FIXED_BYTES_MAX
-REPLY_FRAME_BYTES_MAX = FETCH_REPLY_BYTES_MAX + BLOB_BYTES_MAX + FETCH_ITEMS_MAX * _ITEM_OVERHEAD_BYTES + _FIXED_BYTES_MAX
+REPLY_FRAME_BYTES_MAX = (
+    FETCH_REPLY_BYTES_MAX + BLOB_BYTES_MAX + FETCH_ITEMS_MAX * _ITEM_OVERHEAD_BYTES + _FIXED_BYTES_MAX
+)
 SIGN_DOMAIN = b"aico-mailbox-request-v1\x00"
 
 # Frame type codes: append only.
@@ -235,7 +237,8 @@ def signed_message(nonce: bytes, request_no: int, request: Request) -> bytes:
         case Put():
             return head + bytes([PUT]) + request.mailbox_id + request.blob
         case Fetch():
-            return head + bytes([FETCH]) + request.mailbox_id + request.after_cursor.to_bytes(8, "big") + request.limit.to_bytes(4, "big")
+            fields = request.after_cursor.to_bytes(8, "big") + request.limit.to_bytes(4, "big")
+            return head + bytes([FETCH]) + request.mailbox_id + fields
 
 
 def _is_authorised(nonce: bytes, request_no: int, request: Request) -> bool:
@@ -270,7 +273,7 @@ class PutRequested:
 
 @attrs.frozen
 class FetchRequested:
-    """An authorised client asks for blobs of `mailbox_id` after `after_cursor`; answer with `send_items` or `refuse`."""
+    """An authorised client asks for blobs of `mailbox_id` after `after_cursor`; answer with `send_items`/`refuse`."""
 
     mailbox_id: bytes
     after_cursor: int
@@ -546,7 +549,8 @@ class MailboxClientProtocol:
     def _check_items(self, frame: Items, request: Fetch) -> None:
         assert self.challenge is not None
         cursors = [item.cursor for item in frame.items]
-        if len(cursors) > request.limit or any(later <= earlier for earlier, later in zip([request.after_cursor, *cursors], cursors)):
+        ascending = all(later > earlier for earlier, later in zip([request.after_cursor, *cursors], cursors))
+        if len(cursors) > request.limit or not ascending:
             raise _malformed("ITEMS are not at most `limit` items with ascending cursors after the one asked for")
         if any(len(item.blob) > self.challenge.blob_bytes_max for item in frame.items):
             raise _malformed("an item is larger than the relay's own blob bound")

@@ -192,7 +192,8 @@ async def _answer(server: MailboxServerProtocol, store: MailboxStore, event: Ser
                 server.accept_put(await store.put(event.mailbox_id, event.blob))
             else:
                 assert isinstance(event, FetchRequested)
-                items, more = await store.fetch(event.mailbox_id, event.after_cursor, event.limit, FETCH_REPLY_BYTES_MAX)
+                found = await store.fetch(event.mailbox_id, event.after_cursor, event.limit, FETCH_REPLY_BYTES_MAX)
+                items, more = found
                 server.send_items(items, more)
     except MailboxRefused as refusal:
         server.refuse(refusal.reason, refusal.detail)

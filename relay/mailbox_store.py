@@ -158,7 +158,7 @@ class MailboxStore:
                 )
                 total += size
                 outcomes.append(cursor)
-        # Outcomes are published only after the commit: a refusal or cursor never reaches a client for a rolled-back batch.
+        # Published only after the commit: no client hears a cursor or refusal from a rolled-back batch.
         for item, outcome in zip(batch, outcomes):
             item.outcome = outcome
         return total
@@ -245,8 +245,8 @@ def _purge_batch(connection: sqlite3.Connection, expired_before: float) -> tuple
     """Delete up to PURGE_BATCH_MAX expired items in one transaction; return how many and their bytes."""
     with _transaction(connection):
         deleted = connection.execute(
-            "DELETE FROM items WHERE cursor IN (SELECT cursor FROM items WHERE stored_at < ? ORDER BY stored_at LIMIT ?)"
-            " RETURNING mailbox_id, size",
+            "DELETE FROM items WHERE cursor IN"
+            " (SELECT cursor FROM items WHERE stored_at < ? ORDER BY stored_at LIMIT ?) RETURNING mailbox_id, size",
             (expired_before, PURGE_BATCH_MAX),
         ).fetchall()
         freed: dict[bytes, tuple[int, int]] = {}
@@ -255,7 +255,8 @@ def _purge_batch(connection: sqlite3.Connection, expired_before: float) -> tuple
             freed[mailbox_id] = (items + 1, size_sum + size)
         for mailbox_id, (items, size_sum) in freed.items():
             connection.execute(
-                "UPDATE usage SET items = items - ?, bytes = bytes - ? WHERE mailbox_id = ?", (items, size_sum, mailbox_id)
+                "UPDATE usage SET items = items - ?, bytes = bytes - ? WHERE mailbox_id = ?",
+                (items, size_sum, mailbox_id),
             )
         connection.execute("DELETE FROM usage WHERE items <= 0")
     return len(deleted), sum(size for _, size in deleted)

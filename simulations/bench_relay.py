@@ -171,7 +171,9 @@ async def _bench(root: Path) -> list[Metric]:
     label = f"mailbox_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"
     return [
         metric(f"{label}_puts_per_s", puts, "puts/s", baseline_puts, ">= 500 puts/s over libp2p", puts >= 500),
-        metric(f"{label}_drains_per_s", drains, "items/s", baseline_drains, ">= 5000 items/s over libp2p", drains >= 5000),
+        metric(
+            f"{label}_drains_per_s", drains, "items/s", baseline_drains, ">= 5000 items/s over libp2p", drains >= 5000
+        ),
         metric(f"{label}_relay_rss", rss, "MiB", idle_rss, "<= 256 MiB", rss <= 256),
         metric(
             f"mailbox_{CONCURRENT_CLIENTS}_clients_put_p99",

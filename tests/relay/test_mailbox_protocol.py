@@ -126,11 +126,12 @@ def test_answers_leave_in_request_order_even_when_a_later_one_is_refused_first()
 
 def _tampered_puts() -> dict[str, Put]:
     own, stranger = keys(), keys(os.urandom(32))
+    unsigned = Put(own.mailbox_id, own.verify_key, b"b", b"")
     return {
         "wrong key for the id": Put(own.mailbox_id, stranger.verify_key, b"b", stranger.sign(b"anything")),
         "bad signature": Put(own.mailbox_id, own.verify_key, b"b", bytes(64)),
         "signature over another nonce": Put(
-            own.mailbox_id, own.verify_key, b"b", own.sign(signed_message(bytes(32), 0, Put(own.mailbox_id, b"", b"b", b"")))
+            own.mailbox_id, own.verify_key, b"b", own.sign(signed_message(bytes(32), 0, unsigned))
         ),
     }
 

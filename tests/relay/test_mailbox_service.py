@@ -10,7 +10,7 @@ import trio
 
 from node.identity import DeviceIdentity
 from node.p2p import P2pHost, Stream, dial_protocol, p2p_host
-from relay.errors import MailboxReason, MailboxRefused, MailboxSessionEnded
+from relay.errors import LocalProtocolError, MailboxReason, MailboxRefused, MailboxSessionEnded
 from relay.host import running_host
 from relay.mailbox_keys import mailbox_keys
 from relay.mailbox_protocol import (
@@ -18,9 +18,9 @@ from relay.mailbox_protocol import (
     REQUEST_FRAME_BYTES_MAX,
     Challenge,
     Error,
+    Frame,
     FrameBuffer,
     Put,
-    Frame,
     Refused,
     from_wire,
     signed_message,
@@ -97,9 +97,10 @@ async def test_unauthorised_requests_are_refused_and_the_relay_serves_others(tmp
         buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8)
         challenge = await read_frame(stream, buffer)
         assert isinstance(challenge, Challenge)
-        honest = Put(KEYS.mailbox_id, KEYS.verify_key, b"junk", b"")
+        # A stranger signs the owner's mailbox id with its own key.
+        stolen = stranger.sign(signed_message(challenge.nonce, 0, Put(KEYS.mailbox_id, KEYS.verify_key, b"junk", b"")))
         attempts = [
-            Put(KEYS.mailbox_id, stranger.verify_key, b"junk", stranger.sign(signed_message(challenge.nonce, 0, honest))),
+            Put(KEYS.mailbox_id, stranger.verify_key, b"junk", stolen),
             Put(stranger.mailbox_id, KEYS.verify_key, b"junk", bytes(64)),
             Put(KEYS.mailbox_id, KEYS.verify_key, b"junk", bytes(64)),
         ]
@@ -124,12 +125,15 @@ async def test_over_quota_and_oversized_puts_are_refused_and_the_session_goes_on
             with pytest.raises(MailboxRefused) as refused:
                 await mailbox.put(KEYS, b"3")
             assert refused.value.reason is MailboxReason.QUOTA_EXCEEDED
+            with pytest.raises(LocalProtocolError):
+                await mailbox.put(KEYS, b"x" * 101)  # over the bound the relay announced: never sent
             assert len((await mailbox.fetch(KEYS))[0]) == 2
 
 
 async def test_malformed_and_oversized_frames_end_only_that_session(tmp_path):
     async with relay(tmp_path) as address, device() as a, device() as b:
-        for garbage in [(REQUEST_FRAME_BYTES_MAX + 1).to_bytes(LENGTH_PREFIX_BYTES, "big"), b"\x00\x00\x00\x02\xc1\xc1"]:
+        oversized = (REQUEST_FRAME_BYTES_MAX + 1).to_bytes(LENGTH_PREFIX_BYTES, "big")
+        for garbage in [oversized, b"\x00\x00\x00\x02\xc1\xc1"]:
             _, stream = await dial_protocol(a, address, MAILBOX_PROTOCOL, timeout_s=TIMEOUT_S)
             buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8)
             assert isinstance(await read_frame(stream, buffer), Challenge)
