@@ -1,0 +1,35 @@
+"""The relay: an encrypted, zero-knowledge mailbox for sealed batches (and, with the lead's part, circuit relay)."""
+
+from relay.errors import (
+    MailboxConnectionError,
+    MailboxReason,
+    MailboxRefused,
+    MailboxSessionEnded,
+    MailboxStoreError,
+    RelayError,
+)
+from relay.mailbox_keys import MailboxKeys, current_mailbox, mailbox_keys, mailboxes_to_drain
+from relay.mailbox_protocol import MailboxItem
+from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient, ServiceConfig, serve_mailbox, sweep_expired
+from relay.mailbox_store import MailboxStore, StoreLimits
+
+__all__ = [
+    "MAILBOX_PROTOCOL",
+    "MailboxClient",
+    "MailboxConnectionError",
+    "MailboxItem",
+    "MailboxKeys",
+    "MailboxReason",
+    "MailboxRefused",
+    "MailboxSessionEnded",
+    "MailboxStore",
+    "MailboxStoreError",
+    "RelayError",
+    "ServiceConfig",
+    "StoreLimits",
+    "current_mailbox",
+    "mailbox_keys",
+    "mailboxes_to_drain",
+    "serve_mailbox",
+    "sweep_expired",
+]

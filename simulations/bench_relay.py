@@ -1,0 +1,192 @@
+"""`bench relay`: the mailbox against a relay in its own process over loopback libp2p, beside same-run baselines."""
+
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from node.identity import DeviceIdentity
+from node.p2p import P2pHost, dial_protocol, p2p_host
+from relay.mailbox_keys import MailboxKeys, mailbox_keys
+from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
+from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient
+from relay.mailbox_store import MailboxStore
+from simulations.bench import Metric, metric
+
+BATCHES = 10_000
+BATCH_BYTES = 1024
+WRITERS = 10  # concurrent sessions sharing the 10k puts, one mailbox each
+CONCURRENT_CLIENTS = 100
+PUTS_PER_CONCURRENT_CLIENT = 20
+P99_TARGET_MS = 50.0
+READY_TIMEOUT_S = 30.0
+DIAL_TIMEOUT_S = 10.0
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def _start_relay(data: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python -m relay` on loopback and return it with its address once it says it is ready."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--listen", LOOPBACK, "--data", str(data)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT_S)
+    line = process.stdout.readline() if ready else ""
+    if not line:
+        process.kill()
+        raise RuntimeError(f"the relay did not report ready within {READY_TIMEOUT_S} s")
+    return process, json.loads(line)["addresses"][0]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _p99_ms(latencies_s: list[float]) -> float:
+    return statistics.quantiles(latencies_s, n=100)[98] * 1000
+
+
+def _mailboxes(count: int) -> list[MailboxKeys]:
+    secret = os.urandom(32)
+    return [mailbox_keys(secret, 0, bucket) for bucket in range(count)]
+
+
+async def _open_client(host: P2pHost, address: str) -> MailboxClient:
+    """A mailbox session with the relay at `address`; the caller closes it."""
+    _, stream = await dial_protocol(host, address, MAILBOX_PROTOCOL, timeout_s=DIAL_TIMEOUT_S)
+    return await MailboxClient(stream).__aenter__()
+
+
+async def _put_all(put, boxes: list[MailboxKeys], blobs: list[bytes]) -> float:
+    """Put `blobs` spread over `boxes`, one concurrent writer per box; return the seconds it took."""
+    share = len(blobs) // len(boxes)
+
+    async def write(index: int) -> None:
+        for blob in blobs[index * share : (index + 1) * share]:
+            await put(index, boxes[index], blob)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(len(boxes)):
+            nursery.start_soon(write, index)
+    return time.perf_counter() - started
+
+
+async def _drain(fetch, boxes: list[MailboxKeys]) -> tuple[int, float]:
+    """Fetch every blob of `boxes`; return how many and the seconds it took."""
+    drained = 0
+    started = time.perf_counter()
+    for box in boxes:
+        cursor, more = 0, True
+        while more:
+            items, more = await fetch(box, cursor)
+            drained += len(items)
+            cursor = items[-1].cursor if items else cursor
+    return drained, time.perf_counter() - started
+
+
+async def _baseline(root: Path, boxes: list[MailboxKeys], blobs: list[bytes]) -> tuple[float, float]:
+    """Puts/s and drains/s straight into a store in this process: no protocol, no network."""
+    store = await MailboxStore.open(root)
+    try:
+        put_s = await _put_all(lambda _, box, blob: store.put(box.mailbox_id, blob), boxes, blobs)
+        drained, drain_s = await _drain(
+            lambda box, cursor: store.fetch(box.mailbox_id, cursor, FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX), boxes
+        )
+    finally:
+        await store.close()
+    return len(blobs) / put_s, drained / drain_s
+
+
+async def _over_relay(address: str, boxes: list[MailboxKeys], blobs: list[bytes]) -> tuple[float, float]:
+    async with p2p_host(DeviceIdentity(os.urandom(32)), [LOOPBACK]) as host:
+        clients = [await _open_client(host, address) for _ in boxes]
+        try:
+            put_s = await _put_all(lambda index, box, blob: clients[index].put(box, blob), boxes, blobs)
+            drained, drain_s = await _drain(lambda box, cursor: clients[0].fetch(box, cursor), boxes)
+        finally:
+            for client in clients:
+                await client.aclose()
+    if drained != len(blobs):
+        raise RuntimeError(f"drained {drained} of {len(blobs)} batches")
+    return len(blobs) / put_s, drained / drain_s
+
+
+async def _put_latencies(address: str, clients_count: int, puts_each: int) -> list[float]:
+    """Latencies of `puts_each` puts by each of `clients_count` sessions putting at once, one mailbox each."""
+    boxes = _mailboxes(clients_count)
+    latencies: list[float] = []
+    async with p2p_host(DeviceIdentity(os.urandom(32)), [LOOPBACK]) as host:
+        clients: list[MailboxClient] = []
+        try:
+            for _ in boxes:
+                clients.append(await _open_client(host, address))
+            start = trio.Event()
+
+            async def write(client: MailboxClient, box: MailboxKeys) -> None:
+                await start.wait()
+                for _ in range(puts_each):
+                    started = time.perf_counter()
+                    await client.put(box, os.urandom(BATCH_BYTES))
+                    latencies.append(time.perf_counter() - started)
+
+            async with trio.open_nursery() as nursery:
+                for client, box in zip(clients, boxes):
+                    nursery.start_soon(write, client, box)
+                start.set()
+        finally:
+            for client in clients:
+                await client.aclose()
+    return latencies
+
+
+async def _bench(root: Path) -> list[Metric]:
+    boxes = _mailboxes(WRITERS)
+    blobs = [os.urandom(BATCH_BYTES) for _ in range(BATCHES)]
+    baseline_puts, baseline_drains = await _baseline(root / "baseline", boxes, blobs)
+    process, address = _start_relay(root / "relay")
+    try:
+        idle_rss = _rss_mib(process.pid)
+        puts, drains = await _over_relay(address, boxes, blobs)
+        alone_p99 = _p99_ms(await _put_latencies(address, 1, CONCURRENT_CLIENTS))
+        crowd_p99 = _p99_ms(await _put_latencies(address, CONCURRENT_CLIENTS, PUTS_PER_CONCURRENT_CLIENT))
+        rss = _rss_mib(process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    label = f"mailbox_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"
+    return [
+        metric(f"{label}_puts_per_s", puts, "puts/s", baseline_puts, ">= 500 puts/s over libp2p", puts >= 500),
+        metric(
+            f"{label}_drains_per_s", drains, "items/s", baseline_drains, ">= 5000 items/s over libp2p", drains >= 5000
+        ),
+        metric(f"{label}_relay_rss", rss, "MiB", idle_rss, "<= 256 MiB", rss <= 256),
+        metric(
+            f"mailbox_{CONCURRENT_CLIENTS}_clients_put_p99",
+            crowd_p99,
+            "ms",
+            alone_p99,
+            f"< {P99_TARGET_MS:g} ms",
+            crowd_p99 < P99_TARGET_MS,
+        ),
+    ]
+
+
+def bench_mailbox() -> list[Metric]:
+    """10k sealed batches put and drained through a relay process, and 100 clients putting at once."""
+    with tempfile.TemporaryDirectory(prefix="aico-bench-relay-") as root:
+        return trio.run(_bench, Path(root))
