@@ -44,11 +44,13 @@ Handler = Callable[[dict], Awaitable[Any]]
 
 @attrs.frozen
 class NetworkOptions:
-    """Where the node listens, which peers it always dials, and whether it uses mDNS."""
+    """Where the node listens, which peers it always dials, whether it uses mDNS, and which relay."""
 
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     peers: tuple[str, ...] = ()
     mdns: bool = True
+    relay: str | None = None
+    mailbox_drain_every_s: float = 5.0
 
 
 class HomeError(NodeError):
@@ -134,6 +136,7 @@ class Node:
         self.sync: Any = None  # a SyncService while the network runs
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs
+        self.mailbox: Any = None  # a MailboxSync while the network runs with a relay
         self.bus = Bus()
         self.projector = Projector(data)
         self.handlers: dict[str, Handler] = {
@@ -245,11 +248,31 @@ class Node:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.sync.run)
+                    if network.relay:
+                        await nursery.start(self._use_relay, network)
                     if network.mdns:
                         await nursery.start(self._discover, host.addresses)
                     task_status.started()
             finally:
-                self.sync = self.desk = self.host = None
+                self.sync = self.desk = self.host = self.mailbox = None
+
+    async def _use_relay(self, network: NetworkOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Post to and drain the relay's mailbox."""
+        from node.mailbox_sync import MailboxSync
+
+        sync = self.sync
+        self.mailbox = MailboxSync(
+            self.data,
+            self.identity,
+            self.keyring,
+            self.host,
+            network.relay,
+            apply_ops=sync.apply_remote,
+            verify_key_of=lambda d: self.identity.verify_key_bytes if d == self.identity.device_id else sync.trusted_public_key(d),
+            outgoing=sync.outgoing,
+            drain_every_s=network.mailbox_drain_every_s,
+        )
+        await self.mailbox.run(task_status=task_status)
 
     async def _discover(self, addresses: list[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Advertise on the LAN interfaces this node listens on, and keep a session with group members found there."""
@@ -312,7 +335,8 @@ class Node:
             "group_epoch": self.keyring.current.epoch,
             "revoked": data.replica.devices.revoked_at(self.identity.device_id) is not None,
             "addresses": self.host.addresses if self.host else [],
-            "peers": self.sync.status() if self.sync else [],
+            "peers": self.sync.status(self.mailbox) if self.sync else [],
+            "relay": self.mailbox.health.as_status() if self.mailbox else None,
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
             "stores": {

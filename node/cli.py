@@ -154,12 +154,17 @@ def init(
 ListenOption = Annotated[list[str], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
 PeerOption = Annotated[list[str], typer.Option("--peer", help="Multiaddr of a device to keep syncing with (repeatable).")]
 NoMdnsOption = Annotated[bool, typer.Option("--no-mdns", help="Do not look for devices on the LAN with mDNS.")]
+RelayOption = Annotated[
+    Optional[str],
+    typer.Option("--relay", help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox."),
+]
 
 
-def _network(listen: list[str], peer: list[str], no_mdns: bool):
+def _network(listen: list[str], peer: list[str], no_mdns: bool, relay: str | None = None):
     from node.app import NetworkOptions
 
-    return NetworkOptions(listen=tuple(listen) or NetworkOptions().listen, peers=tuple(peer), mdns=not no_mdns)
+    listen_addrs = tuple(listen) or NetworkOptions().listen
+    return NetworkOptions(listen=listen_addrs, peers=tuple(peer), mdns=not no_mdns, relay=relay)
 
 
 async def _serve_until_signal(node, network) -> None:
@@ -178,7 +183,13 @@ async def _serve_until_signal(node, network) -> None:
 
 
 @app.command()
-def run(ctx: typer.Context, listen: ListenOption = [], peer: PeerOption = [], no_mdns: NoMdnsOption = False) -> None:
+def run(
+    ctx: typer.Context,
+    listen: ListenOption = [],
+    peer: PeerOption = [],
+    no_mdns: NoMdnsOption = False,
+    relay: RelayOption = None,
+) -> None:
     """Run the node until SIGINT or SIGTERM (a first run initialises the home)."""
     from node.app import Node, init_home, is_initialised
     from stores.datalayer import StoreConfig
@@ -186,7 +197,7 @@ def run(ctx: typer.Context, listen: ListenOption = [], peer: PeerOption = [], no
     home = _home(ctx)
     fresh = not is_initialised(home)
     secret = passphrase(confirm=fresh)
-    network = _network(listen, peer, no_mdns)
+    network = _network(listen, peer, no_mdns, relay)
     # libp2p takes ~0.7 s to import; doing it on another thread overlaps it with loading the stores, whose
     # SQL reads release the GIL. The later import waits for this one.
     threading.Thread(target=importlib.import_module, args=("node.p2p",), daemon=True).start()

@@ -3,6 +3,7 @@
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import msgpack
@@ -36,6 +37,7 @@ class PeerState:
     vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None
     scope: trio.CancelScope | None = None  # ends the running session
+    path: str = "direct"  # or "relayed": how the running session's connection goes
 
     def behind(self, replica: Replica) -> tuple[int, int]:
         """Return (ops the peer has that this node lacks, ops this node has that the peer lacks)."""
@@ -123,7 +125,25 @@ class SyncService:
         record = self.data.replica.devices.get(device_id)
         return record["public_key"] if record else self.bootstrap_peers[device_id]
 
-    def status(self) -> list[dict]:
+    def trusted_public_key(self, device_id: str) -> bytes | None:
+        """Return the Ed25519 public key of a device that may sync with this one, or None."""
+        return self._public_key(device_id) if self.is_trusted(device_id) else None
+
+    async def apply_remote(self, ops: list[Op]) -> list[Op]:
+        """Apply and persist ops that came another way than a session (the mailbox); return those applied."""
+        async with self.data.write_lock:
+            result = self.data.replica.apply(ops)
+            applied = list(result.applied)
+            if applied:
+                await self.data.persist(applied)
+        for op, why in result.refused:
+            log.warning("refused op %s:%s from the mailbox: %s", op.device, op.seq, why)
+        if applied:
+            self._on_applied(applied)
+            self.outgoing.notify()  # peers in session may lack these ops
+        return applied
+
+    def status(self, mailbox: Any = None) -> list[dict]:
         """Return every known device's sync state, as `status --json` shows it."""
         replica = self.data.replica
         rows = []
@@ -136,7 +156,7 @@ class SyncService:
                 {
                     "device_id": device_id,
                     "online": peer.online,
-                    "path": ("lan" if device_id in self.lan_devices else "direct") if peer.online else None,
+                    "path": self._path(peer, mailbox),
                     "last_sync": peer.last_sync,
                     "ops_behind_in": ahead_in,
                     "ops_behind_out": ahead_out,
@@ -145,6 +165,14 @@ class SyncService:
                 }
             )
         return rows
+
+    def _path(self, peer: PeerState, mailbox: Any) -> str | None:
+        """How this node last reached the device: lan, direct, relayed, or mailbox (offline, ops came from there)."""
+        if peer.online:
+            return "lan" if peer.device_id in self.lan_devices else peer.path
+        if mailbox is not None and peer.device_id in mailbox.health.received_from:
+            return "mailbox"
+        return None
 
     async def serve_stream(self, device_id: str, stream: Stream) -> None:
         """Run one sealed sync session with an authenticated peer over `stream` (which it owns)."""

@@ -1,5 +1,6 @@
 """Revocation with real node processes on loopback: the revoked device is cut off, its later writes count
-nowhere, and the devices that stay get the new group key, also one that was offline at the time."""
+nowhere, and the devices that stay get the new group key, also one that was offline at the time (from the
+relay's mailbox)."""
 
 from pathlib import Path
 
@@ -9,20 +10,28 @@ import pytest
 
 from node.identity import load_group_keys, unlock_identity
 from node.keyring import KeyRing
+from tests.test_mailbox_processes import RunningRelay
 from tests.test_sync_processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 
 
 @pytest.fixture
-def group(tmp_path):
-    """Devices a (first), c and d, paired and converged; d then goes offline."""
+def relay(tmp_path):
+    running = RunningRelay(tmp_path / "relay")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def group(tmp_path, relay):
+    """Devices a (first), c and d, paired, converged, all using one relay."""
     assert cli(tmp_path / "a", "init").returncode == 0
-    a = RunningNode(tmp_path / "a")
+    a = RunningNode(tmp_path / "a", relay=relay.address)
     nodes = [a]
     try:
         for name in ("c", "d"):
             done = pair(a, tmp_path / name)
             assert done.returncode == 0, done.stderr
-            nodes.append(RunningNode(tmp_path / name, a.address))
+            nodes.append(RunningNode(tmp_path / name, a.address, relay=relay.address))
         a.call("pref.set", key="theme", value="light")
         wait_until(lambda: converged(*nodes), what="the first convergence")
         yield nodes
@@ -31,7 +40,7 @@ def group(tmp_path):
             node.stop()
 
 
-def test_revoked_device_is_cut_off_and_an_offline_device_gets_the_new_key(group, tmp_path):
+def test_revoked_device_is_cut_off_and_an_offline_device_gets_the_new_key_from_the_mailbox(group, relay, tmp_path):
     a, c, d = group
     d.stop()
     revoked = a.call("devices.revoke", device=c.device_id, reason="lost phone")
@@ -40,11 +49,12 @@ def test_revoked_device_is_cut_off_and_an_offline_device_gets_the_new_key(group,
     wait_until(lambda: not any(p["online"] for p in a.call("status")["peers"]), what="a to drop c")
     a.call("pref.set", key="after", value="written after the revocation")
     c.call("pref.set", key="theme", value="stolen")  # stamped after its revocation
-    # d returns and meets c before it hears of the revocation from a: it must undo c's write then.
-    d = RunningNode(tmp_path / "d", c.address, a.address)
+    # d returns, can reach only c and the relay, and hears of the revocation from the mailbox alone: it must
+    # take the new key from there, and undo c's write if it took it first.
+    d = RunningNode(tmp_path / "d", c.address, relay=relay.address)
     group[2] = d
-    wait_until(lambda: d.call("status")["group_epoch"] == 1, what="d to adopt the new group key")
-    wait_until(lambda: converged(a, d), what="a and d to converge")
+    wait_until(lambda: d.call("status")["group_epoch"] == 1, 60, what="d to adopt the new group key")
+    wait_until(lambda: converged(a, d), 60, what="a and d to converge")
     assert d.call("pref.get", key="theme") == "light"
     assert d.call("pref.get", key="after") == "written after the revocation"
     assert a.call("pref.get", key="theme") == "light"

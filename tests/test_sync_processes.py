@@ -29,11 +29,13 @@ def cli(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedP
 class RunningNode:
     """An `aico-node run` process on loopback, and a socket client to it."""
 
-    def __init__(self, home: Path, *peers: str) -> None:
+    def __init__(self, home: Path, *peers: str, relay: str | None = None) -> None:
         self.home = home
         command = [sys.executable, "-m", "node", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
+        if relay:
+            command += ["--relay", relay]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), stdin=subprocess.DEVNULL
         )

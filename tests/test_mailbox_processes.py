@@ -1,0 +1,62 @@
+"""The relay's mailbox with real processes on loopback: devices that are never online together converge, and
+the relay stores nothing readable."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_until
+
+
+class RunningRelay:
+    """A `python -m relay` process on loopback."""
+
+    def __init__(self, data_dir) -> None:
+        command = [sys.executable, "-m", "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--data", str(data_dir)]
+        self.data_dir = data_dir
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        assert line, self.process.stderr.read()
+        self.address = json.loads(line)["addresses"][0]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def relay(tmp_path):
+    running = RunningRelay(tmp_path / "relay")
+    yield running
+    running.stop()
+
+
+def test_offline_to_offline_devices_converge_through_the_mailbox_alone(relay, tmp_path):
+    assert cli(tmp_path / "a", "init").returncode == 0
+    a = RunningNode(tmp_path / "a", relay=relay.address)
+    try:
+        assert pair(a, tmp_path / "b").returncode == 0
+        b = RunningNode(tmp_path / "b", a.address, relay=relay.address)
+        wait_until(lambda: converged(a, b), what="the first convergence")
+        b.stop()
+        a.call("pref.set", key="theme", value="written while b was away")
+        for i in range(50):
+            a.call("msg.add", conversation="away", text=f"secret message {i}")
+        wait_until(lambda: a.call("status")["relay"]["posted_seq"] >= 52, what="a to post its ops")
+    finally:
+        a.stop()
+    # b comes back with no way to reach a: only the relay.
+    b = RunningNode(tmp_path / "b", relay=relay.address)
+    try:
+        wait_until(lambda: b.call("pref.get", key="theme") == "written while b was away", 60, "b to drain the mailbox")
+        wait_until(lambda: b.call("status")["stores"]["messages"] == 50, what="every message")
+        peers = {p["device_id"]: p for p in b.call("status")["peers"]}
+        assert peers[a.device_id]["path"] == "mailbox" and not peers[a.device_id]["online"]
+        assert b.call("status")["relay"]["last_error"] is None
+    finally:
+        b.stop()
+    relay.stop()
+    stored = b"".join(path.read_bytes() for path in relay.data_dir.rglob("*") if path.is_file())
+    assert b"secret message" not in stored and b"written while b was away" not in stored
