@@ -114,7 +114,7 @@ def connection_path(host: P2pHost, peer_id: str) -> Path | None:
 
 
 def accept_relayed_connections(host: P2pHost) -> None:
-    """Accept connections that relays open to this node (STOP); their streams reach the usual handlers and trust gate."""
+    """Accept connections relays open to this node (STOP); their streams reach the usual handlers and trust gate."""
     libp2p_host = host.libp2p_host
 
     async def handle_stop(stream: INetStream) -> None:

@@ -1,4 +1,4 @@
-"""The relay's libp2p circuit relay v2 HOP service: reservations and circuits under resource limits, never a destination.
+"""The relay's circuit relay v2 HOP service: reservations and circuits under resource limits, never a destination.
 
 What py-libp2p 0.8.1's `CircuitV2Protocol` enforces by itself, read in its source and measured in
 tests/relay/test_circuit.py:
@@ -232,7 +232,7 @@ def build_relay_libp2p_host(seed: bytes | None = None) -> IHost:
 async def relay_host(
     listen_addrs: Sequence[str], limits: CircuitLimits = CircuitLimits(), *, seed: bytes | None = None
 ) -> AsyncIterator[RelayHost]:
-    """Run a circuit relay v2 HOP listening on `listen_addrs` under `limits`, and close it (listener included) on exit."""
+    """Run a circuit relay v2 HOP on `listen_addrs` under `limits`, and close it (listener included) on exit."""
     libp2p_host = build_relay_libp2p_host(seed)
     try:
         async with libp2p_host.run([multiaddr.Multiaddr(addr) for addr in listen_addrs]):

@@ -2,6 +2,7 @@
 direct-versus-relay race and the move back to a direct path."""
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -48,7 +49,9 @@ async def echo(stream: Stream) -> None:
 
 
 @asynccontextmanager
-async def relay_and_hosts(count: int, limits: CircuitLimits = CircuitLimits()) -> AsyncIterator[tuple[RelayHost, list[P2pHost]]]:
+async def relay_and_hosts(
+    count: int, limits: CircuitLimits = CircuitLimits()
+) -> AsyncIterator[tuple[RelayHost, list[P2pHost]]]:
     """A relay and `count` device hosts on loopback, each device accepting relayed connections and serving ECHO."""
     async with AsyncExitStack() as stack:
         relay = await stack.enter_async_context(relay_host([LOOPBACK], limits))
@@ -144,11 +147,13 @@ async def test_reservations_beyond_the_limit_are_refused_and_a_departed_peers_sl
         with pytest.raises(RelayError, match="RESOURCE_LIMIT_EXCEEDED"):
             await reserve(hosts[2], relay_addr, timeout_s=5)
         # A peer may not reserve in another peer's name.
-        spoofed = HopMessage(type=HopMessage.RESERVE, peer=CircuitPeerId(id=ID.from_base58(hosts[3].peer_id).to_bytes()))
+        other_peer = CircuitPeerId(id=ID.from_base58(hosts[3].peer_id).to_bytes())
+        spoofed = HopMessage(type=HopMessage.RESERVE, peer=other_peer)
         with pytest.raises(RelayError, match="PERMISSION_DENIED"):
             await _hop_exchange(hosts[2], relay_addr, spoofed, 5)
         await hosts[0].libp2p_host.disconnect(ID.from_base58(relay.peer_id))
-        await eventually(lambda: not relay.libp2p_host.get_network().get_connections(ID.from_base58(hosts[0].peer_id)), 5)
+        relay_network = relay.libp2p_host.get_network()
+        await eventually(lambda: not relay_network.get_connections(ID.from_base58(hosts[0].peer_id)), 5)
         await reserve(hosts[2], relay_addr, timeout_s=5)
 
 
@@ -229,8 +234,6 @@ async def _silent_listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
 
 
 def _unused_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
