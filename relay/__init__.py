@@ -1,4 +1,4 @@
-"""The relay: an encrypted, zero-knowledge mailbox for sealed batches (and, with the lead's part, circuit relay)."""
+"""The relay: libp2p circuit relay v2 HOP under resource limits, and a zero-knowledge mailbox for sealed batches."""
 
 from relay.errors import (
     MailboxConnectionError,
