@@ -242,6 +242,7 @@ class Node:
                 host,
                 on_applied=self._applied,
                 static_peers=network.peers,
+                relay=network.relay,
                 bootstrap_peers={bootstrap["device_id"]: bootstrap["public_key"]} if bootstrap else {},
             )
             self.desk = InviteDesk(self.identity, lambda: self.keyring.current, host, self._enrol_paired)
@@ -336,7 +337,7 @@ class Node:
             "revoked": data.replica.devices.revoked_at(self.identity.device_id) is not None,
             "addresses": self.host.addresses if self.host else [],
             "peers": self.sync.status(self.mailbox) if self.sync else [],
-            "relay": self.mailbox.health.as_status() if self.mailbox else None,
+            "relay": self._relay_status(),
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
             "stores": {
@@ -497,6 +498,16 @@ class Node:
         async with self.unit_of_work() as uow:
             devices = await uow.devices.list()
         return [{**d, "public_key": d["public_key"].hex(), "signature": d["signature"].hex()} for d in devices]
+
+    def _relay_status(self) -> dict | None:
+        if self.mailbox is None:
+            return None
+        reservation = self.sync.reservation
+        return {
+            **self.mailbox.health.as_status(),
+            "circuit_address": reservation.circuit_address if reservation else None,
+            "reservation_expires_at": reservation.expires_at if reservation else None,
+        }
 
     async def devices_revoke(self, params: dict) -> dict:
         device_id = params.get("device")

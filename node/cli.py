@@ -211,6 +211,22 @@ def run(
     _run(serve)
 
 
+@app.command("relay")
+def relay_command(
+    listen: ListenOption = [],
+    data: Annotated[Optional[Path], typer.Option(help="Folder for the relay's key and mailbox store.")] = None,
+) -> None:
+    """Run a relay: circuits between devices that cannot dial each other, and a mailbox of sealed batches."""
+    from relay import RelayError
+    from relay.server import RELAY_LISTEN, run_relay
+
+    folder = data or default_home().parent / "aico-relay"
+    try:
+        _run(lambda: run_relay(list(listen) or list(RELAY_LISTEN), folder))
+    except RelayError as error:
+        raise fail(str(error)) from None
+
+
 @pair_app.command("invite")
 def pair_invite(
     ctx: typer.Context,

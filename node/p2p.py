@@ -60,11 +60,12 @@ class P2pHost:
     def __init__(self, libp2p_host: IHost) -> None:
         self.libp2p_host = libp2p_host
         self.peer_id = str(libp2p_host.get_id())
+        self.relayed_addresses: list[str] = []  # where a relay that holds a reservation for this node reaches it
 
     @property
     def addresses(self) -> list[str]:
-        """The multiaddrs peers can dial, each ending in `/p2p/<peer id>`."""
-        return [str(addr) for addr in self.libp2p_host.get_addrs()]
+        """The multiaddrs peers can dial, each ending in `/p2p/<peer id>`: direct ones first, then relayed ones."""
+        return [str(addr) for addr in self.libp2p_host.get_addrs()] + self.relayed_addresses
 
     def serve_sync(
         self, is_trusted: Callable[[str], bool], on_stream: Callable[[str, Stream], Awaitable[None]]
@@ -77,7 +78,7 @@ class P2pHost:
             if not is_trusted(peer_id):
                 # DESIGN.md: a stream from a peer that is not a trusted, unrevoked device is reset before any data.
                 logger.info("reset a sync stream from untrusted peer %s", peer_id)
-                await _reset_quietly(stream)
+                await reset_quietly(stream)
                 return
             try:
                 await on_stream(peer_id, stream)
@@ -87,7 +88,7 @@ class P2pHost:
                 # Measured here: an error escaping a libp2p stream handler stops the whole swarm and comes out of
                 # host.run(), ending the host: log it and drop only this stream.
                 logger.exception("sync stream handler failed for %s", peer_id)
-                await _reset_quietly(stream)
+                await reset_quietly(stream)
 
         self.libp2p_host.set_stream_handler(SYNC_PROTOCOL, handle)
 
@@ -347,7 +348,7 @@ async def _pump(
                 raise _StreamGone(f"stream failed: {message or type(message).__name__}")
 
 
-async def _reset_quietly(stream: INetStream) -> None:
+async def reset_quietly(stream: INetStream) -> None:
     """Reset `stream` within a bound, even in a cancelled scope."""
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         await stream.reset()
@@ -365,7 +366,7 @@ async def _end_stream(stream: INetStream, session: SyncSession, reason: str, usa
                 return
             except (_StreamGone, StreamError):
                 pass
-    await _reset_quietly(stream)
+    await reset_quietly(stream)
 
 
 async def run_session(

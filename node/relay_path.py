@@ -43,7 +43,7 @@ from node.p2p import (
     P2pHost,
     Stream,
     _forget_dial_failure,
-    _reset_quietly,
+    reset_quietly,
     dial_protocol,
 )
 
@@ -59,7 +59,7 @@ _RELAY_ERRORS = (BaseLibp2pError, OSError, ValueError, DecodeError)
 logger = logging.getLogger(__name__)
 
 
-class RelayError(DialError):
+class CircuitError(DialError):
     """The relay refused a reservation or a circuit, or broke the exchange."""
 
 
@@ -134,7 +134,7 @@ def accept_relayed_connections(host: P2pHost) -> None:
         except (trio.TooSlowError, *_RELAY_ERRORS) as error:
             # An error escaping a libp2p stream handler stops the whole swarm (node/p2p.py): drop only this stream.
             logger.info("relayed connection through %s failed: %s", relay_id, error or type(error).__name__)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return
         if muxed.peer_id != claimed_initiator:
             # Noise proved who is really on the other end; a relay that named someone else is lying about the source.
@@ -153,12 +153,12 @@ async def _hop_exchange(host: P2pHost, relay_addr: str, request: HopMessage, tim
             await write_delimited_msg(hop_stream, request)
             response = await read_delimited_msg(hop_stream, HopMessage)
     except (trio.TooSlowError, *_RELAY_ERRORS) as error:
-        await _reset_quietly(hop_stream)
-        raise RelayError(f"relay {relay_addr} broke the HOP exchange: {error or type(error).__name__}") from None
+        await reset_quietly(hop_stream)
+        raise CircuitError(f"relay {relay_addr} broke the HOP exchange: {error or type(error).__name__}") from None
     if response.type != HopMessage.STATUS or response.status != StatusCode.OK:
-        await _reset_quietly(hop_stream)
+        await reset_quietly(hop_stream)
         status = {code.value: code.name for code in StatusCode}.get(response.status, str(response.status))
-        raise RelayError(f"relay {relay_addr} refused: {status}")
+        raise CircuitError(f"relay {relay_addr} refused: {status}")
     return hop_stream, response
 
 
@@ -169,7 +169,7 @@ async def reserve(host: P2pHost, relay_addr: str, *, timeout_s: float = 5.0) -> 
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await hop_stream.close()
     if deadline.cancelled_caught:
-        raise RelayError(f"reserving on {relay_addr} timed out after {timeout_s} s")
+        raise CircuitError(f"reserving on {relay_addr} timed out after {timeout_s} s")
     return Reservation(relay_addr, circuit_addr(relay_addr, host.peer_id), float(response.reservation.expire))
 
 
@@ -244,7 +244,7 @@ async def dial_relayed(
     except trio.TooSlowError:
         await _close_connection(connection)
         raise DialError(f"dialling {peer_id} through {relay_addr} timed out after {timeout_s} s") from None
-    except RelayError:
+    except CircuitError:
         raise
     except _RELAY_ERRORS as error:
         await _close_connection(connection)
@@ -320,7 +320,7 @@ async def dial_sync_racing(
             if relay_addr is not None:
                 nursery.start_soon(dial_through_relay, nursery, relay_addr)
     for stream in late_streams:
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
     if winner is None:
         why = "; ".join(failures) or "no address to dial"
         if deadline.cancelled_caught:

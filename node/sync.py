@@ -1,19 +1,29 @@
 """The sync service: a sealed sync session with every reachable trusted device, live pushes of new ops."""
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import msgpack
+import multiaddr
 import trio
+from libp2p.network.stream.exceptions import StreamError
 
 from crdt import Op, Replica
 from node.errors import EndReason, RemoteProtocolError
 from node.identity import DeviceIdentity
 from node.keyring import KeyRing
-from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, keep_connected, run_session
+from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, reset_quietly, keep_connected, run_session
+from node.relay_path import (
+    Reservation,
+    accept_relayed_connections,
+    keep_connected_with_relay,
+    keep_reservation,
+    stream_path,
+)
 from node.sealing import GroupSealer, new_session_id
 from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
 from stores.datalayer import DataLayer
@@ -25,6 +35,7 @@ OFFERS_BYTES_MAX = 4096  # the handshake's list of group keys; 64 offers take ab
 HANDSHAKE_TIMEOUT_S = 10.0
 PEERS_DIALLED_MAX = 256
 PEERS_META = "sync_peers"
+RELAY_DEVICES_CHECK_EVERY_S = 5.0  # how often newly enrolled devices get a session through the relay
 
 
 @attrs.define
@@ -63,10 +74,13 @@ class SyncService:
         on_applied: Callable[[list[Op]], None],
         static_peers: Sequence[str] = (),
         bootstrap_peers: dict[str, bytes] | None = None,
+        relay: str | None = None,
         read_timeout_s: float = 30.0,
         refresh_every_s: float = 10.0,
     ) -> None:
         self.data = data
+        self.relay = relay
+        self.reservation: Reservation | None = None  # this node's slot on the relay, while it holds one
         self.identity = identity
         self.keyring = keyring
         self.host = host
@@ -79,6 +93,7 @@ class SyncService:
         self.bootstrap_peers = dict(bootstrap_peers or {})  # device id -> public key, trusted before the registry
         self._on_applied = on_applied
         self._nursery: trio.Nursery | None = None
+        self._dialled: set[str] = set()  # devices kept connected through the relay
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept sessions from trusted devices and keep dialling the static peers, until cancelled."""
@@ -87,16 +102,48 @@ class SyncService:
         self.host.serve_sync(self.is_trusted, self.serve_stream)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.relay:
+                accept_relayed_connections(self.host)
+                nursery.start_soon(functools.partial(keep_reservation, self.host, self.relay, on_change=self._reserved))
+                nursery.start_soon(self._dial_devices_through_relay)
             for address in self.static_peers:
-                nursery.start_soon(keep_connected, self.host, address, self.serve_stream)
+                nursery.start_soon(self._keep_connected, address)
             task_status.started()
             await trio.sleep_forever()  # sessions from other devices arrive through the host's handler
+
+    async def _keep_connected(self, address: str) -> None:
+        if self.relay is None:
+            await keep_connected(self.host, address, self.serve_stream)
+        else:
+            peer_id = multiaddr.Multiaddr(address).value_for_protocol("p2p")
+            self._dialled.add(peer_id)
+            await keep_connected_with_relay(self.host, [address], self.relay, peer_id, self.serve_stream)
+
+    def _reserved(self, reservation: Reservation | None) -> None:
+        self.reservation = reservation
+        self.host.relayed_addresses = [reservation.circuit_address] if reservation else []
+
+    async def _dial_devices_through_relay(self) -> NoReturn:
+        """Keep a session through the relay with every trusted device whose id is above this one's.
+
+        Of two devices, only the lower id dials, so they do not reset each other's streams; no address is needed,
+        the relay reaches a device by its id.
+        """
+        while True:
+            for device_id in sorted(self.data.replica.devices.enrolments):
+                if device_id > self.identity.device_id and self.is_trusted(device_id) and device_id not in self._dialled:
+                    if len(self._dialled) < PEERS_DIALLED_MAX:
+                        self._dialled.add(device_id)
+                        self._nursery.start_soon(
+                            keep_connected_with_relay, self.host, [], self.relay, device_id, self.serve_stream
+                        )
+            await trio.sleep(RELAY_DEVICES_CHECK_EVERY_S)
 
     def dial(self, nursery: trio.Nursery, address: str) -> None:
         """Keep a session with the device at `address` (found by discovery or given by the user)."""
         if address not in self.static_peers and len(self.static_peers) < PEERS_DIALLED_MAX:
             self.static_peers.append(address)
-            nursery.start_soon(keep_connected, self.host, address, self.serve_stream)
+            nursery.start_soon(self._keep_connected, address)
 
     def end_sessions(self) -> None:
         """End every running session; peers that dial redial, and the new sessions pick the newest shared key."""
@@ -183,15 +230,20 @@ class SyncService:
             return
         inbound_session_id = new_session_id()
         offers = msgpack.packb(self.keyring.offers(), use_bin_type=True)
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            # Each side picks the session id for the batches it receives, so old batches never replay, and names
-            # the group keys it holds, so both seal with the newest key they share.
-            await stream.write(inbound_session_id + len(offers).to_bytes(2, "big") + offers)
-            outbound_session_id = await _read_exactly(stream, SESSION_ID_BYTES)
-            group_key = self.keyring.shared_key(await _read_offers(stream))
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                # Each side picks the session id for the batches it receives, so old batches never replay, and
+                # names the group keys it holds, so both seal with the newest key they share.
+                await stream.write(inbound_session_id + len(offers).to_bytes(2, "big") + offers)
+                outbound_session_id = await _read_exactly(stream, SESSION_ID_BYTES)
+                group_key = self.keyring.shared_key(await _read_offers(stream))
+        except (StreamError, trio.TooSlowError) as error:
+            log.info("session handshake with %s failed: %s", device_id, error or type(error).__name__)
+            await reset_quietly(stream)
+            return
         if group_key is None:
             log.warning("no group key in common with %s: it must be paired again", device_id)
-            await stream.reset()
+            await reset_quietly(stream)
             return
         sealer = GroupSealer(
             self.identity,
@@ -203,6 +255,7 @@ class SyncService:
         )
         session = SyncSession(self.data.replica, SessionConfig(epoch=group_key.epoch), sealer)
         peer.online, peer.session, peer.scope = True, session, trio.CancelScope()
+        peer.path = stream_path(stream)
         try:
             with peer.scope:
                 reason = await run_session(

@@ -25,13 +25,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
-import multiaddr
 import trio
-from libp2p import new_host
 from libp2p.abc import IHost, INetStream
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
-from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -39,10 +34,8 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from relay.host import SEED_BYTES, running_host
 
 logger = logging.getLogger(__name__)
 
@@ -214,31 +207,10 @@ class RelayHost:
         return [str(addr) for addr in self.libp2p_host.get_addrs()]
 
 
-def build_relay_libp2p_host(seed: bytes | None = None) -> IHost:
-    """A libp2p host for the relay: Ed25519 key from `seed` (random if None), Noise only, yamux only."""
-    key_pair = create_new_key_pair(seed=seed or os.urandom(32))
-    return new_host(
-        key_pair=key_pair,
-        # Noise only: libp2p's default security options also accept a plaintext dialer.
-        sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)},
-        # yamux only: mplex stalled and reset under a 10 MB echo.
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        # The default of 3 connections per peer adds a fixed 250 ms wait to every connect.
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
-    )
-
-
 @asynccontextmanager
 async def relay_host(
     listen_addrs: Sequence[str], limits: CircuitLimits = CircuitLimits(), *, seed: bytes | None = None
 ) -> AsyncIterator[RelayHost]:
     """Run a circuit relay v2 HOP on `listen_addrs` under `limits`, and close it (listener included) on exit."""
-    libp2p_host = build_relay_libp2p_host(seed)
-    try:
-        async with libp2p_host.run([multiaddr.Multiaddr(addr) for addr in listen_addrs]):
-            yield RelayHost(libp2p_host, enable_hop(libp2p_host, limits))
-    finally:
-        # Leaving host.run() leaves the listener accepting; only host.close() stops it, shielded so a cancelled relay
-        # still releases its port.
-        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-            await libp2p_host.close()
+    async with running_host(seed or os.urandom(SEED_BYTES), listen_addrs) as libp2p_host:
+        yield RelayHost(libp2p_host, enable_hop(libp2p_host, limits))

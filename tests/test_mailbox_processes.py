@@ -11,10 +11,10 @@ from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_un
 
 
 class RunningRelay:
-    """A `python -m relay` process on loopback."""
+    """An `aico-node relay` process on loopback."""
 
     def __init__(self, data_dir) -> None:
-        command = [sys.executable, "-m", "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--data", str(data_dir)]
+        command = [sys.executable, "-m", "node", "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--data", str(data_dir)]
         self.data_dir = data_dir
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()

@@ -36,16 +36,21 @@ class RunningNode:
             command += ["--peer", peer]
         if relay:
             command += ["--relay", relay]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), stdin=subprocess.DEVNULL
-        )
+        # Its log goes to a file beside the home, so a node that dies can say why.
+        self.log = home.parent / f"{home.name}.log"
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), stdin=subprocess.DEVNULL
+            )
         line = self.process.stdout.readline()
-        assert line, self.process.stderr.read()
+        assert line, self.log.read_text()
         self.ready = json.loads(line)
         self.address = self.ready["addresses"][0]
         self.device_id = self.ready["device_id"]
 
     def call(self, method: str, **params):
+        if self.process.poll() is not None:
+            raise AssertionError(f"the node at {self.home} has exited: {self.log.read_text()[-3000:]}")
         with RpcClient.connect(self.home / "node.sock", timeout_s=60) as client:
             return client.call(method, **params)
 

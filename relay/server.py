@@ -1,0 +1,40 @@
+"""The relay server: one libp2p host serving circuit relay v2 HOP under limits and the mailbox."""
+
+import json
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from relay.circuit import CircuitLimits, relay_host
+from relay.host import load_or_create_seed
+from relay.mailbox_service import ServiceConfig, serve_mailbox, sweep_expired
+from relay.mailbox_store import MailboxStore, StoreLimits
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)  # `python -m relay`, for tests and benches
+RELAY_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)  # `aico-node relay`: a fixed port devices can be configured with
+
+
+async def run_relay(
+    listen_addrs: Sequence[str],
+    data_dir: Path,
+    circuit_limits: CircuitLimits = CircuitLimits(),
+    store_limits: StoreLimits | None = None,
+    service_config: ServiceConfig | None = None,
+) -> None:
+    """Serve circuits and the mailbox (stored in `data_dir`) on `listen_addrs`, print the ready line, and stop
+    on SIGINT or SIGTERM."""
+    store = await MailboxStore.open(data_dir, store_limits)
+    try:
+        async with relay_host(listen_addrs, circuit_limits, seed=load_or_create_seed(data_dir)) as relay:
+            serve_mailbox(relay.libp2p_host, store, service_config)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sweep_expired, store)
+                print(json.dumps({"addresses": relay.addresses, "peer_id": relay.peer_id}), flush=True)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
