@@ -35,12 +35,13 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from node.errors import NodeError, RemoteProtocolError
 from node.identity import DeviceIdentity
-from node.session import Event, PeerClosed, SessionState, SyncSession
+from node.session import Event, OpsApplied, PeerClosed, SessionState, SyncSession
 
 SYNC_PROTOCOL = TProtocol("/aico/sync/1")
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 READ_BYTES = 64 * 1024  # one read's bound; a frame larger than this arrives over several reads
 CLOSE_TIMEOUT_S = 2.0  # bound on closing or resetting a stream and on closing the host
+GROUP_OPS_MAX = 20_000  # applied ops that wait for the persist in flight; ~10 full batches, one fsync for them all
 
 Stream = INetStream
 logger = logging.getLogger(__name__)
@@ -292,23 +293,105 @@ async def _wake_to_refresh(every_s: float, inbox: Inbox) -> NoReturn:
         await inbox.send(_Wake.REFRESH)
 
 
+async def _write(stream: INetStream, data: bytes, write_timeout_s: float) -> None:
+    """Write one frame; raise _StreamGone if the stream cannot take it."""
+    try:
+        with trio.fail_after(write_timeout_s):
+            await stream.write(data)
+    except trio.TooSlowError:
+        raise _StreamGone(f"the peer took no data for {write_timeout_s} s") from None
+    except StreamError as error:
+        raise _StreamGone(f"stream failed while writing: {error or type(error).__name__}") from None
+
+
 async def _flush(stream: INetStream, session: SyncSession, write_timeout_s: float) -> None:
     """Write every frame the session has to send; raise _StreamGone if the stream cannot take them."""
     while (data := session.generate()) is not None:
+        await _write(stream, data, write_timeout_s)
+
+
+class _Persister:
+    """Persists what the session applied in the background, one group of chunks per transaction, while the pump
+    applies the next chunks; writes each group's ACK only once the group is persisted.
+
+    A catch-up is bound by the primary store: this overlaps its worker thread with decoding and applying, and one
+    transaction (one fsync) covers many batches. At most GROUP_OPS_MAX applied ops wait beside the group in flight.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        stream: INetStream,
+        session: SyncSession,
+        on_events: Callable[[list[Event]], Awaitable[None]],
+        write_timeout_s: float,
+    ) -> None:
+        self._nursery = nursery
+        self._stream = stream
+        self._session = session
+        self._on_events = on_events
+        self._write_timeout_s = write_timeout_s
+        self._pending: list[Event] = []
+        self._pending_ops = 0
+        self._pending_ack: bytes | None = None
+        self._in_flight: trio.Event | None = None
+        self._in_flight_ack: bytes | None = None
+        self._failure: Exception | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Whether everything applied is persisted and acknowledged."""
+        return self._in_flight is None and not self._pending
+
+    async def add(self, events: list[Event], ack: bytes | None) -> None:
+        """Queue what one chunk applied (and the ACK that claims it) behind the group in flight, or start it."""
+        self._pending += events
+        self._pending_ops += sum(len(event.ops) for event in events if isinstance(event, OpsApplied))
+        self._pending_ack = ack or self._pending_ack
+        if self._in_flight is not None and (self._in_flight.is_set() or self._pending_ops >= GROUP_OPS_MAX):
+            await self._finish()
+        if self._in_flight is None:
+            self._start()
+
+    async def drain(self) -> None:
+        """Persist everything applied so far and write its ACK."""
+        while not self.idle:
+            if self._in_flight is not None:
+                await self._finish()
+            if self._pending:
+                self._start()
+
+    def _start(self) -> None:
+        # on_events checks the events and takes the changed rows now, before the pump applies more.
+        write = self._on_events(self._pending)
+        done = trio.Event()
+        self._in_flight, self._in_flight_ack = done, self._pending_ack
+        self._pending, self._pending_ops, self._pending_ack = [], 0, None
+        self._nursery.start_soon(self._run, write, done)
+
+    async def _run(self, write: Awaitable[None], done: trio.Event) -> None:
         try:
-            with trio.fail_after(write_timeout_s):
-                await stream.write(data)
-        except trio.TooSlowError:
-            raise _StreamGone(f"the peer took no data for {write_timeout_s} s") from None
-        except StreamError as error:
-            raise _StreamGone(f"stream failed while writing: {error or type(error).__name__}") from None
+            await write
+        except Exception as error:
+            self._failure = error  # raised in the pump by _finish, not in the nursery (no ExceptionGroup)
+        finally:
+            done.set()
+
+    async def _finish(self) -> None:
+        assert self._in_flight is not None
+        await self._in_flight.wait()
+        ack, self._in_flight, self._in_flight_ack = self._in_flight_ack, None, None
+        if self._failure is not None:
+            raise self._failure
+        if ack is not None and self._session.state is SessionState.SYNCING:
+            await _write(self._stream, ack, self._write_timeout_s)
 
 
 async def _pump(
     stream: INetStream,
     session: SyncSession,
     inbox: trio.MemoryReceiveChannel[Message],
-    on_events: Callable[[list[Event]], Awaitable[None]],
+    persister: _Persister,
     read_timeout_s: float,
     write_timeout_s: float,
     apply_lock: trio.Lock,
@@ -316,36 +399,58 @@ async def _pump(
     """Drive the session from `inbox` until it ends and return why; raise _StreamGone or RemoteProtocolError."""
     await _flush(stream, session, write_timeout_s)  # our HELLO
     listening_since = trio.current_time()
-    while True:
-        message: Message | None = None
-        with trio.move_on_at(listening_since + read_timeout_s):
-            message = await inbox.receive()
-        match message:
-            case None:
-                # Both sides refresh more often than this, so a live peer is never this quiet.
-                return f"no data from the peer for {read_timeout_s} s"
-            case b"":
-                return "the peer closed the stream"
-            case bytes():
-                # Applying and persisting happen under one lock, so no other writer interleaves between them.
-                async with apply_lock:
-                    events = session.receive_data(message)
+    holding_lock = False
+    try:
+        while True:
+            # Applying and persisting happen under one lock, so no other writer interleaves between them. It is held
+            # while chunks keep arriving, and given up once they pause or another writer waits.
+            if not persister.idle and (
+                inbox.statistics().tasks_waiting_send == 0 or apply_lock.statistics().tasks_waiting
+            ):
+                await persister.drain()
+            if persister.idle:
+                if holding_lock:
+                    apply_lock.release()
+                    holding_lock = False
+                # Only now, with everything applied persisted, may frames that claim it (a refresh's ACK) go out.
+                await _flush(stream, session, write_timeout_s)
+            message: Message | None = None
+            with trio.move_on_at(listening_since + read_timeout_s):
+                message = await inbox.receive()
+            match message:
+                case None:
+                    # Both sides refresh more often than this, so a live peer is never this quiet.
+                    return f"no data from the peer for {read_timeout_s} s"
+                case b"":
+                    await persister.drain()
+                    return "the peer closed the stream"
+                case bytes():
+                    if not holding_lock:
+                        await apply_lock.acquire()
+                        holding_lock = True
+                    try:
+                        events = session.receive_data(message)
+                    except RemoteProtocolError:
+                        await persister.drain()  # what earlier chunks applied is still kept
+                        raise
                     if events:
-                        await on_events(events)
-                # Only now, with the applied ops persisted by on_events, may the ACKs that claim them go out.
-                await _flush(stream, session, write_timeout_s)
-                if session.state is SessionState.CLOSED:
-                    closed = next(event for event in events if isinstance(event, PeerClosed))
-                    return f"the peer ended the session: {closed.reason}: {closed.detail}"
-                # Silence is counted from when this side was ready to listen again, not from the last chunk.
-                listening_since = trio.current_time()
-            case _Wake.REFRESH:
-                session.refresh()
-                await _flush(stream, session, write_timeout_s)
-            case _Wake.LOCAL_OPS:
-                await _flush(stream, session, write_timeout_s)
-            case StreamError():
-                raise _StreamGone(f"stream failed: {message or type(message).__name__}")
+                        await persister.add(events, session.take_ack())
+                    if session.state is SessionState.CLOSED:
+                        await persister.drain()
+                        closed = next(event for event in events if isinstance(event, PeerClosed))
+                        return f"the peer ended the session: {closed.reason}: {closed.detail}"
+                    # Silence is counted from when this side was ready to listen again, not from the last chunk.
+                    listening_since = trio.current_time()
+                case _Wake.REFRESH:
+                    await persister.drain()
+                    session.refresh()
+                case _Wake.LOCAL_OPS:
+                    await persister.drain()
+                case StreamError():
+                    raise _StreamGone(f"stream failed: {message or type(message).__name__}")
+    finally:
+        if holding_lock:
+            apply_lock.release()
 
 
 async def reset_quietly(stream: INetStream) -> None:
@@ -382,7 +487,9 @@ async def run_session(
 ) -> str:
     """Run `session` over `stream` until it ends and return why; on bad peer data, tell the peer, then raise.
 
-    `apply_lock`, if given, is held while the session applies received ops and `on_events` persists them.
+    `on_events` is called, under `apply_lock` if given, with what the session applied: at once it checks the events
+    and takes what to persist; the awaitable it returns persists that, in the background while the pump applies
+    later chunks. The lock is held until it is done, and the ACK that claims those ops waits for it.
     """
     # Unbuffered: the reader waits for the pump, so at most one chunk is held beyond the session's own bound.
     inbox_send, inbox = trio.open_memory_channel[Message](0)
@@ -393,9 +500,10 @@ async def run_session(
             nursery.start_soon(_read_stream, stream, inbox_send)
             nursery.start_soon(_wake_on_local_ops, outgoing, inbox_send)
             nursery.start_soon(_wake_to_refresh, refresh_every_s, inbox_send)
+            persister = _Persister(nursery, stream, session, on_events, write_timeout_s)
             try:
                 reason = await _pump(
-                    stream, session, inbox, on_events, read_timeout_s, write_timeout_s, apply_lock or trio.Lock()
+                    stream, session, inbox, persister, read_timeout_s, write_timeout_s, apply_lock or trio.Lock()
                 )
             except _StreamGone as error:
                 reason, usable = str(error), False

@@ -310,8 +310,16 @@ class SyncSession:
     def generate(self) -> bytes | None:
         """Return the next frame to send, or None when there is nothing to send now."""
         frame = self._next_frame()
-        if frame is None:
+        return None if frame is None else self._encode(frame)
+
+    def take_ack(self) -> bytes | None:
+        """Return the ACK owed now, if any, and owe it no more: for a caller that sends it later, once the ops it
+        claims are persisted, while it applies further batches (whose ops this ACK does not claim)."""
+        if self.state is not SessionState.SYNCING or self._ack_owed is None:
             return None
+        return self._encode(self._take_ack())
+
+    def _encode(self, frame: Frame) -> bytes:
         data = to_wire(frame)
         self.bytes_sent += len(data)
         return data
@@ -322,10 +330,13 @@ class SyncSession:
         if self.state is not SessionState.SYNCING:
             return None
         if self._ack_owed is not None:
-            batch_no = None if self._ack_owed == _REWIND else self._ack_owed
-            self._ack_owed = None
-            return Ack(batch_no, dict(self.replica.vector))
+            return self._take_ack()
         return self._next_batch()
+
+    def _take_ack(self) -> Ack:
+        batch_no = None if self._ack_owed == _REWIND else self._ack_owed
+        self._ack_owed = None
+        return Ack(batch_no, dict(self.replica.vector))
 
     def _next_batch(self) -> Deltas | StateSnapshot | None:
         try:

@@ -3,7 +3,7 @@
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -26,7 +26,7 @@ from node.relay_path import (
 )
 from node.sealing import GroupSealer, new_session_id
 from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
-from stores.datalayer import DataLayer
+from stores.datalayer import DataLayer, PendingWrite
 from stores.primary import get_meta, set_meta
 
 log = logging.getLogger(__name__)
@@ -280,23 +280,31 @@ class SyncService:
         saved = {p.device_id: {"last_sync": p.last_sync, "vector": p.vector} for p in self.peers.values() if p.vector}
         await self.data.sql.run(set_meta, PEERS_META, saved)
 
-    async def _on_events(self, peer: PeerState, events: list) -> None:
-        """Check and persist what a session did; runs under the data layer's write lock."""
+    def _on_events(self, peer: PeerState, events: list) -> Awaitable[None]:
+        """Check what a session did and take the rows its applied ops changed now; return the write that persists
+        them (in one transaction). Runs under the data layer's write lock, which is held until the write is done."""
+        applied: list[Op] = []
         for event in events:
             match event:
                 case PeerHello() if event.device_id != peer.device_id:
                     raise RemoteProtocolError(
                         EndReason.UNEXPECTED_FRAME, f"HELLO names {event.device_id}, the connection is {peer.device_id}"
                     )
-                case OpsApplied() if event.ops:
-                    await self.data.persist(event.ops)
-                    peer.last_sync = time.time()
-                    self._on_applied(event.ops)
-                    self.outgoing.notify()  # other peers may lack these ops
+                case OpsApplied():
+                    applied += event.ops
                 case StateMerged():
                     raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
                 case PeerAcked():
                     peer.last_sync = time.time()
+        return self._persist(peer, self.data.prepare(applied) if applied else None)
+
+    async def _persist(self, peer: PeerState, pending: PendingWrite | None) -> None:
+        if pending is None:
+            return
+        await self.data.write(pending)
+        peer.last_sync = time.time()
+        self._on_applied(list(pending.ops))
+        self.outgoing.notify()  # other peers may lack these ops
 
 
 async def _read_offers(stream: Stream) -> list:

@@ -7,7 +7,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from crdt import Collection, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
+from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
 from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
 from stores.cache import SealedKv
@@ -64,6 +64,16 @@ def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
     record = replica.devices.get(key)
     revoked = record.pop("revoked")
     return (key, primary.pack(record), int(revoked))
+
+
+@attrs.frozen
+class PendingWrite:
+    """Applied ops and what they changed, as the replica held them when prepared, waiting to be written."""
+
+    ops: Sequence[Op]
+    changes: list[Change]
+    conflicts: Sequence[Conflict]
+    redacted: Sequence[Op]
 
 
 class DataLayer:
@@ -168,20 +178,30 @@ class DataLayer:
 
         If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
         """
+        await self.write(self.prepare(ops, redacted))
+
+    def prepare(self, ops: Sequence[Op], redacted: Sequence[Op] = ()) -> "PendingWrite":
+        """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
+
+        Split from `write` so a caller can apply further ops while this write runs: their effects stay out of it.
+        """
         keys = dict.fromkeys((op.collection, op.key) for op in ops)
         if self.replica.rebuilds != self._rebuilds_seen:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
             keys.update(dict.fromkeys(self.replica.logged_keys()))
-        changes = materialise(self.replica, keys)
+            self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
+        self._conflicts_seen = self.replica.journal.recorded
+        return PendingWrite(ops, materialise(self.replica, keys), conflicts, redacted)
+
+    async def write(self, pending: "PendingWrite") -> None:
+        """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
-            await self.sql.run(primary.persist, ops, changes, conflicts, redacted)
+            await self.sql.run(primary.persist, pending.ops, pending.changes, pending.conflicts, pending.redacted)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()
             raise
-        self._conflicts_seen = self.replica.journal.recorded
-        self._rebuilds_seen = self.replica.rebuilds
 
     async def close(self) -> None:
         """Close every store; idempotent."""

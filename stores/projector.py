@@ -12,6 +12,7 @@ from stores.datalayer import DataLayer, _load_analytics
 
 log = logging.getLogger(__name__)
 PREFERENCE_CACHE_PREFIX = b"pref:"
+WRITER_POLL_S = 0.05
 
 
 class Projector:
@@ -34,6 +35,10 @@ class Projector:
         task_status.started()
         await self.data.analytics_ready()  # outbox entries apply on top of the initial load
         while True:
+            while self.data.write_lock.locked():
+                # A writer (a sync catch-up) holds the store: projecting now would compete with it for the one store
+                # thread and the CPU. Derived stores may lag; callers that need them fresh drain themselves.
+                await trio.sleep(WRITER_POLL_S)
             await self.drain()
             with trio.move_on_after(self.idle_s):
                 await self._wake.wait()
