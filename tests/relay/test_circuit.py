@@ -19,7 +19,7 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
 from node.identity import DeviceIdentity
 from node.p2p import READ_BYTES, DialError, P2pHost, Stream, dial_protocol, dial_sync, p2p_host
 from node.relay_path import (
-    RelayError,
+    CircuitError,
     _hop_exchange,
     accept_relayed_connections,
     circuit_addr,
@@ -144,12 +144,12 @@ async def test_reservations_beyond_the_limit_are_refused_and_a_departed_peers_sl
         await reserve(hosts[0], relay_addr, timeout_s=5)
         await reserve(hosts[1], relay_addr, timeout_s=5)
         await reserve(hosts[1], relay_addr, timeout_s=5)  # renewing holds the same slot
-        with pytest.raises(RelayError, match="RESOURCE_LIMIT_EXCEEDED"):
+        with pytest.raises(CircuitError, match="RESOURCE_LIMIT_EXCEEDED"):
             await reserve(hosts[2], relay_addr, timeout_s=5)
         # A peer may not reserve in another peer's name.
         other_peer = CircuitPeerId(id=ID.from_base58(hosts[3].peer_id).to_bytes())
         spoofed = HopMessage(type=HopMessage.RESERVE, peer=other_peer)
-        with pytest.raises(RelayError, match="PERMISSION_DENIED"):
+        with pytest.raises(CircuitError, match="PERMISSION_DENIED"):
             await _hop_exchange(hosts[2], relay_addr, spoofed, 5)
         await hosts[0].libp2p_host.disconnect(ID.from_base58(relay.peer_id))
         relay_network = relay.libp2p_host.get_network()
@@ -196,11 +196,11 @@ async def test_circuits_beyond_the_per_peer_and_total_limits_are_refused_and_the
         for host in (b, d):
             await reserve(host, relay_addr, timeout_s=5)
         _, a_to_b = await dial_protocol(a, circuit_addr(relay_addr, b.peer_id), ECHO, timeout_s=5)
-        with pytest.raises(RelayError, match="RESOURCE_LIMIT_EXCEEDED"):
+        with pytest.raises(CircuitError, match="RESOURCE_LIMIT_EXCEEDED"):
             await dial_protocol(c, circuit_addr(relay_addr, b.peer_id), ECHO, timeout_s=5)  # B is in one already
         _, c_to_d = await dial_protocol(c, circuit_addr(relay_addr, d.peer_id), ECHO, timeout_s=5)
         await reserve(e, relay_addr, timeout_s=5)
-        with pytest.raises(RelayError, match="RESOURCE_LIMIT_EXCEEDED"):
+        with pytest.raises(CircuitError, match="RESOURCE_LIMIT_EXCEEDED"):
             await dial_protocol(f, circuit_addr(relay_addr, e.peer_id), ECHO, timeout_s=5)  # two circuits in all
         with trio.fail_after(5):
             assert await round_trip(a_to_b, b"a-b") == b"a-b"
@@ -216,7 +216,7 @@ async def test_circuits_beyond_the_per_peer_and_total_limits_are_refused_and_the
 @pytest.mark.trio
 async def test_the_relay_is_never_a_destination():
     async with relay_and_hosts(1) as (relay, (a,)):
-        with pytest.raises(RelayError, match="NO_RESERVATION"):
+        with pytest.raises(CircuitError, match="NO_RESERVATION"):
             await dial_protocol(a, circuit_addr(relay.addresses[0], relay.peer_id), ECHO, timeout_s=5)
         with pytest.raises(DialError):
             await dial_protocol(a, relay.addresses[0], STOP_PROTOCOL_ID, timeout_s=5)
