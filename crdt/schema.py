@@ -50,7 +50,13 @@ def _valid_message(payload: Any) -> bool:
 
 def _valid_field_edit(field_types: Mapping[str, Callable[[Any], bool]], editable: frozenset[str]) -> Callable[[Any], bool]:
     def valid(payload: Any) -> bool:
-        return type(payload) is list and len(payload) == 2 and payload[0] in editable and field_types[payload[0]](payload[1])
+        return (
+            type(payload) is list
+            and len(payload) == 2
+            and type(payload[0]) is str  # a list or map here is unhashable: not a field name
+            and payload[0] in editable
+            and field_types[payload[0]](payload[1])
+        )
 
     return valid
 

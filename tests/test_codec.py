@@ -157,3 +157,12 @@ def test_mutated_frames_only_raise_decode_error(data):
         from_wire(data, 1 << 20)
     except DecodeError:
         pass
+
+
+def test_an_edit_naming_its_field_with_a_list_is_refused_as_malformed():
+    from crdt import Collection, Kind
+    from crdt.schema import payload_is_valid
+
+    for collection in (Collection.MESSAGES, Collection.MEMORIES):
+        assert not payload_is_valid(collection, Kind.EDIT, [["text"], "x"])
+        assert not payload_is_valid(collection, Kind.EDIT, [{"text": 1}, "x"])
