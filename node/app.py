@@ -327,11 +327,7 @@ class Node:
 
     async def status(self, params: dict) -> dict:
         data = self.data
-        (messages, memories, backlog) = await data.sql.query_one(
-            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), (SELECT count(*) FROM outbox)"
-        )
-        index = data.vectors()
-        return {
+        status = {
             "device_id": self.identity.device_id,
             "group_epoch": self.keyring.current.epoch,
             "revoked": data.replica.devices.revoked_at(self.identity.device_id) is not None,
@@ -340,13 +336,24 @@ class Node:
             "relay": self._relay_status(),
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
-            "stores": {
-                "messages": messages,
-                "memories": memories,
-                "analytics_rows": (await data.analytics_ready()).count(),
-                "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
-                "projector_backlog": backlog,
-            },
+        }
+        if params.get("stores", True):
+            # Counting opens Chroma and loads DuckDB on first use: `stores=false` spares a caller polling progress.
+            status["stores"] = await self._store_counts()
+        return status
+
+    async def _store_counts(self) -> dict:
+        data = self.data
+        (messages, memories, backlog) = await data.sql.query_one(
+            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), (SELECT count(*) FROM outbox)"
+        )
+        index = data.vectors()
+        return {
+            "messages": messages,
+            "memories": memories,
+            "analytics_rows": (await data.analytics_ready()).count(),
+            "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
+            "projector_backlog": backlog,
         }
 
     async def pref_set(self, params: dict) -> dict:

@@ -137,10 +137,11 @@ def persist(
         adapter.executemany(
             "UPDATE ops SET body = ? WHERE device = ? AND seq = ?", [(encode_op(op), op.device, op.seq) for op in redacted]
         )
-        message_ids = [c.key for c in changes if c.collection is Collection.MESSAGES]
-        # Conversations whose counts change: those the messages join and those they leave (read before the write).
+        # Conversations whose counts change: those messages join, and those deleted messages leave (read before the
+        # write). A message never moves to another conversation, so only deletions need the read.
         conversations = {c.row[1] for c in changes if c.collection is Collection.MESSAGES and c.row is not None}
-        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", message_ids)}
+        deleted_ids = [c.key for c in changes if c.collection is Collection.MESSAGES and c.row is None]
+        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", deleted_ids)}
         outbox: list[tuple[str, str, str]] = []
         upserts: dict[Collection, list[tuple]] = {}
         deletes: dict[Collection, list[tuple]] = {}
