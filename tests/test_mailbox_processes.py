@@ -13,8 +13,8 @@ from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_un
 class RunningRelay:
     """An `aico-node relay` process on loopback."""
 
-    def __init__(self, data_dir) -> None:
-        command = [sys.executable, "-m", "node", "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--data", str(data_dir)]
+    def __init__(self, data_dir, listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
+        command = [sys.executable, "-m", "node", "relay", "--listen", listen, "--data", str(data_dir)]
         self.data_dir = data_dir
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
@@ -60,3 +60,40 @@ def test_offline_to_offline_devices_converge_through_the_mailbox_alone(relay, tm
     relay.stop()
     stored = b"".join(path.read_bytes() for path in relay.data_dir.rglob("*") if path.is_file())
     assert b"secret message" not in stored and b"written while b was away" not in stored
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_relay_restarted_mid_transfer_loses_nothing_and_applies_nothing_twice(tmp_path):
+    import signal
+
+    port = free_port()
+    relay = RunningRelay(tmp_path / "relay", listen=f"/ip4/127.0.0.1/tcp/{port}")
+    assert cli(tmp_path / "a", "init").returncode == 0
+    a = RunningNode(tmp_path / "a", relay=relay.address)
+    b = None
+    try:
+        assert pair(a, tmp_path / "b").returncode == 0
+        # b knows no address of a: the relay is its only way, live (circuit) and stored (mailbox).
+        b = RunningNode(tmp_path / "b", relay=relay.address)
+        wait_until(lambda: converged(a, b), 60, "the first convergence through the relay")
+        wait_until(lambda: [p["path"] for p in b.call("status")["peers"]] == ["relayed"], 30, "a relayed session")
+        for i in range(400):
+            a.call("msg.add", conversation="restart", text=f"message {i}")
+            if i == 200:
+                relay.process.send_signal(signal.SIGKILL)
+                relay.process.wait(timeout=30)
+                relay = RunningRelay(tmp_path / "relay", listen=f"/ip4/127.0.0.1/tcp/{port}")
+        wait_until(lambda: converged(a, b), 120, "convergence after the relay's restart")
+        assert b.call("status")["stores"]["messages"] == 400  # none lost, none doubled
+    finally:
+        for node in (a, b):
+            if node is not None:
+                node.stop()
+        relay.stop()
