@@ -130,7 +130,7 @@ class SyncService:
         the relay reaches a device by its id.
         """
         while True:
-            for device_id in sorted(self.data.replica.devices.enrolments):
+            for device_id in sorted(set(self.data.replica.devices.enrolments) | set(self.bootstrap_peers)):
                 if device_id > self.identity.device_id and self.is_trusted(device_id) and device_id not in self._dialled:
                     if len(self._dialled) < PEERS_DIALLED_MAX:
                         self._dialled.add(device_id)
