@@ -40,6 +40,7 @@ from node.session import Event, OpsApplied, PeerClosed, SessionState, SyncSessio
 SYNC_PROTOCOL = TProtocol("/aico/sync/1")
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 READ_BYTES = 64 * 1024  # one read's bound; a frame larger than this arrives over several reads
+INBOX_CHUNKS_MAX = 32  # reads (up to 2 MiB) the reader may take ahead of the pump
 CLOSE_TIMEOUT_S = 2.0  # bound on closing or resetting a stream and on closing the host
 GROUP_OPS_MAX = 20_000  # applied ops that wait for the persist in flight; ~10 full batches, one fsync for them all
 
@@ -387,6 +388,12 @@ class _Persister:
             await _write(self._stream, ack, self._write_timeout_s)
 
 
+def _inbox_empty(inbox: trio.MemoryReceiveChannel[Message]) -> bool:
+    """Whether no chunk from the peer (or wake-up) is waiting: the peer has paused, for now."""
+    statistics = inbox.statistics()
+    return statistics.current_buffer_used == 0 and statistics.tasks_waiting_send == 0
+
+
 async def _pump(
     stream: INetStream,
     session: SyncSession,
@@ -405,7 +412,7 @@ async def _pump(
             # Applying and persisting happen under one lock, so no other writer interleaves between them. It is held
             # while chunks keep arriving, and given up once they pause or another writer waits.
             if not persister.idle and (
-                inbox.statistics().tasks_waiting_send == 0 or apply_lock.statistics().tasks_waiting
+                _inbox_empty(inbox) or apply_lock.statistics().tasks_waiting
             ):
                 await persister.drain()
             if persister.idle:
@@ -491,8 +498,9 @@ async def run_session(
     and takes what to persist; the awaitable it returns persists that, in the background while the pump applies
     later chunks. The lock is held until it is done, and the ACK that claims those ops waits for it.
     """
-    # Unbuffered: the reader waits for the pump, so at most one chunk is held beyond the session's own bound.
-    inbox_send, inbox = trio.open_memory_channel[Message](0)
+    # Buffered, so the reader keeps taking the peer's data while the pump waits for a write: the writes then cover
+    # many chunks each. Bounded: at most INBOX_CHUNKS_MAX reads are held beyond the session's own bound.
+    inbox_send, inbox = trio.open_memory_channel[Message](INBOX_CHUNKS_MAX)
     reason, usable = "this node ended the session", True
     failure: Exception | None = None
     try:
