@@ -36,6 +36,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from node.errors import NodeError, RemoteProtocolError
 from node.identity import DeviceIdentity
 from node.session import Event, OpsApplied, PeerClosed, SessionState, SyncSession
+from relay.stream_credit import batch_yamux_receive_credit
 
 SYNC_PROTOCOL = TProtocol("/aico/sync/1")
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
@@ -107,6 +108,8 @@ class P2pHost:
 def _build_host(identity: DeviceIdentity) -> IHost:
     # PLATFORM.md: create_new_key_pair(seed=...) gives the same Ed25519 key as nacl's SigningKey(seed).
     key_pair = create_new_key_pair(seed=identity.seed)
+    # The library's per-read WINDOW_UPDATE costs a frame per read, on a relayed connection one more relayed message.
+    batch_yamux_receive_credit()
     host = new_host(
         key_pair=key_pair,
         # Noise only: libp2p's default security options also accept a plaintext dialer (PLATFORM.md).

@@ -20,6 +20,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from relay.errors import RelayError
+from relay.stream_credit import batch_yamux_receive_credit
 
 KEY_FILE = "relay.key"
 SEED_BYTES = 32
@@ -48,6 +49,8 @@ def load_or_create_seed(directory: Path) -> bytes:
 def build_relay_host(seed: bytes) -> IHost:
     """A libp2p host under the Ed25519 key of `seed`, speaking Noise and yamux only (as node/p2p.py's hosts)."""
     key_pair = create_new_key_pair(seed=seed)
+    # The library's per-read WINDOW_UPDATE doubled the frames a relay forwards (relay/stream_credit.py).
+    batch_yamux_receive_credit()
     return new_host(
         key_pair=key_pair,
         # Noise only: libp2p's default security options also accept a plaintext dialer (PLATFORM.md).
