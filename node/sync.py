@@ -20,8 +20,10 @@ from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, reset_quietly, keep_
 from node.relay_path import (
     Reservation,
     accept_relayed_connections,
+    is_circuit_addr,
     keep_connected_with_relay,
     keep_reservation,
+    split_circuit_addr,
     stream_path,
 )
 from node.sealing import GroupSealer, new_session_id
@@ -114,6 +116,11 @@ class SyncService:
     async def _keep_connected(self, address: str) -> None:
         if self.relay is None:
             await keep_connected(self.host, address, self.serve_stream)
+        elif is_circuit_addr(address):
+            # The first /p2p/ of a circuit address is the relay's; the device is the last, and has no direct address.
+            relay_addr, peer_id = split_circuit_addr(address)
+            self._dialled.add(peer_id)
+            await keep_connected_with_relay(self.host, [], relay_addr, peer_id, self.serve_stream)
         else:
             peer_id = multiaddr.Multiaddr(address).value_for_protocol("p2p")
             self._dialled.add(peer_id)
