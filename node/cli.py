@@ -503,7 +503,7 @@ def simulate(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Which benchmark: crdt.")],
+    name: Annotated[str, typer.Argument(help="Which benchmark: crdt, stores, sync or relay.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Run a benchmark; every figure is printed beside a baseline measured in the same run."""

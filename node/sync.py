@@ -20,8 +20,10 @@ from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, reset_quietly, keep_
 from node.relay_path import (
     Reservation,
     accept_relayed_connections,
+    is_circuit_addr,
     keep_connected_with_relay,
     keep_reservation,
+    split_circuit_addr,
     stream_path,
 )
 from node.sealing import GroupSealer, new_session_id
@@ -103,6 +105,8 @@ class SyncService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.relay:
+                # Devices given as static peers are dialled by their own loop, not by the relay's device loop too.
+                self._dialled.update(_route(address, self.relay)[0] for address in self.static_peers)
                 accept_relayed_connections(self.host)
                 nursery.start_soon(functools.partial(keep_reservation, self.host, self.relay, on_change=self._reserved))
                 nursery.start_soon(self._dial_devices_through_relay)
@@ -114,10 +118,10 @@ class SyncService:
     async def _keep_connected(self, address: str) -> None:
         if self.relay is None:
             await keep_connected(self.host, address, self.serve_stream)
-        else:
-            peer_id = multiaddr.Multiaddr(address).value_for_protocol("p2p")
-            self._dialled.add(peer_id)
-            await keep_connected_with_relay(self.host, [address], self.relay, peer_id, self.serve_stream)
+            return
+        peer_id, relay_addr, direct_addrs = _route(address, self.relay)
+        self._dialled.add(peer_id)
+        await keep_connected_with_relay(self.host, direct_addrs, relay_addr, peer_id, self.serve_stream)
 
     def _reserved(self, reservation: Reservation | None) -> None:
         self.reservation = reservation
@@ -305,6 +309,15 @@ class SyncService:
         peer.last_sync = time.time()
         self._on_applied(list(pending.ops))
         self.outgoing.notify()  # other peers may lack these ops
+
+
+def _route(address: str, relay: str) -> tuple[str, str, list[str]]:
+    """Return (device id, relay address, direct addresses) to reach the device at `address` with `relay` as fallback."""
+    if is_circuit_addr(address):
+        # The first /p2p/ of a circuit address is the relay's; the device is the last, and has no direct address.
+        relay_addr, peer_id = split_circuit_addr(address)
+        return peer_id, relay_addr, []
+    return multiaddr.Multiaddr(address).value_for_protocol("p2p"), relay, [address]
 
 
 async def _read_offers(stream: Stream) -> list:

@@ -116,7 +116,18 @@ def _bench_sync() -> list[Metric]:
     return bench_sync()
 
 
-BENCHES: dict[str, Callable[[], list[Metric]]] = {"crdt": bench_crdt, "stores": _bench_stores, "sync": _bench_sync}
+def _bench_relay() -> list[Metric]:
+    from simulations.bench_relay import bench_relay
+
+    return bench_relay()
+
+
+BENCHES: dict[str, Callable[[], list[Metric]]] = {
+    "crdt": bench_crdt,
+    "stores": _bench_stores,
+    "sync": _bench_sync,
+    "relay": _bench_relay,
+}
 
 
 def run_bench(name: str) -> dict:

@@ -1,9 +1,11 @@
-"""`bench relay`: the mailbox against a relay in its own process over loopback libp2p, beside same-run baselines."""
+"""`bench relay`: two nodes syncing through a relay process against the direct path, and the mailbox against a relay
+in its own process, all over loopback libp2p, beside same-run baselines."""
 
 import json
 import os
 import random
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
 from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient
 from relay.mailbox_store import MailboxStore
 from simulations.bench import Metric, metric
+from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
 
 BATCHES = 10_000
 BATCH_BYTES = 1024
@@ -40,7 +43,8 @@ def _start_relay(data: Path) -> tuple[subprocess.Popen, str]:
     """Start `python -m relay` on loopback and return it with its address once it says it is ready."""
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "--listen", LOOPBACK, "--data", str(data)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT_S)
@@ -49,6 +53,14 @@ def _start_relay(data: Path) -> tuple[subprocess.Popen, str]:
         process.kill()
         raise RuntimeError(f"the relay did not report ready within {READY_TIMEOUT_S} s")
     return process, json.loads(line)["addresses"][0]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _rss_mib(pid: int) -> float:
@@ -176,11 +188,7 @@ async def _bench(root: Path) -> list[Metric]:
         crowd_p99 = _p99_ms(await _put_latencies(address, CONCURRENT_CLIENTS, PUTS_PER_CONCURRENT_CLIENT))
         rss = _rss_mib(process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
     label = f"mailbox_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"
     paced_rate = CONCURRENT_CLIENTS * 1000 // PUT_INTERVAL_MS
     return [
@@ -213,3 +221,62 @@ def bench_mailbox() -> list[Metric]:
     back."""
     with tempfile.TemporaryDirectory(prefix="aico-bench-relay-") as root:
         return trio.run(_bench, Path(root))
+
+
+def _expect_path(node: _Node, path: str) -> None:
+    """Fail unless the node's session with its peer runs on `path`: a figure measured on the wrong path is worthless."""
+    with node.client() as client:
+        peers = client.call("status")["peers"]
+    if [peer["path"] for peer in peers] != [path]:
+        raise RuntimeError(f"expected one session on the {path} path, {node.home.name} has {peers}")
+
+
+def _sync_run(a_home: Path, b_home: Path, relay: str | None, path: str) -> tuple[_CatchUp, _LiveLatency]:
+    """Catch-up of B from A then live latency from A to B, both checked to run on `path`."""
+    run = _catch_up(a_home, b_home, relay)
+    try:
+        for node in (run.a, run.b):
+            _expect_path(node, path)
+        live = _live_latency(run.a, run.b)
+        for node in (run.a, run.b):
+            _expect_path(node, path)
+    finally:
+        run.a.stop()
+        run.b.stop()
+    return run, live
+
+
+def _bench_paths(root: Path) -> list[Metric]:
+    """The direct and the relayed run start from copies of the same two paired homes, A holding 100k imported ops."""
+    a_home, b_home, _ = _paired_homes(root / "direct")
+    relayed_a, relayed_b = root / "relayed" / "a", root / "relayed" / "b"
+    shutil.copytree(a_home, relayed_a)
+    shutil.copytree(b_home, relayed_b)
+    direct, direct_live = _sync_run(a_home, b_home, None, "direct")
+    process, relay = _start_relay(root / "relay")
+    try:
+        relayed, relayed_live = _sync_run(relayed_a, relayed_b, relay, "relayed")
+    finally:
+        _stop(process)
+    rate, direct_rate = CATCH_UP_OPS / relayed.catch_up_s, CATCH_UP_OPS / direct.catch_up_s
+    # Ops B drained from the relay's mailbox, which A fills at the same time, did not cross the session.
+    session_bytes, direct_bytes = relayed.peer["bytes_in"] / CATCH_UP_OPS, direct.peer["bytes_in"] / CATCH_UP_OPS
+    return [
+        metric(
+            "relayed_catch_up_100k_ops_per_s_from_ready", rate, "ops/s", direct_rate, ">= 0.5x direct",
+            rate >= 0.5 * direct_rate,
+        ),
+        metric("relayed_catch_up_session_bytes_per_op", session_bytes, "bytes", direct_bytes, "reported", True),
+        metric(
+            "relayed_live_latency_p50_ms", relayed_live.p50_ms, "ms", direct_live.p50_ms, "<= 2x direct",
+            relayed_live.p50_ms <= 2 * direct_live.p50_ms,
+        ),
+        metric("relayed_live_latency_p99_ms", relayed_live.p99_ms, "ms", direct_live.p99_ms, "reported", True),
+    ]  # fmt: skip
+
+
+def bench_relay() -> list[Metric]:
+    """Catch-up and live latency through a relay against the direct path, then the mailbox."""
+    with tempfile.TemporaryDirectory(prefix="aico-bench-relay-") as root:
+        paths = _bench_paths(Path(root))
+    return [*paths, *bench_mailbox()]
