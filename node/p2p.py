@@ -259,6 +259,7 @@ class _Wake(Enum):
 
     LOCAL_OPS = "local ops"
     REFRESH = "refresh"
+    PERSISTED = "persisted"  # a write of applied ops finished
 
 
 class _StreamGone(Exception):
@@ -319,7 +320,9 @@ class _Persister:
     applies the next chunks; writes each group's ACK only once the group is persisted.
 
     A catch-up is bound by the primary store: this overlaps its worker thread with decoding and applying, and one
-    transaction (one fsync) covers many batches. At most GROUP_OPS_MAX applied ops wait beside the group in flight.
+    transaction (one fsync) covers every chunk applied while the previous one ran. At most GROUP_OPS_MAX applied ops
+    wait beside the group in flight. A finished write tells the pump through its inbox, so the pump never waits on
+    a write while the peer's data keeps coming.
     """
 
     def __init__(
@@ -329,8 +332,10 @@ class _Persister:
         session: SyncSession,
         on_events: Callable[[list[Event]], Awaitable[None]],
         write_timeout_s: float,
+        inbox: Inbox,
     ) -> None:
         self._nursery = nursery
+        self._inbox = inbox
         self._stream = stream
         self._session = session
         self._on_events = on_events
@@ -352,9 +357,15 @@ class _Persister:
         self._pending += events
         self._pending_ops += sum(len(event.ops) for event in events if isinstance(event, OpsApplied))
         self._pending_ack = ack or self._pending_ack
-        if self._in_flight is not None and (self._in_flight.is_set() or self._pending_ops >= GROUP_OPS_MAX):
+        if self._in_flight is not None and self._pending_ops >= GROUP_OPS_MAX:
+            await self._finish()  # the bound: wait for the write in flight
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Write the ACK of a group whose write finished, and start writing what waits if no write runs."""
+        if self._in_flight is not None and self._in_flight.is_set():
             await self._finish()
-        if self._in_flight is None:
+        if self._in_flight is None and self._pending:
             self._start()
 
     async def drain(self) -> None:
@@ -380,6 +391,7 @@ class _Persister:
             self._failure = error  # raised in the pump by _finish, not in the nursery (no ExceptionGroup)
         finally:
             done.set()
+        await self._inbox.send(_Wake.PERSISTED)
 
     async def _finish(self) -> None:
         assert self._in_flight is not None
@@ -389,12 +401,6 @@ class _Persister:
             raise self._failure
         if ack is not None and self._session.state is SessionState.SYNCING:
             await _write(self._stream, ack, self._write_timeout_s)
-
-
-def _inbox_empty(inbox: trio.MemoryReceiveChannel[Message]) -> bool:
-    """Whether no chunk from the peer (or wake-up) is waiting: the peer has paused, for now."""
-    statistics = inbox.statistics()
-    return statistics.current_buffer_used == 0 and statistics.tasks_waiting_send == 0
 
 
 async def _pump(
@@ -413,10 +419,8 @@ async def _pump(
     try:
         while True:
             # Applying and persisting happen under one lock, so no other writer interleaves between them. It is held
-            # while chunks keep arriving, and given up once they pause or another writer waits.
-            if not persister.idle and (
-                _inbox_empty(inbox) or apply_lock.statistics().tasks_waiting
-            ):
+            # until everything applied is persisted, or given up early when another writer waits.
+            if not persister.idle and apply_lock.statistics().tasks_waiting:
                 await persister.drain()
             if persister.idle:
                 if holding_lock:
@@ -451,11 +455,13 @@ async def _pump(
                         return f"the peer ended the session: {closed.reason}: {closed.detail}"
                     # Silence is counted from when this side was ready to listen again, not from the last chunk.
                     listening_since = trio.current_time()
+                case _Wake.PERSISTED:
+                    await persister.settle()
                 case _Wake.REFRESH:
                     await persister.drain()
                     session.refresh()
                 case _Wake.LOCAL_OPS:
-                    await persister.drain()
+                    pass  # the new ops go out at the top of the loop, once nothing applied waits to be persisted
                 case StreamError():
                     raise _StreamGone(f"stream failed: {message or type(message).__name__}")
     finally:
@@ -511,7 +517,7 @@ async def run_session(
             nursery.start_soon(_read_stream, stream, inbox_send)
             nursery.start_soon(_wake_on_local_ops, outgoing, inbox_send)
             nursery.start_soon(_wake_to_refresh, refresh_every_s, inbox_send)
-            persister = _Persister(nursery, stream, session, on_events, write_timeout_s)
+            persister = _Persister(nursery, stream, session, on_events, write_timeout_s, inbox_send)
             try:
                 reason = await _pump(
                     stream, session, inbox, persister, read_timeout_s, write_timeout_s, apply_lock or trio.Lock()
