@@ -23,7 +23,9 @@ TIMEOUT_S = 30.0
 
 
 @asynccontextmanager
-async def sink_pair(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[INetStream, trio.MemoryReceiveChannel, list[int]]]:
+async def sink_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[INetStream, trio.MemoryReceiveChannel, list[int]]]:
     """A stream from one loopback relay host to another whose handler reads everything into a channel, and the
     increments of every WINDOW_UPDATE any yamux stream sends."""
     updates: list[int] = []
