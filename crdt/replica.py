@@ -2,7 +2,7 @@
 
 import hashlib
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from operator import attrgetter
 from typing import Any
 
@@ -82,6 +82,9 @@ class Replica:
         self._held: dict[str, dict[int, Op]] = {}
         self._held_count = 0
         self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
+        # Set by the node: returns why a remote op must be refused (e.g. a registry record with a bad signature), or
+        # None. A refused op is not counted, so it is offered again and may pass once what it depends on arrived.
+        self.admit: Callable[[Op, "Replica"], str | None] | None = None
 
     def _fresh_rules(self) -> None:
         """Give every collection an empty merge state."""
@@ -284,6 +287,9 @@ class Replica:
             self._held_count += 1
 
     def _apply_in_order(self, op: Op, applied: list[Op], refused: list[tuple[Op, str]]) -> bool:
+        if self.admit is not None and (why := self.admit(op, self)) is not None:
+            refused.append((op, why))
+            return False
         try:
             self.clock.observe(op.hlc)
             self._commit(op)

@@ -23,6 +23,7 @@ from node.identity import (
     create_group_key,
     create_identity,
     enrolment_record,
+    registry_refusal,
     revocation_record,
     save_group_key,
     unlock_identity,
@@ -133,6 +134,7 @@ class Node:
         self.identity = identity
         self.data = data
         self.keyring = KeyRing(home, identity)
+        data.replica.admit = lambda op, replica: registry_refusal(op, replica.devices)
         self.sync: Any = None  # a SyncService while the network runs
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs

@@ -21,6 +21,8 @@ import nacl.signing
 import nacl.utils
 from nacl.encoding import RawEncoder
 
+from crdt import Collection, Kind, Op
+from crdt.registry import DeviceRegistry
 from node.errors import NodeError
 
 IDENTITY_FILE = "identity.key"
@@ -138,6 +140,31 @@ def revocation_record(signer: "DeviceIdentity", device_id: str, reason: str) -> 
     record: dict[str, Any] = {"revoked": True, "reason": reason, "signer": signer.device_id}
     record["signature"] = signer.sign(msgpack.packb([device_id, record], use_bin_type=True))
     return record
+
+
+def registry_refusal(op: Op, devices: DeviceRegistry) -> str | None:
+    """Why a device-registry op must be refused: not signed by its own author, an enrolled device; else None.
+
+    A device enrolling itself (the first device of a group) signs with the key it enrols. Whether the signer was
+    revoked before signing is the replica's rule for every op (docs/spec/sync.md), not checked here.
+    """
+    if op.collection is not Collection.DEVICES:
+        return None
+    record = op.payload
+    signer, signature = record.get("signer"), record.get("signature")
+    if signer != op.device:
+        return f"registry op {op.device}:{op.seq} names {signer!r:.80} as its signer, not its author"
+    if op.kind is Kind.ENROL and op.key == op.device:
+        public_key = record.get("public_key")
+    else:
+        enrolled = devices.get(signer)
+        public_key = enrolled["public_key"] if enrolled else None
+    if type(public_key) is not bytes:
+        return f"registry op {op.device}:{op.seq} is signed by {signer}, which is not enrolled here (yet)"
+    unsigned = {name: value for name, value in record.items() if name != "signature"}
+    if type(signature) is not bytes or not verify(public_key, msgpack.packb([op.key, unsigned], use_bin_type=True), signature):
+        return f"registry op {op.device}:{op.seq} has a bad signature"
+    return None
 
 
 def verify(verify_key_bytes: bytes, data: bytes, signature: bytes) -> bool:

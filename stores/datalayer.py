@@ -147,7 +147,9 @@ class DataLayer:
 
     async def reload_replica(self) -> None:
         """Rebuild the replica from primary SQL after a failed write left it ahead of the store."""
+        admit = self.replica.admit
         self.replica = await self._load_replica(self.sql, self.replica.device_id, self.now_ms)
+        self.replica.admit = admit
         self._conflicts_seen = 0
         self._rebuilds_seen = self.replica.rebuilds
 
