@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -24,6 +24,7 @@ from discovery.tags import BUCKET_S, check_group_secret, discovery_tag, time_buc
 
 SERVICE_TYPE = "_aico-sync._tcp.local."
 FOUND_BUFFER = 64
+OLDER_SECRETS_MAX = 8  # older group keys an advert is tried under, newest first
 RESOLVE_QUEUE = 64
 RESOLVERS = 2
 RESOLVE_TIMEOUT_MS = 3000
@@ -46,6 +47,7 @@ class Found:
 
     addresses: tuple[str, ...]
     peer_hint: str | None
+    stale: bool = False  # its advert opened only under an older group key: it missed a rotation, so it cannot find us
 
 
 @attrs.frozen
@@ -98,6 +100,7 @@ class MdnsDiscovery:
         bucket_s: int = BUCKET_S,
         refresh_s: float = REFRESH_S,
         buffer_max: int = FOUND_BUFFER,
+        older_secrets_provider: Callable[[], Sequence[bytes]] = tuple,
     ) -> None:
         if isinstance(interfaces, str) or not interfaces:
             raise DiscoveryError("give a list of at least one interface address to bind mDNS to")
@@ -112,6 +115,7 @@ class MdnsDiscovery:
             raise DiscoveryError(f"refresh_s and buffer_max are positive, got {refresh_s!r} and {buffer_max!r}")
         time_bucket(0, bucket_s)  # validates bucket_s
         self._secret = group_secret_provider
+        self._older_secrets = older_secrets_provider
         self._port = port
         self._addresses = list(addresses)
         self._now_s = now_s
@@ -277,16 +281,22 @@ class MdnsDiscovery:
                 info = await _in_thread(
                     functools.partial(zeroconf.get_service_info, SERVICE_TYPE, name, RESOLVE_TIMEOUT_MS)
                 )
-                addresses = None
+                addresses, stale = None, False
                 if info is not None:
                     addresses = open_txt(self._secret(), info.properties, self._now_s(), self._bucket_s)
+                    # A member that missed a key rotation still advertises under an older key of the group.
+                    for older in list(self._older_secrets())[:OLDER_SECRETS_MAX]:
+                        if addresses is not None:
+                            break
+                        addresses = open_txt(older, info.properties, self._now_s(), self._bucket_s)
+                        stale = addresses is not None
             except DiscoveryError as error:
                 _log.warning("mDNS could not read the advert %s: %s", name, error)
                 continue
             if addresses is None:
                 self.ignored += 1
                 continue
-            self._emit(Found(addresses, peer_hint(addresses)))
+            self._emit(Found(addresses, peer_hint(addresses), stale))
 
     def _emit(self, found: Found) -> None:
         try:

@@ -288,7 +288,14 @@ class Node:
             return
         interfaces = sorted({a.split("/")[2] for a in lan})
         port = int(lan[0].split("/")[4])
-        async with MdnsDiscovery(interfaces, lambda: self.keyring.current.secret, port, lan) as discovery:
+        discovery = MdnsDiscovery(
+            interfaces,
+            lambda: self.keyring.current.secret,
+            port,
+            lan,
+            older_secrets_provider=lambda: [key.secret for key in self.keyring.keys()[1:]],
+        )
+        async with discovery:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 async for found in discovery:
@@ -298,7 +305,8 @@ class Node:
                         continue
                     self.sync.lan_devices.add(peer)
                     # Of two members that find each other, only the one with the lower id dials: one session each.
-                    if peer > self.identity.device_id:
+                    # A member that missed a key rotation cannot recognise this node's advert, so it is dialled.
+                    if peer > self.identity.device_id or found.stale:
                         for address in found.addresses:
                             self.sync.dial(nursery, address)
 

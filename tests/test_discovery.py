@@ -220,6 +220,13 @@ def test_loopback_smoke_finds_a_peer_and_readvertises_on_new_bucket_or_secret():
     assert result["unbindable"] == "ZeroconfError"
 
 
+def test_a_member_that_missed_a_key_rotation_is_still_found_and_marked_stale():
+    with loopback_host() as network:
+        process = network.python(network.hosts[0], "tests.test_discovery", "stale")
+        lines = _read_lines(process, 40)
+    assert lines[-1] == {"event": "stale", "found": ["127.0.0.1:2"], "stale": True}, lines
+
+
 @pytest.mark.trio
 async def test_a_full_event_buffer_drops_the_oldest_event_and_counts_it():
     discovery = MdnsDiscovery(["127.0.0.1"], lambda: os.urandom(32), 1, ["127.0.0.1:1"], buffer_max=2)
@@ -352,6 +359,19 @@ async def _pair() -> None:
     )  # fmt: skip
 
 
+async def _stale() -> None:
+    """A holds a rotated key and the older one; B missed the rotation and still advertises under the older key."""
+    older, rotated = os.urandom(32), os.urandom(32)
+    options = {"now_s": lambda: NOW, "refresh_s": 0.2}
+    async with (
+        MdnsDiscovery(["127.0.0.1"], lambda: rotated, 1, ["127.0.0.1:1"], older_secrets_provider=lambda: [older], **options) as a,
+        MdnsDiscovery(["127.0.0.1"], lambda: older, 2, ["127.0.0.1:2"], **options),
+    ):
+        with trio.fail_after(20):
+            found = await a.receive()
+    _emit(event="stale", found=list(found.addresses), stale=found.stale)
+
+
 def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.test_discovery")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -364,9 +384,12 @@ def _main(argv: list[str]) -> None:
     host.add_argument("--max-s", type=float, required=True)
     host.add_argument("--sniff", action="store_true")
     commands.add_parser("pair")
+    commands.add_parser("stale")
     args = parser.parse_args(argv)
     if args.command == "host":
         trio.run(_host, args)
+    elif args.command == "stale":
+        trio.run(_stale)
     else:
         trio.run(_pair)
 
