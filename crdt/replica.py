@@ -58,6 +58,15 @@ class Digest:
     counts: dict[str, int]
 
 
+def _settled_revocations(ops_by_hlc: Iterable[Op]) -> dict[str, int]:
+    """Return device -> revocation stamp, counting a revocation only if its own device was not revoked before it."""
+    revoked_at: dict[str, int] = {}
+    for op in ops_by_hlc:
+        if op.kind is Kind.REVOKE and op.hlc <= revoked_at.get(op.device, op.hlc):
+            revoked_at[op.key] = min(revoked_at.get(op.key, op.hlc), op.hlc)
+    return revoked_at
+
+
 def _canonical(value: Any) -> Any:
     """Return a value with every mapping turned into key-sorted pairs, so it packs the same everywhere."""
     if isinstance(value, Mapping):
@@ -210,6 +219,9 @@ class Replica:
             raise ValueTooLargeError(f"value of {size} bytes exceeds the {self.config.value_bytes_max}-byte limit")
 
     def _write(self, collection: Collection, key: str, kind: Kind, payload: Any, prev: Any = None) -> Op:
+        if self.devices.revoked_at(self.device_id) is not None:
+            # Its writes would count nowhere; refusing them also keeps its note edits from reusing Loro op ids.
+            raise InvalidOpError(f"this device ({self.device_id}) was revoked: it can no longer write")
         if not payload_is_valid(collection, kind, payload):
             raise InvalidOpError(f"malformed {collection} {kind} value: {payload!r:.200}")
         self._check_size(payload)
@@ -243,20 +255,23 @@ class Replica:
     def replay(self, ops: Iterable[Op]) -> None:
         """Re-apply this device's own stored ops at start, in their stored order, without drift checks."""
         # The start of a node with a large log is spent here, so the loop avoids per-op method calls.
+        ops = list(ops)
+        # Ops stamped after their device's revocation are logged but never applied, not even for a moment: a voided
+        # note update may reuse Loro op ids of another.
+        revoked_at = _settled_revocations(sorted(ops, key=_by_hlc)) if any(op.kind is Kind.REVOKE for op in ops) else {}
         vector, log, rules, journal = self._vector, self._log, self._rules, self.journal
         last = self.clock.last
         for op in ops:
             device = op.device
             if op.seq != vector.get(device, 0) + 1:
                 raise CrdtError(f"stored op {device}:{op.seq} is out of order; the op log is damaged")
-            rules[op.collection].apply(op, journal)
+            if not revoked_at or op.hlc <= revoked_at.get(device, op.hlc):
+                rules[op.collection].apply(op, journal)
             log.setdefault(device, []).append(op)
             vector[device] = op.seq
             if op.hlc > last:
                 last = op.hlc
         self.clock.last = last
-        if self._logs_void_ops():
-            self._rebuild_state()
 
     # -- remote ops ------------------------------------------------------------------------------
 
@@ -327,10 +342,7 @@ class Replica:
             # A compacted log cannot be replayed; the voided ops keep their effect (docs/spec/sync.md).
             return
         logged = sorted((op for log in self._log.values() for op in log), key=_by_hlc)
-        revoked_at: dict[str, int] = {}
-        for op in logged:
-            if op.kind is Kind.REVOKE and op.hlc <= revoked_at.get(op.device, op.hlc):
-                revoked_at[op.key] = min(revoked_at.get(op.key, op.hlc), op.hlc)
+        revoked_at = _settled_revocations(logged)
         self._fresh_rules()
         self.rebuilds += 1
         scratch = ConflictJournal(self.config.journal_entries_max)  # conflicts were journalled when first seen

@@ -139,6 +139,8 @@ class Node:
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs
         self.mailbox: Any = None  # a MailboxSync while the network runs with a relay
+        self._nursery: trio.Nursery | None = None  # while serving
+        self._rotated_away: set[bytes] = set()  # keys this node already replaced for reaching a revoked device
         self.bus = Bus()
         self.projector = Projector(data)
         self.handlers: dict[str, Handler] = {
@@ -204,6 +206,30 @@ class Node:
             if adopted:
                 log.info("adopted group key epoch %s; sessions restart under it", self.keyring.current.epoch)
                 self.sync.end_sessions()
+        self._rotate_if_current_key_reached_a_revoked_device()
+
+    def _rotate_if_current_key_reached_a_revoked_device(self) -> None:
+        """Rotate again when the newest key was sealed to a device revoked since (two revocations made at once)."""
+        current = self.keyring.current
+        holders = self.keyring.holders_of_current(self.data.replica.settings) or set()
+        reached = [d for d in holders if self.data.replica.devices.revoked_at(d) is not None]
+        if reached and self._nursery is not None and current.key_id not in self._rotated_away:
+            self._rotated_away.add(current.key_id)  # once per key: other devices may rotate too, the newest wins
+            log.warning("group key epoch %s reached revoked %s: rotating again", current.epoch, ", ".join(reached))
+            self._nursery.start_soon(self._rotate)
+
+    async def _rotate(self) -> None:
+        async with self.unit_of_work() as uow:
+            self._stage_rotation(uow, excluding=self.identity.device_id)
+            await uow.commit()
+
+    def _stage_rotation(self, uow: UnitOfWork, excluding: str) -> list[str]:
+        """Stage a new group key sealed to every trusted device but `excluding` (and this one); return who gets it."""
+        devices = self.data.replica.devices
+        keeping = [d for d in devices.enrolments if devices.is_trusted(d) and d not in (excluding, self.identity.device_id)]
+        rotation = self.keyring.rotation({d: devices.get(d)["public_key"] for d in keeping})
+        uow.preferences.set(rotation.setting_key, rotation.value, collection=Collection.SETTINGS)
+        return sorted(keeping)
 
     def _trusted_public_key(self, device_id: str) -> bytes | None:
         devices = self.data.replica.devices
@@ -221,6 +247,7 @@ class Node:
     async def serve(self, network: NetworkOptions | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the projector, the bus services, sync (if `network`) and the local socket until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.projector.run)
             await nursery.start(self._memory_store_service)
             if network is not None:
@@ -535,13 +562,11 @@ class Node:
             raise DataError(f"{device_id!r} is not an enrolled device; `aico-node devices` lists them")
         if devices.revoked_at(device_id) is not None:
             raise DataError(f"{device_id} is already revoked")
-        keeping = [d for d in devices.enrolments if devices.is_trusted(d) and d not in (device_id, self.identity.device_id)]
-        rotation = self.keyring.rotation({d: devices.get(d)["public_key"] for d in keeping})
         async with self.unit_of_work() as uow:
             uow.devices.revoke(device_id, revocation_record(self.identity, device_id, str(params.get("reason") or "")))
-            uow.preferences.set(rotation.setting_key, rotation.value, collection=Collection.SETTINGS)
+            keeping = self._stage_rotation(uow, excluding=device_id)
             await uow.commit()
-        return {"revoked": device_id, "epoch": rotation.group_key.epoch, "key_sent_to": sorted(keeping)}
+        return {"revoked": device_id, "epoch": self.keyring.current.epoch, "key_sent_to": keeping}
 
     async def rebuild(self, params: dict) -> dict:
         return await self.projector.rebuild()

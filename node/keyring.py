@@ -17,6 +17,7 @@ import msgpack
 import nacl.utils
 
 from crdt import Collection, Op
+from crdt.lww import LwwMap
 from node.errors import UnsealError
 from node.identity import (
     GROUP_SECRET_BYTES,
@@ -82,7 +83,18 @@ class KeyRing:
         holders = {**recipients, self.identity.device_id: self.identity.verify_key_bytes}
         envelopes = {device: seal_for_device(self.identity, key, plain) for device, key in sorted(holders.items())}
         setting_key = f"{ROTATION_KEY_PREFIX}{group_key.epoch}/{self.identity.device_id}"
-        return Rotation(group_key, setting_key, {"epoch": group_key.epoch, "envelopes": envelopes})
+        value = {"epoch": group_key.epoch, "key_id": group_key.key_id, "envelopes": envelopes}
+        return Rotation(group_key, setting_key, value)
+
+    def holders_of_current(self, settings: LwwMap) -> set[str] | None:
+        """Return the devices the current key was sealed to, from its rotation in `settings`; None for a founding key."""
+        current = self.current
+        prefix = f"{ROTATION_KEY_PREFIX}{current.epoch}/"
+        for name, register in settings.registers.items():
+            value = register.value
+            if name.startswith(prefix) and isinstance(value, dict) and value.get("key_id") == current.key_id:
+                return set(value.get("envelopes", ()))
+        return None
 
     def adopt(self, ops: Iterable[Op], public_key_of: Any) -> list[GroupKey]:
         """Take the keys that rotations among `ops` sealed to this device; return those new to it.

@@ -96,7 +96,9 @@ def run_history(draw: Draw, writers, steps_max: int = 20) -> list[Replica]:
     for _ in range(draw(st.integers(1, steps_max))):
         step = draw(st.sampled_from(["write", "write", "sync", "tick"]))
         if step == "write":
-            draw(st.sampled_from(writers))(replicas[draw(st.integers(0, 2))], draw)
+            replica = replicas[draw(st.integers(0, 2))]
+            if replica.devices.revoked_at(replica.device_id) is None:  # a revoked device can no longer write
+                draw(st.sampled_from(writers))(replica, draw)
         elif step == "sync":
             receiver, sender = draw(st.integers(0, 2)), draw(st.integers(0, 2))
             if receiver != sender:

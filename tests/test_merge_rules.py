@@ -174,3 +174,11 @@ def test_writes_stamped_after_a_revocation_have_no_effect_whichever_arrives_firs
     assert observer.seq_of("c") == 3  # counted, so never resent
     admin.apply([before, *after])
     assert admin.digest() == observer.digest()
+
+
+def test_a_device_that_knows_it_was_revoked_can_no_longer_write(clock):
+    admin, revoked = make_replica("a", clock), make_replica("c", clock)
+    revoked.apply([admin.revoke_device("c", {"signer": "a"})])
+    with pytest.raises(InvalidOpError, match="revoked"):
+        revoked.edit_note("n", "text")
+    assert revoked.seq_of("c") == 0

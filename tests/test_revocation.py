@@ -7,9 +7,12 @@ from pathlib import Path
 import msgpack
 import nacl.secret
 import pytest
+import trio
 
+from node.app import Node
 from node.identity import load_group_keys, unlock_identity
 from node.keyring import KeyRing
+from node.rpc import RpcRemoteError
 from tests.test_mailbox_processes import RunningRelay
 from tests.test_sync_processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 
@@ -48,7 +51,10 @@ def test_revoked_device_is_cut_off_and_an_offline_device_gets_the_new_key_from_t
     assert a.call("status")["group_epoch"] == 1
     wait_until(lambda: not any(p["online"] for p in a.call("status")["peers"]), what="a to drop c")
     a.call("pref.set", key="after", value="written after the revocation")
-    c.call("pref.set", key="theme", value="stolen")  # stamped after its revocation
+    try:
+        c.call("pref.set", key="theme", value="stolen")  # stamped after its revocation, which c has not heard of yet
+    except RpcRemoteError as error:  # unless c already drained it from the mailbox: then it refuses to write at all
+        assert "revoked" in str(error)
     # d returns, can reach only c and the relay, and hears of the revocation from the mailbox alone: it must
     # take the new key from there, and undo c's write if it took it first.
     d = RunningNode(tmp_path / "d", c.address, relay=relay.address)
@@ -80,3 +86,37 @@ def test_revocation_is_refused_for_oneself_unknown_or_twice(group):
     with pytest.raises(Exception, match="already revoked"):
         a.call("devices.revoke", device=c.device_id)
     assert a.call("status")["group_epoch"] == 1
+
+
+def test_two_revocations_made_at_once_end_with_a_key_neither_revoked_device_holds(tmp_path):
+    assert cli(tmp_path / "a", "init").returncode == 0
+    a = RunningNode(tmp_path / "a")
+    nodes = [a]
+    try:
+        for name in ("b", "c", "d"):
+            done = pair(a, tmp_path / name)
+            assert done.returncode == 0, done.stderr
+        b = RunningNode(tmp_path / "b", a.address)
+        nodes.append(b)
+        wait_until(lambda: converged(a, b), what="a and b to converge")
+        c_id, d_id = (unlock_identity(tmp_path / name, PASSPHRASE).device_id for name in ("c", "d"))
+        # Apart, a revokes c and b revokes d: each makes an epoch-1 key that the other's revoked device receives.
+        b.stop()
+        a.call("devices.revoke", device=c_id)
+        a.stop()
+        b = nodes[1] = RunningNode(tmp_path / "b")
+        b.call("devices.revoke", device=d_id)
+        a = nodes[0] = RunningNode(tmp_path / "a", b.address)
+        wait_until(lambda: a.call("status")["group_epoch"] == b.call("status")["group_epoch"] == 2, 60, "epoch 2")
+        wait_until(lambda: converged(a, b), 60, "a and b to converge")
+    finally:
+        for node in nodes:
+            node.stop()
+
+    async def holders() -> tuple[bytes, set[str]]:
+        async with Node.opened(tmp_path / "a", PASSPHRASE) as node:
+            return node.keyring.current.key_id, node.keyring.holders_of_current(node.data.replica.settings)
+
+    key_id, holding = trio.run(holders)
+    assert c_id not in holding and d_id not in holding and len(holding) == 2
+    assert key_id == KeyRing(tmp_path / "b", unlock_identity(tmp_path / "b", PASSPHRASE)).current.key_id
