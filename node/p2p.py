@@ -545,14 +545,31 @@ async def keep_connected(
     backoff_s_max: float = 30.0,
 ) -> NoReturn:
     """Dial `peer_addr` and await `connect` on each sync stream (it owns the stream), forever, with backoff."""
+
+    async def attempt() -> bool:
+        peer_id, stream = await dial_sync(host, peer_addr, timeout_s=dial_timeout_s)
+        await connect(peer_id, stream)
+        return False
+
+    await retry_with_backoff(attempt, peer_addr, backoff_s_min=backoff_s_min, backoff_s_max=backoff_s_max)
+
+
+async def retry_with_backoff(
+    attempt: Callable[[], Awaitable[bool]], peer: str, *, backoff_s_min: float, backoff_s_max: float
+) -> NoReturn:
+    """Run `attempt` (a dial and its session with `peer`) forever, with jittered exponential backoff between runs.
+
+    An attempt that returns True is run again at once: it left a better connection waiting.
+    """
     backoff = backoff_s_min
     while True:
         started = trio.current_time()
         try:
-            peer_id, stream = await dial_sync(host, peer_addr, timeout_s=dial_timeout_s)
-            await connect(peer_id, stream)
+            if await attempt():
+                backoff = backoff_s_min
+                continue
         except (DialError, RemoteProtocolError) as error:
-            logger.info("sync with %s: %s", peer_addr, error)
+            logger.info("sync with %s: %s", peer, error)
         # A session that outlived the longest backoff was healthy: redial soon. One that keeps failing fast backs off.
         if trio.current_time() - started >= backoff_s_max:
             backoff = backoff_s_min

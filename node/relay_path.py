@@ -45,6 +45,7 @@ from node.p2p import (
     _forget_dial_failure,
     reset_quietly,
     dial_protocol,
+    retry_with_backoff,
 )
 
 Path = Literal["direct", "relayed"]
@@ -380,37 +381,26 @@ async def keep_connected_with_relay(
     """Like node.p2p.keep_connected, for one peer reachable at `direct_addrs` and through `relay_addr`: each sync
     stream is raced (direct first), and a relayed session is ended as soon as a direct connection opens, so the next
     one runs direct."""
-    backoff = backoff_s_min
-    while True:
-        started = trio.current_time()
-        try:
-            raced = await dial_sync_racing(
-                host, direct_addrs, relay_addr, peer_id,
-                direct_head_start_s=direct_head_start_s, timeout_s=dial_timeout_s,
-            )  # fmt: skip
-            logger.info("sync with %s over a %s path", peer_id, raced.path)
-            if raced.path == "direct" or not direct_addrs:
+
+    async def attempt() -> bool:
+        raced = await dial_sync_racing(
+            host, direct_addrs, relay_addr, peer_id, direct_head_start_s=direct_head_start_s, timeout_s=dial_timeout_s
+        )
+        logger.info("sync with %s over a %s path", peer_id, raced.path)
+        if raced.path == "direct" or not direct_addrs:
+            await connect(raced.peer_id, raced.stream)
+            return False
+        async with trio.open_nursery() as nursery:
+
+            async def run_session() -> None:
                 await connect(raced.peer_id, raced.stream)
-            else:
-                async with trio.open_nursery() as nursery:
+                nursery.cancel_scope.cancel()
 
-                    async def run_session() -> None:
-                        await connect(raced.peer_id, raced.stream)
-                        nursery.cancel_scope.cancel()
+            nursery.start_soon(run_session)
+            await _wait_for_direct_path(host, direct_addrs, peer_id, direct_probe_every_s, dial_timeout_s)
+            logger.info("a direct path to %s opened: ending the relayed session", peer_id)
+            nursery.cancel_scope.cancel()
+        await _end_relayed_connections(host, peer_id)
+        return connection_path(host, peer_id) == "direct"  # the direct connection is waiting: use it now
 
-                    nursery.start_soon(run_session)
-                    await _wait_for_direct_path(host, direct_addrs, peer_id, direct_probe_every_s, dial_timeout_s)
-                    logger.info("a direct path to %s opened: ending the relayed session", peer_id)
-                    nursery.cancel_scope.cancel()
-                await _end_relayed_connections(host, peer_id)
-                if connection_path(host, peer_id) == "direct":
-                    backoff = backoff_s_min
-                    continue  # the direct connection is waiting: use it now
-        except (DialError, RemoteProtocolError) as error:
-            logger.info("sync with %s: %s", peer_id, error)
-        # A session that outlived the longest backoff was healthy: redial soon. One that keeps failing fast backs off.
-        if trio.current_time() - started >= backoff_s_max:
-            backoff = backoff_s_min
-        # Jitter keeps devices that lost the same peer at once from redialling in step.
-        await trio.sleep(random.uniform(backoff / 2, backoff))
-        backoff = min(backoff * 2, backoff_s_max)
+    await retry_with_backoff(attempt, peer_id, backoff_s_min=backoff_s_min, backoff_s_max=backoff_s_max)
