@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from node.rpc import RpcClient
 from tests.netns import Lan, lan, unavailable_reason
+from tests.test_sync_processes import wait_until
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 PASSPHRASE = "lan test passphrase"
@@ -50,15 +50,6 @@ def _pair(network: Lan, inviter_home: Path, inviter_address: str, host, joiner_h
         invite.wait(timeout=30)
 
 
-def _wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_three_hosts_find_each_other_by_mdns_pair_and_converge_and_a_stranger_is_ignored(tmp_path):
     homes = [tmp_path / name for name in ("a", "b", "c", "stranger")]
     for home in (homes[0], homes[3]):
@@ -80,7 +71,7 @@ def test_three_hosts_find_each_other_by_mdns_pair_and_converge_and_a_stranger_is
         def converged() -> bool:
             return len({json.dumps(_call(home, "digest"), sort_keys=True) for home in homes[:3]}) == 1
 
-        _wait_until(converged, 60, "the three devices to converge over mDNS")
+        wait_until(converged, 60, "the three devices to converge over mDNS")
         assert _call(homes[1], "digest")["counts"]["messages"] == 3
         # b and c were only ever given a's address for pairing, yet they also sync with each other directly.
         peers_b = {p["device_id"]: p for p in _call(homes[1], "status")["peers"]}

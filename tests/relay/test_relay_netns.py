@@ -2,8 +2,6 @@
 an `aico-node relay` R, pair through R, converge, and exchange live changes both ways; R's capture holds none of
 what they wrote."""
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -11,40 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from node.rpc import RpcClient
 from tests.netns import unavailable_reason
 from tests.relay.test_circuit_netns import PEER_MODULE, RELAY_PORT, read_json_line, two_networks_joined_by_a_relay
+from tests.test_lan_sync import PASSPHRASE, _env, _node_argv
+from tests.test_lan_sync import _call as call
+from tests.test_sync_processes import wait_until
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
-PASSPHRASE = "relay netns passphrase"
 NODE_PORT = 4100
 
 
 def node(network, host, home: Path, *args: str) -> subprocess.Popen:
-    argv = ["env", f"AICO_PASSPHRASE={PASSPHRASE}", sys.executable, "-m", "node", "--home", str(home), *args]
-    return network.popen(host, argv)
-
-
-def call(home: Path, method: str, **params):
-    with RpcClient.connect(home / "node.sock", timeout_s=60) as client:
-        return client.call(method, **params)
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return network.popen(host, ["env", f"AICO_PASSPHRASE={PASSPHRASE}", *_node_argv(home, *args)])
 
 
 def test_devices_with_no_route_pair_and_sync_through_the_relay_which_sees_no_plaintext(tmp_path):
     a_home, b_home = tmp_path / "a", tmp_path / "b"
-    done = subprocess.run(
-        [sys.executable, "-m", "node", "--home", str(a_home), "init"],
-        capture_output=True, text=True, env={**os.environ, "AICO_PASSPHRASE": PASSPHRASE}, timeout=120,
-    )  # fmt: skip
+    done = subprocess.run(_node_argv(a_home, "init"), capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     capture_file = tmp_path / "relay.capture"
     with two_networks_joined_by_a_relay() as (network, a, b, r_net1, r_net2):
