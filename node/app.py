@@ -206,7 +206,8 @@ class Node:
             if adopted:
                 log.info("adopted group key epoch %s; sessions restart under it", self.keyring.current.epoch)
                 self.sync.end_sessions()
-        self._rotate_if_current_key_reached_a_revoked_device()
+        if revoked or adopted:  # only these change which devices hold the current key, or who is revoked
+            self._rotate_if_current_key_reached_a_revoked_device()
 
     def _rotate_if_current_key_reached_a_revoked_device(self) -> None:
         """Rotate again when the newest key was sealed to a device revoked since (two revocations made at once)."""
@@ -248,6 +249,7 @@ class Node:
         """Run the projector, the bus services, sync (if `network`) and the local socket until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._rotate_if_current_key_reached_a_revoked_device()  # a rotation a crash cut short
             await nursery.start(self.projector.run)
             await nursery.start(self._memory_store_service)
             if network is not None:
