@@ -109,11 +109,17 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
     try:
         wait_until(lambda: converged(*nodes), what="the first convergence")
         a, b, c = nodes
-        # Concurrent overwrites of one preference, and concurrent edits of one note.
+        # Concurrent overwrites of one preference, and concurrent edits of one note: b writes while
+        # cut off (restarted on a new port with no peers), so it cannot have seen a's writes first.
+        b.stop()
         a.call("pref.set", key="lang", value="en")
-        b.call("pref.set", key="lang", value="de")
         a.call("note.edit", name="partner", text="Sam likes hiking in autumn.")
+        nodes[1] = b = RunningNode(b.home)
+        assert not any(peer["online"] for peer in b.call("status")["peers"])
+        b.call("pref.set", key="lang", value="de")
         b.call("note.edit", name="partner", text="Sam really likes hiking.")
+        b.stop()
+        nodes[1] = b = RunningNode(b.home, a.address)
         for i, node in enumerate(nodes):
             node.call("msg.add", conversation="chat", text=f"hello from {i}", sentiment=0.1 * i, response_time_ms=100)
             node.call("memory.add", text=f"memory {i}", embedding=rng.standard_normal(384).tolist())
