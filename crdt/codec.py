@@ -10,7 +10,8 @@ from crdt.errors import CrdtError, DecodeError
 from crdt.hlc import HLC_MAX, HybridClock
 from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind, Op
 from crdt.replica import Replica, ReplicaConfig
-from crdt.schema import is_int, is_str_map, payload_is_valid
+from crdt.schema import PAYLOAD_RULES as _PAYLOAD_RULES
+from crdt.schema import SEQ_MAX, is_int, is_str_map, payload_is_valid
 
 FORMAT_VERSION = 1
 # Wire codes are positions in these tuples: append only, never reorder.
@@ -111,39 +112,78 @@ def decode_op(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Op:
     return _decode_row([0, *row[1:7], prev], devices, limits)
 
 
-def decode_stored_ops(bodies: Sequence[bytes]) -> list[Op]:
-    """Decode ops written by `encode_op` to this device's own authenticated store, skipping payload checks.
+def decode_stored_batch(body: bytes) -> list[Op]:
+    """Decode a batch written by `encode_ops` to this device's own authenticated store, skipping payload checks.
 
     Only structure is checked: the store's encryption authenticates its pages, and every op was
     checked when it was first written or received. Anything malformed raises DecodeError.
     """
     collections, kinds = COLLECTION_CODES, KIND_CODES
     try:
-        ops = []
-        for body in bodies:
-            device, seq, hlc, collection, key, kind, payload, prev = msgpack.unpackb(body, raw=False)
-            ops.append(Op(device, seq, hlc, collections[collection], key, kinds[kind], payload, prev and tuple(prev)))
-        return ops
-    except Exception as error:  # any shape error in a stored op means the store is damaged
-        raise DecodeError(f"stored op is malformed: {type(error).__name__}: {error}") from None
+        version, devices, rows = msgpack.unpackb(body, raw=False)
+        _expect(version == FORMAT_VERSION, f"stored batch format {version!r} is not {FORMAT_VERSION}")
+        return [
+            Op(
+                devices[device], seq, hlc, collections[collection], key, kinds[kind], payload,
+                None if prev is None else (devices[prev[0]], prev[1]),
+            )  # fmt: skip
+            for device, seq, hlc, collection, key, kind, payload, prev in rows
+        ]
+    except Exception as error:  # any shape error in a stored batch means the store is damaged
+        raise DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}") from None
 
 
 def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:
-    _expect(type(row) is list and len(row) == 8, "op is not an 8-element array")
+    # The hot path of a catch-up: every check of a well-formed op in one expression, and an error message built only
+    # for a malformed one.
+    if type(row) is list and len(row) == 8:
+        device_index, seq, hlc, collection_code, key, kind_code, payload, prev = row
+        if (
+            type(device_index) is int
+            and 0 <= device_index < len(devices)
+            and type(seq) is int
+            and 1 <= seq <= SEQ_MAX
+            and type(hlc) is int
+            and 0 <= hlc <= HLC_MAX
+            and type(collection_code) is int
+            and 0 <= collection_code < len(COLLECTION_CODES)
+            and type(kind_code) is int
+            and 0 <= kind_code < len(KIND_CODES)
+            and type(key) is str
+            and 0 < len(key) <= limits.key_chars_max
+            and (collection := COLLECTION_CODES[collection_code], kind := KIND_CODES[kind_code]) in _PAYLOAD_RULES
+            and _PAYLOAD_RULES[collection, kind](payload)
+            and (prev is None or _valid_prev(prev, devices))
+        ):
+            return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev and (devices[prev[0]], prev[1]))
+    raise DecodeError(_why_malformed(row, devices, limits))
+
+
+def _valid_prev(prev: Any, devices: list[str]) -> bool:
+    return type(prev) is list and len(prev) == 2 and is_int(prev[0], 0, len(devices) - 1) and is_int(prev[1], 1)
+
+
+def _why_malformed(row: Any, devices: list[str], limits: DecodeLimits) -> str:
+    """Say what is wrong with an op row that `_decode_row` refused."""
+    if type(row) is not list or len(row) != 8:
+        return "op is not an 8-element array"
     device_index, seq, hlc, collection_code, key, kind_code, payload, prev = row
-    _expect(is_int(device_index, 0, len(devices) - 1), "op names a device outside the batch table")
-    _expect(is_int(seq, 1) and is_int(hlc, 0, HLC_MAX), "op seq or hlc out of range")
-    _expect(is_int(collection_code, 0, len(COLLECTION_CODES) - 1), f"unknown collection code {collection_code!r}")
-    _expect(is_int(kind_code, 0, len(KIND_CODES) - 1), f"unknown kind code {kind_code!r}")
-    _expect(type(key) is str and 0 < len(key) <= limits.key_chars_max, "op key missing or too long")
+    if not is_int(device_index, 0, len(devices) - 1):
+        return "op names a device outside the batch table"
+    if not (is_int(seq, 1) and is_int(hlc, 0, HLC_MAX)):
+        return "op seq or hlc out of range"
+    if not is_int(collection_code, 0, len(COLLECTION_CODES) - 1):
+        return f"unknown collection code {collection_code!r}"
+    if not is_int(kind_code, 0, len(KIND_CODES) - 1):
+        return f"unknown kind code {kind_code!r}"
+    if not (type(key) is str and 0 < len(key) <= limits.key_chars_max):
+        return "op key missing or too long"
     collection, kind = COLLECTION_CODES[collection_code], KIND_CODES[kind_code]
-    _expect(kind in KINDS_BY_COLLECTION[collection], f"{kind} is not an op of {collection}")
-    _expect(payload_is_valid(collection, kind, payload), f"malformed {collection} {kind} payload")
-    if prev is not None:
-        _expect(type(prev) is list and len(prev) == 2, "op prev is not [device, seq]")
-        _expect(is_int(prev[0], 0, len(devices) - 1) and is_int(prev[1], 1), "op prev out of range")
-        prev = (devices[prev[0]], prev[1])
-    return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev)
+    if kind not in KINDS_BY_COLLECTION[collection]:
+        return f"{kind} is not an op of {collection}"
+    if not payload_is_valid(collection, kind, payload):
+        return f"malformed {collection} {kind} payload"
+    return "op prev is not [device, seq] of the batch"
 
 
 # -- state snapshots and saved replicas --------------------------------------------------------------

@@ -59,8 +59,9 @@ class MessageSet:
         if record is None:
             return None
         message = dict(record.value)
-        for field, register in self.edits.get(message_id, {}).items():
-            message[field] = register.value
+        if message_id in self.edits:
+            for field, register in self.edits[message_id].items():
+                message[field] = register.value
         return message
 
     def to_state(self) -> dict:

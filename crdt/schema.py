@@ -14,8 +14,11 @@ def is_int(value: Any, low: int = 0, high: int = SEQ_MAX) -> bool:
     return type(value) is int and low <= value <= high
 
 
+_NUMBER_TYPES = (int, float)
+
+
 def _is_number_or_none(value: Any) -> bool:
-    return value is None or type(value) in (int, float)
+    return value is None or type(value) in _NUMBER_TYPES
 
 
 def is_str_map(value: Any) -> bool:
@@ -39,13 +42,20 @@ _MESSAGE_REQUIRED = frozenset({"conversation", "role", "text", "ts_ms"})
 
 
 def _valid_message(payload: Any) -> bool:
-    # On the catch-up hot path: a plain loop, and no separate key-type pass (only str keys can be a subset).
+    # On the catch-up hot path: the field checks of _MESSAGE_FIELD_TYPES written out, and no separate key-type pass
+    # (only str keys can be a subset).
     if type(payload) is not dict or not _MESSAGE_REQUIRED <= payload.keys() <= _MESSAGE_FIELD_TYPES.keys():
         return False
-    for field, value in payload.items():
-        if not _MESSAGE_FIELD_TYPES[field](value):
-            return False
-    return True
+    ts_ms, sentiment, response_time_ms = payload["ts_ms"], payload.get("sentiment"), payload.get("response_time_ms")
+    return (
+        type(payload["conversation"]) is str
+        and type(payload["role"]) is str
+        and type(payload["text"]) is str
+        and type(ts_ms) is int
+        and 0 <= ts_ms <= SEQ_MAX
+        and (sentiment is None or type(sentiment) in _NUMBER_TYPES)
+        and (response_time_ms is None or type(response_time_ms) in _NUMBER_TYPES)
+    )
 
 
 def _valid_field_edit(field_types: Mapping[str, Callable[[Any], bool]], editable: frozenset[str]) -> Callable[[Any], bool]:
@@ -77,7 +87,8 @@ def _valid_totals(payload: Any) -> bool:
     return type(payload) is list and len(payload) == 2 and all(is_int(v) for v in payload)
 
 
-_PAYLOAD_VALID: dict[tuple[Collection, Kind], Callable[[Any], bool]] = {
+# Each (collection, kind) an op may have, and whether a payload is well formed for it.
+PAYLOAD_RULES: dict[tuple[Collection, Kind], Callable[[Any], bool]] = {
     (Collection.PREFERENCES, Kind.SET): lambda v: True,
     (Collection.SETTINGS, Kind.SET): lambda v: True,
     (Collection.MESSAGES, Kind.ADD): _valid_message,
@@ -91,12 +102,12 @@ _PAYLOAD_VALID: dict[tuple[Collection, Kind], Callable[[Any], bool]] = {
     (Collection.DEVICES, Kind.ENROL): is_str_map,
     (Collection.DEVICES, Kind.REVOKE): is_str_map,
 }
-assert _PAYLOAD_VALID.keys() == {(c, k) for c, kinds in KINDS_BY_COLLECTION.items() for k in kinds}
+assert PAYLOAD_RULES.keys() == {(c, k) for c, kinds in KINDS_BY_COLLECTION.items() for k in kinds}
 
 
 def payload_is_valid(collection: Collection, kind: Kind, payload: Any) -> bool:
     """Return whether a payload is well formed for its collection and kind."""
-    return _PAYLOAD_VALID[collection, kind](payload)
+    return PAYLOAD_RULES[collection, kind](payload)
 
 
 _NEUTRAL_MESSAGE_FIELDS = {"text": "", "role": "", "sentiment": None, "response_time_ms": None}

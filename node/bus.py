@@ -20,6 +20,7 @@ DATA_FORGOTTEN = "data.forgotten"
 SYNC_REMOTE_APPLIED = "sync.remote.applied"
 
 BUFFER_MAX = 1024
+TOPICS_CHECKED_MAX = 1024
 _TOPIC = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 _WILDCARD = "*"
 
@@ -99,17 +100,22 @@ class Bus:
         self.buffer_max = buffer_max
         self.dropped = 0
         self._subscriptions: set[Subscription] = set()
+        self._checked_topics: set[str] = set()  # a sync publishes an event per op: check each topic once
 
     def publish(self, topic: str, payload: dict[str, Any]) -> int:
         """Deliver an event to every matching subscriber without waiting; return how many received it."""
-        _check_topic(topic)
+        if type(topic) is not str or topic not in self._checked_topics:
+            _check_topic(topic)
+            if len(self._checked_topics) < TOPICS_CHECKED_MAX:
+                self._checked_topics.add(topic)
         if type(payload) is not dict:
             raise BusError(f"an event payload is a dict, got {type(payload).__name__}")
-        event = BusEvent(topic, payload)
+        event = None
         delivered = 0
         for subscription in self._subscriptions:
             if not _matches(subscription.pattern, topic):
                 continue
+            event = event or BusEvent(topic, payload)
             try:
                 subscription._send.send_nowait(event)
             except trio.WouldBlock:

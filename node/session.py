@@ -250,9 +250,13 @@ class SyncSession:
             ops = decode_ops(self._open(deltas.sealed), self.config.decode_limits)
         except DecodeError as error:
             raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"batch {deltas.batch_no}: {error}") from None
+        newest: dict[str, int] = {}
         for op in ops:
-            _raise_max(self._peer_has, op.device, op.seq)
-            _raise_max(self._sent, op.device, op.seq)
+            if op.seq > newest.get(op.device, 0):
+                newest[op.device] = op.seq
+        for device, seq in newest.items():
+            _raise_max(self._peer_has, device, seq)
+            _raise_max(self._sent, device, seq)
         result = self.replica.apply(ops)
         self._owe_ack(deltas.batch_no)
         return OpsApplied(result.applied, result.held, result.refused)

@@ -191,8 +191,9 @@ def _raw_insert_s(root: Path, encoded: list[bytes]) -> float:
 def _store_floor_s(root: Path, encoded: list[bytes]) -> float:
     """Write the ops and the rows they materialise into a fresh store with the node's schema: return the seconds."""
     ops = [decode_op(body) for body in encoded]
-    replica = Replica("floor", HybridClock(lambda: 0))
-    replica.apply(ops)
+    replica = Replica("floor", HybridClock(lambda: time.time_ns() // 1_000_000))
+    if refused := replica.apply(ops).refused:
+        raise RuntimeError(f"the floor replica refused {len(refused)} ops, first: {refused[0][1]}")
     changes = materialise(replica, dict.fromkeys((op.collection, op.key) for op in ops))
     store = open_sql("sqlcipher", root / "floor.db", b"k" * 32)
     try:

@@ -50,8 +50,8 @@ def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
         message = replica.messages.get(key)
         if message is None:
             return None
-        fields = ("conversation", "role", "text", "ts_ms", "sentiment", "response_time_ms")
-        return (key, *(message.get(field) for field in fields))
+        get = message.get  # on the catch-up hot path: the columns written out
+        return (key, get("conversation"), get("role"), get("text"), get("ts_ms"), get("sentiment"), get("response_time_ms"))
     if collection is Collection.MEMORIES:
         if not replica.memories.is_live(key):
             return None

@@ -6,13 +6,15 @@ change, new conflict-journal entries and the outbox entries that tell the projec
 in the derived stores.
 """
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import msgpack
 
-from crdt import Collection, Conflict, Op, decode_stored_ops, encode_op
+from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, encode_ops
+from stores.errors import StoreError
 from stores.sql import SqlAdapter, migrate
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -46,7 +48,10 @@ MIGRATIONS: list[tuple[int, str]] = [
     # Nothing reads the op log by key, and the index cost a random B-tree insert per op (a third of a catch-up's
     # writes to the ops table).
     (2, "DROP INDEX ops_by_key;"),
+    (3, lambda adapter: _log_ops_in_batches(adapter)),
+    (4, lambda adapter: _outbox_of_key_lists(adapter)),
 ]
+OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 
 # Derived stores the projector keeps current.
 ANALYTICS, VECTORS, CACHE = "analytics", "vectors", "cache"
@@ -72,12 +77,12 @@ class Change:
 
 @attrs.frozen
 class OutboxEntry:
-    """A derived-store update the projector still owes."""
+    """Derived-store updates the projector still owes: one action on some keys of one target."""
 
     id: int
     target: str
     action: str
-    key: str
+    keys: tuple[str, ...]
 
 
 def open_schema(adapter: SqlAdapter) -> int:
@@ -97,23 +102,88 @@ def set_meta(adapter: SqlAdapter, name: str, value: Any) -> None:
     )
 
 
+def _outbox_of_key_lists(adapter: SqlAdapter) -> None:
+    # A row per changed key was one more insert per op of a catch-up; a row now names the keys (up to
+    # OUTBOX_KEYS_MAX) that one transaction changed with one action.
+    adapter.execute("ALTER TABLE outbox RENAME TO outbox_of_keys")
+    adapter.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, action TEXT NOT NULL, "
+        "keys BLOB NOT NULL, key_count INTEGER NOT NULL)"
+    )
+    _queue_projections(adapter, adapter.query("SELECT target, action, key FROM outbox_of_keys ORDER BY id"))
+    adapter.execute("DROP TABLE outbox_of_keys")
+
+
+def _queue_projections(adapter: SqlAdapter, entries: Iterable[tuple[str, str, str]]) -> None:
+    """Queue (target, action, key) projections: a row per run of consecutive entries with one target and action."""
+    rows: list[tuple[str, str, bytes, int]] = []
+    for (target, action), run in itertools.groupby(entries, key=lambda entry: entry[:2]):
+        keys = [key for _, _, key in run]
+        for start in range(0, len(keys), OUTBOX_KEYS_MAX):
+            chunk = keys[start : start + OUTBOX_KEYS_MAX]
+            rows.append((target, action, pack(chunk), len(chunk)))
+    adapter.insert_rows("INSERT INTO outbox (target, action, keys, key_count) VALUES", rows)
+
+
+def _log_ops_in_batches(adapter: SqlAdapter) -> None:
+    # A row per op cost a catch-up two B-tree inserts per op (rowid and primary key), as much as every other write
+    # together. The log now keeps each transaction's ops as one batch, and per device the seq range it holds.
+    adapter.execute("CREATE TABLE op_batches (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    adapter.execute(
+        "CREATE TABLE op_runs (device TEXT NOT NULL, seq_first INTEGER NOT NULL, seq_last INTEGER NOT NULL, "
+        "batch INTEGER NOT NULL, PRIMARY KEY (device, seq_first)) WITHOUT ROWID"
+    )
+    after = 0
+    while rows := adapter.query("SELECT rowid, body FROM ops WHERE rowid > ? ORDER BY rowid LIMIT 2000", (after,)):
+        _log_batch(adapter, [decode_op(body) for _, body in rows])
+        after = rows[-1][0]
+    adapter.execute("DROP TABLE ops")
+
+
+def _log_batch(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
+    adapter.execute("INSERT INTO op_batches (body) VALUES (?)", (encode_ops(ops),))
+    (batch,) = adapter.query_one("SELECT last_insert_rowid()")
+    # A device's ops are applied in seq order, so those in one batch are one run of seqs.
+    runs: dict[str, list[int]] = {}
+    for op in ops:
+        runs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
+    adapter.insert_rows("INSERT INTO op_runs VALUES", [(d, first, last, batch) for d, (first, last) in runs.items()])
+
+
+def _rewrite_logged(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
+    """Replace logged ops (found by device and seq) with these versions of them."""
+    by_batch: dict[int, dict[tuple[str, int], Op]] = {}
+    for op in ops:
+        row = adapter.query_one(
+            "SELECT batch FROM op_runs WHERE device = ? AND seq_first <= ? ORDER BY seq_first DESC LIMIT 1",
+            (op.device, op.seq),
+        )
+        if row is None:
+            raise StoreError(f"op {op.device}:{op.seq} is not in the op log")
+        by_batch.setdefault(row[0], {})[(op.device, op.seq)] = op
+    for batch, replacements in by_batch.items():
+        (body,) = adapter.query_one("SELECT body FROM op_batches WHERE id = ?", (batch,))
+        logged = [replacements.get((op.device, op.seq), op) for op in decode_stored_batch(body)]
+        adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (encode_ops(logged), batch))
+
+
 def load_ops(adapter: SqlAdapter) -> list[Op]:
     """Return every logged op in the order it was applied (each device's in seq order)."""
-    return decode_stored_ops([body for (body,) in adapter.query("SELECT body FROM ops ORDER BY rowid")])
+    return [op for (body,) in adapter.query("SELECT body FROM op_batches ORDER BY id") for op in decode_stored_batch(body)]
 
 
 _UPSERT_SQL = {
-    Collection.PREFERENCES: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES (?, ?, ?)",
+    Collection.PREFERENCES: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES",
     Collection.MESSAGES: "INSERT OR REPLACE INTO messages "
-    "(id, conversation, role, text, ts_ms, sentiment, response_time_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-    Collection.MEMORIES: "INSERT OR REPLACE INTO memories (id, text, embedding, metadata) VALUES (?, ?, ?, ?)",
-    Collection.NOTES: "INSERT OR REPLACE INTO notes (name, text) VALUES (?, ?)",
-    Collection.COUNTERS: "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-    Collection.DEVICES: "INSERT OR REPLACE INTO devices (device, record, revoked) VALUES (?, ?, ?)",
+    "(id, conversation, role, text, ts_ms, sentiment, response_time_ms) VALUES",
+    Collection.MEMORIES: "INSERT OR REPLACE INTO memories (id, text, embedding, metadata) VALUES",
+    Collection.NOTES: "INSERT OR REPLACE INTO notes (name, text) VALUES",
+    Collection.COUNTERS: "INSERT OR REPLACE INTO counters (name, value) VALUES",
+    Collection.DEVICES: "INSERT OR REPLACE INTO devices (device, record, revoked) VALUES",
 }
 _DELETE_SQL = {
-    Collection.MESSAGES: "DELETE FROM messages WHERE id = ?",
-    Collection.MEMORIES: "DELETE FROM memories WHERE id = ?",
+    Collection.MESSAGES: "DELETE FROM messages WHERE id IN",
+    Collection.MEMORIES: "DELETE FROM memories WHERE id IN",
 }
 # Which derived stores follow which table.
 _PROJECTED_TO = {Collection.MESSAGES: ANALYTICS, Collection.MEMORIES: VECTORS, Collection.PREFERENCES: CACHE}
@@ -133,13 +203,9 @@ def persist(
 ) -> None:
     """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction."""
     with adapter.transaction():
-        adapter.executemany(
-            "INSERT INTO ops (device, seq, collection, key, body) VALUES (?, ?, ?, ?, ?)",
-            [(op.device, op.seq, op.collection.value, op.key, encode_op(op)) for op in ops],
-        )
-        adapter.executemany(
-            "UPDATE ops SET body = ? WHERE device = ? AND seq = ?", [(encode_op(op), op.device, op.seq) for op in redacted]
-        )
+        if ops:
+            _log_batch(adapter, ops)
+        _rewrite_logged(adapter, redacted)
         # Conversations whose counts change: those messages join, and those deleted messages leave (read before the
         # write). A message never moves to another conversation, so only deletions need the read.
         conversations = {c.row[1] for c in changes if c.collection is Collection.MESSAGES and c.row is not None}
@@ -151,21 +217,22 @@ def persist(
         for change in changes:
             table = _table_of(change.collection)
             if change.row is None:
-                deletes.setdefault(table, []).append((change.key,))
+                deletes.setdefault(table, []).append(change.key)
             else:
                 upserts.setdefault(table, []).append(change.row)
             if table in _PROJECTED_TO:
                 outbox.append((_PROJECTED_TO[table], UPSERT if change.row is not None else DELETE, change.key))
-        for table, rows in deletes.items():
-            adapter.executemany(_DELETE_SQL[table], rows)
+        for table, ids in deletes.items():
+            _delete_where_in(adapter, _DELETE_SQL[table], ids)
         for table, rows in upserts.items():
-            adapter.executemany(_UPSERT_SQL[table], rows)
+            adapter.insert_rows(_UPSERT_SQL[table], rows)
         for conversation in sorted(conversations):
             _refresh_conversation(adapter, conversation)
-        adapter.executemany("INSERT INTO outbox (target, action, key) VALUES (?, ?, ?)", outbox)
-        adapter.executemany(
+        # Each key changes once per transaction, so its entries may be grouped by target and action.
+        _queue_projections(adapter, sorted(outbox, key=lambda entry: entry[:2]))
+        adapter.insert_rows(
             "INSERT INTO conflicts (collection, key, field, winner_device, winner_seq, winner_value, "
-            "loser_device, loser_seq, loser_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "loser_device, loser_seq, loser_value) VALUES",
             [
                 (str(c.collection), c.key, c.field, *c.winner, pack(c.winner_value), *c.loser, pack(c.loser_value))
                 for c in conflicts
@@ -186,10 +253,17 @@ def _refresh_conversation(adapter: SqlAdapter, conversation: str) -> None:
         adapter.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
 
 
-def outbox_batch(adapter: SqlAdapter, limit: int) -> list[OutboxEntry]:
-    """Return up to `limit` outbox entries, oldest first."""
-    rows = adapter.query("SELECT id, target, action, key FROM outbox ORDER BY id LIMIT ?", (limit,))
-    return [OutboxEntry(*row) for row in rows]
+def outbox_batch(adapter: SqlAdapter, keys_max: int) -> list[OutboxEntry]:
+    """Return the oldest outbox entries, as many as name about `keys_max` keys (at least one entry)."""
+    last_id, keys = None, 0
+    for entry_id, key_count in adapter.query("SELECT id, key_count FROM outbox ORDER BY id LIMIT ?", (keys_max,)):
+        last_id, keys = entry_id, keys + key_count
+        if keys >= keys_max:
+            break
+    if last_id is None:
+        return []
+    rows = adapter.query("SELECT id, target, action, keys FROM outbox WHERE id <= ? ORDER BY id", (last_id,))
+    return [OutboxEntry(entry_id, target, action, tuple(unpack(keys))) for entry_id, target, action, keys in rows]
 
 
 def outbox_done(adapter: SqlAdapter, up_to_id: int) -> None:
@@ -198,10 +272,6 @@ def outbox_done(adapter: SqlAdapter, up_to_id: int) -> None:
 
 def outbox_clear(adapter: SqlAdapter) -> None:
     adapter.execute("DELETE FROM outbox")
-
-
-def outbox_size(adapter: SqlAdapter) -> int:
-    return adapter.query_one("SELECT count(*) FROM outbox")[0]
 
 
 def rows_by_id(adapter: SqlAdapter, table: str, columns: str, ids: Iterable[str]) -> list[tuple]:
@@ -215,10 +285,18 @@ def preference_rows(adapter: SqlAdapter, keys: Iterable[str]) -> list[tuple]:
 
 
 def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iterable[str]) -> list[tuple]:
-    # Chunked so no statement exceeds SQLite's limit on bound variables.
-    values = list(values)
     rows: list[tuple] = []
-    for start in range(0, len(values), 500):
-        chunk = values[start : start + 500]
+    for chunk in _chunks(list(values)):
         rows += adapter.query(f"{select} ({','.join('?' * len(chunk))})", (*params, *chunk))
     return rows
+
+
+def _delete_where_in(adapter: SqlAdapter, delete: str, values: list[str]) -> None:
+    for chunk in _chunks(values):
+        adapter.execute(f"{delete} ({','.join('?' * len(chunk))})", chunk)
+
+
+def _chunks(values: list[str]) -> Iterable[list[str]]:
+    # So no statement exceeds SQLite's limit on bound variables.
+    for start in range(0, len(values), 500):
+        yield values[start : start + 500]

@@ -18,9 +18,9 @@ WRITER_POLL_S = 0.05
 class Projector:
     """Applies outbox entries to the derived stores idempotently and marks them done; resumes after a crash."""
 
-    def __init__(self, data: DataLayer, *, batch_max: int = 2000, idle_s: float = 5.0) -> None:
+    def __init__(self, data: DataLayer, *, batch_keys_max: int = 2000, idle_s: float = 5.0) -> None:
         self.data = data
-        self.batch_max = batch_max
+        self.batch_keys_max = batch_keys_max
         self.idle_s = idle_s
         self.applied = 0
         self._wake = trio.Event()
@@ -45,13 +45,13 @@ class Projector:
             self._wake = trio.Event()
 
     async def drain(self) -> int:
-        """Apply every waiting outbox entry; return how many there were."""
+        """Apply every waiting outbox entry; return how many key projections they held."""
         done = 0
         async with self._draining:
-            while batch := await self.data.sql.run(primary.outbox_batch, self.batch_max):
+            while batch := await self.data.sql.run(primary.outbox_batch, self.batch_keys_max):
                 await self._apply(batch)
                 await self.data.sql.run(primary.outbox_done, batch[-1].id)
-                done += len(batch)
+                done += sum(len(entry.keys) for entry in batch)
         self.applied += done
         return done
 
@@ -60,7 +60,8 @@ class Projector:
         # so applying a batch twice (after a crash) gives the same result.
         last: dict[tuple[str, str], str] = {}
         for entry in batch:
-            last[(entry.target, entry.key)] = entry.action
+            for key in entry.keys:
+                last[(entry.target, key)] = entry.action
         by_target: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for (target, key), action in last.items():
             by_target[target][action].append(key)

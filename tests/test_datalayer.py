@@ -1,15 +1,18 @@
 """The data layer end to end on the real engines: unit of work, materialised tables, outbox projector."""
 
 import hashlib
+import time
 
+import attrs
 import numpy as np
 import pytest
 import trio
 
-from crdt import Collection
+from crdt import Collection, HybridClock, Replica, encode_op
+from stores import migrate, open_sql, primary
 from stores.datalayer import DataLayer, StoreConfig
 from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
-from stores.repositories import DataError, UnitOfWork
+from stores.repositories import DataError, UnitOfWork, new_id
 
 DIMS = 8
 DEVICE = "12D3KooWTestDevice"
@@ -123,6 +126,36 @@ async def test_the_projector_brings_every_derived_store_up_to_date(tmp_path):
         await data.close()
 
 
+def test_a_schema_2_store_keeps_its_op_log_and_outbox_through_the_migrations(tmp_path, engine):
+    replica = Replica(DEVICE, HybridClock(lambda: 1_000))
+    ops = [replica.set_preference(f"k{i}", i) for i in range(4500)]  # more than one migration page
+    store = open_sql(engine, tmp_path / "primary.db", store_key("primary"))
+    try:
+        migrate(store, primary.MIGRATIONS[:2])  # schema 2: one row per op
+        with store.transaction():
+            store.executemany(
+                "INSERT INTO ops (device, seq, collection, key, body) VALUES (?, ?, ?, ?, ?)",
+                [(op.device, op.seq, op.collection.value, op.key, encode_op(op)) for op in ops],
+            )
+            # One row per projection; a key's actions must stay in order.
+            owed = [("cache", "upsert", "k1"), ("cache", "upsert", "k2"), ("vectors", "delete", "m1"),
+                    ("cache", "delete", "k1"), *(("analytics", "upsert", f"a{i}") for i in range(700))]  # fmt: skip
+            store.executemany("INSERT INTO outbox (target, action, key) VALUES (?, ?, ?)", owed)
+        assert primary.open_schema(store) == primary.MIGRATIONS[-1][0]
+        assert primary.load_ops(store) == ops
+        entries = primary.outbox_batch(store, 10_000)
+        assert [(e.target, e.action, key) for e in entries for key in e.keys] == owed
+        assert len(entries) == 5  # the 700 keys take two rows of at most OUTBOX_KEYS_MAX
+        assert [e.keys for e in primary.outbox_batch(store, 2)] == [("k1", "k2")]  # fewer rows when fewer keys asked
+        assert store.query("SELECT name FROM sqlite_master WHERE name = 'ops'") == []
+        # A logged op found by device and seq can still be rewritten (as forgetting redacts payloads).
+        rewritten = attrs.evolve(ops[2100], payload="redacted")
+        primary.persist(store, [], [], [], redacted=[rewritten])
+        assert primary.load_ops(store) == [*ops[:2100], rewritten, *ops[2101:]]
+    finally:
+        store.close()
+
+
 @pytest.mark.trio
 async def test_forgetting_leaves_no_content_in_the_primary_store_file(tmp_path, engine):
     secret = "my-very-distinctive-secret-text"
@@ -174,3 +207,11 @@ async def test_session_context_is_sealed_and_expires(tmp_path):
     finally:
         await data.close()
     assert all(b"a very distinctive topic" not in path.read_bytes() for path in (tmp_path / "cache").rglob("*") if path.is_file())
+
+
+def test_new_ids_are_unique_and_sort_by_creation_time():
+    earlier = [new_id() for _ in range(1000)]
+    time.sleep(0.002)
+    later = new_id()
+    assert len(set(earlier)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in earlier)
+    assert max(earlier) < later

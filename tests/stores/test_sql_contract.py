@@ -65,6 +65,17 @@ def fill(adapter: SqlAdapter, rows: int = 50) -> None:
     adapter.executemany("INSERT INTO t (text) VALUES (?)", [(f"row {i} {SECRET}",) for i in range(rows)])
 
 
+def test_insert_rows_writes_every_row_in_order_many_to_a_statement(db: SqlAdapter) -> None:
+    rows = [(i, f"row {i}", bytes([i % 256]), i / 2) for i in range(1, 2500)]  # more than one statement's worth
+    db.insert_rows("INSERT INTO t (id, text, blob, real) VALUES", rows)
+    db.insert_rows("INSERT OR REPLACE INTO t (id, text) VALUES", [(7, "first"), (7, "second")])  # later rows win
+    db.insert_rows("INSERT INTO t (id) VALUES", [])
+    assert db.query("SELECT * FROM t WHERE id != 7 ORDER BY id") == [row for row in rows if row[0] != 7]
+    assert db.query("SELECT text, blob FROM t WHERE id = 7") == [("second", None)]
+    with pytest.raises(StoreError):
+        db.insert_rows("INSERT INTO t (id) VALUES", [(1,)])  # a duplicate key fails the statement
+
+
 def test_round_trips_every_value_type(db: SqlAdapter) -> None:
     db.execute("INSERT INTO t VALUES (?, ?, ?, ?)", (2**62, "héllo", b"\x00\xff", 1.5))
     db.executemany("INSERT INTO t (id, text) VALUES (?, ?)", [(1, None), (3, "three")])
@@ -137,6 +148,25 @@ def test_failed_migration_leaves_no_trace(db: SqlAdapter) -> None:
         migrate(db, broken)
     assert migrate(db, MIGRATIONS) == 2
     assert db.query("SELECT name FROM sqlite_master WHERE name = 'half'") == []
+
+
+def test_a_migration_may_be_a_function_and_runs_in_its_transaction(db: SqlAdapter) -> None:
+    migrate(db, MIGRATIONS)
+    db.execute("INSERT INTO prefs VALUES ('theme', 'dark')")
+
+    def upper_keys(adapter: SqlAdapter) -> None:
+        for (key,) in adapter.query("SELECT key FROM prefs"):
+            adapter.execute("UPDATE prefs SET key = ? WHERE key = ?", (key.upper(), key))
+
+    def half_done(adapter: SqlAdapter) -> None:
+        upper_keys(adapter)
+        raise StoreError("the row rewrite failed midway")
+
+    with pytest.raises(StoreError, match="midway"):
+        migrate(db, [*MIGRATIONS, (3, half_done)])
+    assert db.query("SELECT key FROM prefs") == [("theme",)]  # rolled back with its version
+    assert migrate(db, [*MIGRATIONS, (3, upper_keys)]) == 3
+    assert db.query("SELECT key FROM prefs") == [("THEME",)]
 
 
 def test_store_newer_than_code_is_refused(db: SqlAdapter) -> None:
