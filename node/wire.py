@@ -8,7 +8,7 @@ import msgpack
 from crdt import FORMAT_VERSION, DecodeError
 from node.errors import EndReason, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: DELTAS and STATE bodies are deflated before sealing
 SCHEMA_VERSION = FORMAT_VERSION
 LENGTH_PREFIX_BYTES = 4
 # Frame type codes: append only.

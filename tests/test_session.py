@@ -1,7 +1,11 @@
 """The sans-I/O sync session: convergence, live push, catch-up, and refusal of bad input."""
 
+import random
+import zlib
+
 import pytest
 
+from crdt import DecodeLimits
 from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
 from node.session import (
     OpsApplied,
@@ -97,8 +101,9 @@ def test_a_peer_behind_compacted_ops_catches_up_from_a_state_snapshot(clock):
 
 def test_large_deltas_are_split_into_bounded_batches(clock):
     a, b = make_replica("dev-a", clock), make_replica("dev-b", clock)
+    noise = random.Random(7)
     for i in range(200):
-        a.set_preference(f"k{i}", "v" * 1000)
+        a.set_preference(f"k{i}", noise.randbytes(1000))  # incompressible, so frames are as large as batches
     config = SessionConfig(batch_bytes_max=20_000)
     sa, sb = SyncSession(a, config), SyncSession(b, config)
     sb.receive_data(sa.generate())
@@ -112,7 +117,7 @@ def test_large_deltas_are_split_into_bounded_batches(clock):
     "peer_config, reason",
     [
         (SessionConfig(schema=99), EndReason.SCHEMA_MISMATCH),
-        (SessionConfig(protocol=2), EndReason.PROTOCOL_MISMATCH),
+        (SessionConfig(protocol=1), EndReason.PROTOCOL_MISMATCH),  # version 1 did not deflate batches
         (SessionConfig(epoch=3), EndReason.EPOCH_MISMATCH),
     ],
 )
@@ -151,8 +156,27 @@ def test_a_batch_of_malformed_ops_closes_the_session_and_applies_none(clock):
     sa.receive_data(SyncSession(b).generate())
     digest = a.digest()
     with pytest.raises(RemoteProtocolError, match="batch 1"):
-        sa.receive_data(to_wire(Deltas(1, b"\x93\x01\x90\x91\x90")))
+        sa.receive_data(to_wire(Deltas(1, zlib.compress(b"\x93\x01\x90\x91\x90"))))
     assert a.digest() == digest
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (zlib.compress(bytes(2000)), "beyond the 1000-byte limit"),  # a deflate bomb, in miniature
+        (zlib.compress(b"\x93\x01\x90\x90")[:-3], "truncated"),
+        (zlib.compress(b"\x93\x01\x90\x90") + b"extra", "followed by other bytes"),
+        (b"\x93\x01\x90\x90", "not a valid zlib stream"),
+    ],
+)
+def test_a_batch_that_does_not_inflate_within_bounds_closes_the_session(clock, body, why):
+    a, b = seeded_pair(clock, ops_each=3)
+    sa = SyncSession(a, SessionConfig(decode_limits=DecodeLimits(bytes_max=1000)))
+    sa.receive_data(SyncSession(b).generate())
+    digest = a.digest()
+    with pytest.raises(RemoteProtocolError, match=why) as raised:
+        sa.receive_data(to_wire(Deltas(1, body)))
+    assert raised.value.reason is EndReason.MALFORMED_FRAME and a.digest() == digest
 
 
 def test_an_oversized_frame_is_refused_from_its_length_prefix(clock):
