@@ -15,9 +15,9 @@ import msgpack
 
 from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, encode_ops
 from stores.errors import StoreError
-from stores.sql import SqlAdapter, migrate
+from stores.sql import Migration, SqlAdapter, migrate
 
-MIGRATIONS: list[tuple[int, str]] = [
+MIGRATIONS: list[tuple[int, Migration]] = [
     (
         1,
         """
