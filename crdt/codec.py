@@ -3,6 +3,8 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import zlib
+
 import attrs
 import msgpack
 
@@ -66,6 +68,31 @@ def _expect(condition: bool, message: str) -> None:
         raise DecodeError(message)
 
 
+# -- deflating -------------------------------------------------------------------------------------
+
+# Level 1 is the fastest; on a benchmark catch-up's batches level 6 was 8% smaller and took 2.3x as long.
+DEFLATE_LEVEL = 1
+
+
+def deflate(plain: bytes) -> bytes:
+    """Return `plain` deflated as a zlib stream (RFC 1950), as batches travel and are logged."""
+    return zlib.compress(plain, DEFLATE_LEVEL)
+
+
+def inflate(deflated: bytes, bytes_max: int) -> bytes:
+    """Return a zlib stream's content, raising DecodeError if it is malformed, trailed or over `bytes_max` bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        plain = inflater.decompress(deflated, bytes_max)
+    except zlib.error as error:
+        raise DecodeError(f"not a valid zlib stream: {error}") from None
+    if inflater.unconsumed_tail:
+        raise DecodeError(f"inflates beyond the {bytes_max}-byte limit")
+    if not inflater.eof or inflater.unused_data:
+        raise DecodeError("the zlib stream is truncated or followed by other bytes")
+    return plain
+
+
 # -- op batches ------------------------------------------------------------------------------------
 
 
@@ -113,14 +140,14 @@ def decode_op(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Op:
 
 
 def decode_stored_batch(body: bytes) -> list[Op]:
-    """Decode a batch written by `encode_ops` to this device's own authenticated store, skipping payload checks.
+    """Decode a deflated batch that this device's own authenticated store logged, skipping payload checks.
 
     Only structure is checked: the store's encryption authenticates its pages, and every op was
     checked when it was first written or received. Anything malformed raises DecodeError.
     """
     collections, kinds = COLLECTION_CODES, KIND_CODES
     try:
-        version, devices, rows = msgpack.unpackb(body, raw=False)
+        version, devices, rows = msgpack.unpackb(zlib.decompress(body), raw=False)
         _expect(version == FORMAT_VERSION, f"stored batch format {version!r} is not {FORMAT_VERSION}")
         return [
             Op(

@@ -375,6 +375,7 @@ class Node:
             "relay": self._relay_status(),
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
+            "ops_stored": data.ops_stored,
         }
         if params.get("stores", True):
             # Counting opens Chroma and loads DuckDB on first use: `stores=false` spares a caller polling progress.

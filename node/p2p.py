@@ -43,7 +43,7 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 READ_BYTES = 64 * 1024  # one read's bound; a frame larger than this arrives over several reads
 INBOX_CHUNKS_MAX = 32  # reads (up to 2 MiB) the reader may take ahead of the pump
 CLOSE_TIMEOUT_S = 2.0  # bound on closing or resetting a stream and on closing the host
-GROUP_OPS_MAX = 20_000  # applied ops that wait for the persist in flight; ~10 full batches, one fsync for them all
+GROUP_OPS_MAX = 50_000  # applied ops that wait for the persist in flight: one fsync for ~25 full batches; smaller groups stalled the pump behind slow fsyncs
 
 Stream = INetStream
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from node.relay_path import (
 from node.sealing import GroupSealer, new_session_id
 from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
 from stores.datalayer import DataLayer, PendingWrite
-from stores.primary import get_meta, set_meta
+from stores.primary import LogBatch, get_meta, set_meta
 
 log = logging.getLogger(__name__)
 SESSION_ID_BYTES = 16
@@ -288,6 +288,7 @@ class SyncService:
         """Check what a session did and take the rows its applied ops changed now; return the write that persists
         them (in one transaction). Runs under the data layer's write lock, which is held until the write is done."""
         applied: list[Op] = []
+        log: list[LogBatch] = []
         for event in events:
             match event:
                 case PeerHello() if event.device_id != peer.device_id:
@@ -296,11 +297,12 @@ class SyncService:
                     )
                 case OpsApplied():
                     applied += event.ops
+                    log.append(LogBatch(event.ops, event.deflated))
                 case StateMerged():
                     raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
                 case PeerAcked():
                     peer.last_sync = time.time()
-        return self._persist(peer, self.data.prepare(applied) if applied else None)
+        return self._persist(peer, self.data.prepare(applied, log=log) if applied else None)
 
     async def _persist(self, peer: PeerState, pending: PendingWrite | None) -> None:
         if pending is None:

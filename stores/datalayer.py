@@ -12,7 +12,7 @@ from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
 from stores.cache import SealedKv
 from stores.errors import StoreError
-from stores.primary import Change
+from stores.primary import Change, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
 
 PRIMARY_FILE = "primary.db"
@@ -74,6 +74,7 @@ class PendingWrite:
     changes: list[Change]
     conflicts: Sequence[Conflict]
     redacted: Sequence[Op]
+    log: Sequence[LogBatch]  # the same ops, as the batches to log them in
 
 
 class DataLayer:
@@ -101,6 +102,7 @@ class DataLayer:
         self._vectors = None
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
+        self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
         self._analytics_lock = trio.Lock()
         self._analytics_loaded = False
 
@@ -152,6 +154,7 @@ class DataLayer:
         self.replica.admit = admit
         self._conflicts_seen = 0
         self._rebuilds_seen = self.replica.rebuilds
+        self.ops_stored = self.replica.vector.total()
 
     async def analytics_ready(self) -> AnalyticsStore:
         """Return the analytics store, loading it from the replica's messages on first use.
@@ -182,10 +185,13 @@ class DataLayer:
         """
         await self.write(self.prepare(ops, redacted))
 
-    def prepare(self, ops: Sequence[Op], redacted: Sequence[Op] = ()) -> "PendingWrite":
+    def prepare(
+        self, ops: Sequence[Op], redacted: Sequence[Op] = (), log: Sequence[LogBatch] | None = None
+    ) -> "PendingWrite":
         """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
 
         Split from `write` so a caller can apply further ops while this write runs: their effects stay out of it.
+        `log` splits the ops into the batches to log them in (by default one), with encodings at hand.
         """
         keys = dict.fromkeys((op.collection, op.key) for op in ops)
         if self.replica.rebuilds != self._rebuilds_seen:
@@ -194,16 +200,17 @@ class DataLayer:
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        return PendingWrite(ops, materialise(self.replica, keys), conflicts, redacted)
+        return PendingWrite(ops, materialise(self.replica, keys), conflicts, redacted, log or [LogBatch(ops)])
 
     async def write(self, pending: "PendingWrite") -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
-            await self.sql.run(primary.persist, pending.ops, pending.changes, pending.conflicts, pending.redacted)
+            await self.sql.run(primary.persist, pending.log, pending.changes, pending.conflicts, pending.redacted)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()
             raise
+        self.ops_stored += sum(len(logged.ops) for logged in pending.log)
 
     async def close(self) -> None:
         """Close every store; idempotent."""

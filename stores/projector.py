@@ -39,16 +39,20 @@ class Projector:
                 # A writer (a sync catch-up) holds the store: projecting now would compete with it for the one store
                 # thread and the CPU. Derived stores may lag; callers that need them fresh drain themselves.
                 await trio.sleep(WRITER_POLL_S)
-            await self.drain()
+            await self.drain(yield_to_writers=True)
             with trio.move_on_after(self.idle_s):
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def drain(self) -> int:
-        """Apply every waiting outbox entry; return how many key projections they held."""
+    async def drain(self, *, yield_to_writers: bool = False) -> int:
+        """Apply every waiting outbox entry (or, yielding, stop when a writer takes the store); return how many key
+        projections they held."""
         done = 0
         async with self._draining:
-            while batch := await self.data.sql.run(primary.outbox_batch, self.batch_keys_max):
+            # A catch-up releases the store between its writes: yielding stops at the next batch, not when it is over.
+            while not (yield_to_writers and self.data.write_lock.locked()) and (
+                batch := await self.data.sql.run(primary.outbox_batch, self.batch_keys_max)
+            ):
                 await self._apply(batch)
                 await self.data.sql.run(primary.outbox_done, batch[-1].id)
                 done += sum(len(entry.keys) for entry in batch)

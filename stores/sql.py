@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -152,7 +153,8 @@ class SqlAdapter:
         with self._live() as connection:
             for start in range(0, len(rows), per_statement):
                 chunk = rows[start : start + per_statement]
-                connection.execute(f"{insert} {', '.join([placeholders] * len(chunk))}", tuple(v for row in chunk for v in row))
+                values = tuple(itertools.chain.from_iterable(chunk))
+                connection.execute(f"{insert} {', '.join([placeholders] * len(chunk))}", values)
 
     def query(self, sql: str, params: Sequence[SqlValue] = ()) -> list[Row]:
         """Run one statement and return all its rows."""

@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from crdt import DecodeLimits
+from crdt import DecodeLimits, decode_stored_batch
 from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
 from node.session import (
     OpsApplied,
@@ -67,6 +67,23 @@ def test_live_changes_are_pushed_as_they_happen(clock):
     assert frames == 1 and b.preferences.get("live") == "yes"
     assert [type(e) for e in events] == [OpsApplied] and events[0].ops[0].key == "live"
     assert sa.generate() is None  # nothing else to say until the peer answers
+
+
+def test_a_batch_applied_whole_comes_with_its_encoding_to_log_as_is(clock):
+    a, b = seeded_pair(clock, ops_each=5)
+    sa, sb = SyncSession(a), SyncSession(b)
+    converse(sa, sb)
+    a.set_preference("live", 1)
+    a.set_preference("live", 2)
+    (applied,) = pump(sa, sb)[1]
+    assert [op.payload for op in applied.ops] == [1, 2]
+    assert applied.deflated is not None and decode_stored_batch(applied.deflated) == list(applied.ops)
+    # An op the receiver already has is skipped: the batch is then not the ops applied, and is not offered.
+    a.set_preference("live", 3)
+    a.set_preference("live", 4)
+    b.apply(a.ops_since(b.vector, 1))  # the first arrives another way
+    (applied,) = pump(sa, sb)[1]
+    assert [op.payload for op in applied.ops] == [4] and applied.deflated is None
 
 
 def test_ops_travel_through_an_intermediary(clock):
