@@ -43,7 +43,9 @@ DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 READ_BYTES = 64 * 1024  # one read's bound; a frame larger than this arrives over several reads
 INBOX_CHUNKS_MAX = 32  # reads (up to 2 MiB) the reader may take ahead of the pump
 CLOSE_TIMEOUT_S = 2.0  # bound on closing or resetting a stream and on closing the host
-GROUP_OPS_MAX = 50_000  # applied ops that wait for the persist in flight: one fsync for ~25 full batches; smaller groups stalled the pump behind slow fsyncs
+# Applied ops that wait for the persist in flight: one fsync for ~25 full batches. At 20k the pump stalled behind slow
+# fsyncs (0.1-0.5 s on this disk); the bound is memory: about 300 bytes of rows per op waiting.
+GROUP_OPS_MAX = 50_000
 
 Stream = INetStream
 logger = logging.getLogger(__name__)
