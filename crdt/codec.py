@@ -182,7 +182,8 @@ def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:
             and _PAYLOAD_RULES[collection, kind](payload)
             and (prev is None or _valid_prev(prev, devices))
         ):
-            return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev and (devices[prev[0]], prev[1]))
+            prev = prev and (devices[prev[0]], prev[1])
+            return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev)
     raise DecodeError(_why_malformed(row, devices, limits))
 
 

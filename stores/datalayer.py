@@ -51,7 +51,8 @@ def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
         if message is None:
             return None
         get = message.get  # on the catch-up hot path: the columns written out
-        return (key, get("conversation"), get("role"), get("text"), get("ts_ms"), get("sentiment"), get("response_time_ms"))
+        columns = (get("conversation"), get("role"), get("text"), get("ts_ms"), get("sentiment"), get("response_time_ms"))
+        return (key, *columns)
     if collection is Collection.MEMORIES:
         if not replica.memories.is_live(key):
             return None

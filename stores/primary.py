@@ -178,7 +178,8 @@ def _rewrite_logged(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
 
 def load_ops(adapter: SqlAdapter) -> list[Op]:
     """Return every logged op in the order it was applied (each device's in seq order)."""
-    return [op for (body,) in adapter.query("SELECT body FROM op_batches ORDER BY id") for op in decode_stored_batch(body)]
+    bodies = adapter.query("SELECT body FROM op_batches ORDER BY id")
+    return [op for (body,) in bodies for op in decode_stored_batch(body)]
 
 
 _UPSERT_SQL = {

@@ -133,7 +133,7 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
         wait_until(lambda: converged(*nodes), what="convergence after writes everywhere")
         for node in nodes:
             # The digest is of the replica, which runs ahead of the stores by the write in flight.
-            wait_until(lambda: stored_counts(node) == (3, 3, 0), what="messages, memories and an empty projector backlog")
+            wait_until(lambda: stored_counts(node) == (3, 3, 0), what="3 messages, 3 memories, nothing to project")
             stores = node.call("status")["stores"]
             assert stores["analytics_rows"] == 3 and stores["vector_items"] == 3
         assert a.call("note.show", name="partner") == "Sam really likes hiking in autumn."
@@ -184,6 +184,6 @@ def test_a_peer_killed_mid_sync_and_restarted_converges(first, tmp_path):
     try:
         wait_until(lambda: converged(first, second), what="convergence after restart")
         # The digest is of the replica, which runs ahead of the store by the write in flight.
-        wait_until(lambda: second.call("status")["stores"]["messages"] == 300, what="all 300 messages stored, none twice")
+        wait_until(lambda: second.call("status")["stores"]["messages"] == 300, what="300 messages stored, none twice")
     finally:
         second.stop()
