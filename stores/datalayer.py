@@ -1,5 +1,6 @@
 """The four stores of one device opened together, with the replica that merges into them."""
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -104,6 +105,7 @@ class DataLayer:
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
         self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
+        self.last_write_s = -math.inf  # trio time of the last write
         self._analytics_lock = trio.Lock()
         self._analytics_loaded = False
 
@@ -212,6 +214,7 @@ class DataLayer:
                 await self.reload_replica()
             raise
         self.ops_stored += sum(len(logged.ops) for logged in pending.log)
+        self.last_write_s = trio.current_time()
 
     async def close(self) -> None:
         """Close every store; idempotent."""

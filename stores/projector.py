@@ -13,6 +13,7 @@ from stores.datalayer import DataLayer, _load_analytics
 log = logging.getLogger(__name__)
 PREFERENCE_CACHE_PREFIX = b"pref:"
 WRITER_POLL_S = 0.05
+WRITER_QUIET_S = 0.2  # how long the store must go unwritten before the projector starts
 
 
 class Projector:
@@ -35,9 +36,10 @@ class Projector:
         task_status.started()
         await self.data.analytics_ready()  # outbox entries apply on top of the initial load
         while True:
-            while self.data.write_lock.locked():
-                # A writer (a sync catch-up) holds the store: projecting now would compete with it for the one store
-                # thread and the CPU. Derived stores may lag; callers that need them fresh drain themselves.
+            while self.data.write_lock.locked() or trio.current_time() - self.data.last_write_s < WRITER_QUIET_S:
+                # A writer (a sync catch-up) holds the store, or let it go only between two writes: projecting now
+                # would compete with it for the one store thread and the CPU (measured: a quarter of the receiver's
+                # main thread during a catch-up). Derived stores may lag; callers that need them fresh drain themselves.
                 await trio.sleep(WRITER_POLL_S)
             await self.drain(yield_to_writers=True)
             with trio.move_on_after(self.idle_s):
