@@ -385,7 +385,8 @@ class Node:
     async def _store_counts(self) -> dict:
         data = self.data
         (messages, memories, backlog) = await data.sql.query_one(
-            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), (SELECT coalesce(sum(key_count), 0) FROM outbox)"
+            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), "
+            "(SELECT coalesce(sum(key_count), 0) FROM outbox)"
         )
         index = data.vectors()
         return {
