@@ -64,6 +64,20 @@ class MessageSet:
                 message[field] = register.value
         return message
 
+    def row(self, message_id: str) -> tuple | None:
+        """Return (id, conversation, role, text, ts_ms, sentiment, response_time_ms) of a message, edits applied, or None
+        if absent or deleted."""
+        record = self.records.get(message_id)
+        if record is None:
+            return None
+        # On a catch-up's hot path: an unedited message is read in place, with no copy.
+        message = self.get(message_id) if message_id in self.edits else record.value
+        get = message.get
+        return (
+            message_id, get("conversation"), get("role"), get("text"), get("ts_ms"), get("sentiment"),
+            get("response_time_ms"),
+        )  # fmt: skip
+
     def to_state(self) -> dict:
         return {
             "records": {mid: list(r) for mid, r in self.records.items()},

@@ -134,7 +134,10 @@ class Node:
         self.identity = identity
         self.data = data
         self.keyring = KeyRing(home, identity)
-        data.replica.admit = lambda op, replica: registry_refusal(op, replica.devices)
+        # Called for every op applied: others than registry ops pass with no further call.
+        data.replica.admit = lambda op, replica: (
+            None if op.collection is not Collection.DEVICES else registry_refusal(op, replica.devices)
+        )
         self.sync: Any = None  # a SyncService while the network runs
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs

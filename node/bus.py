@@ -20,7 +20,7 @@ DATA_FORGOTTEN = "data.forgotten"
 SYNC_REMOTE_APPLIED = "sync.remote.applied"
 
 BUFFER_MAX = 1024
-TOPICS_CHECKED_MAX = 1024
+TOPICS_CACHED_MAX = 1024
 _TOPIC = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 _WILDCARD = "*"
 
@@ -100,22 +100,23 @@ class Bus:
         self.buffer_max = buffer_max
         self.dropped = 0
         self._subscriptions: set[Subscription] = set()
-        self._checked_topics: set[str] = set()  # a sync publishes an event per op: check each topic once
+        # A sync publishes an event per op: each topic is checked once, and its subscribers found once until
+        # subscriptions change.
+        self._subscribers_by_topic: dict[str, list[Subscription]] = {}
 
     def publish(self, topic: str, payload: dict[str, Any]) -> int:
         """Deliver an event to every matching subscriber without waiting; return how many received it."""
-        if type(topic) is not str or topic not in self._checked_topics:
+        subscribers = self._subscribers_by_topic.get(topic) if type(topic) is str else None
+        if subscribers is None:
             _check_topic(topic)
-            if len(self._checked_topics) < TOPICS_CHECKED_MAX:
-                self._checked_topics.add(topic)
+            subscribers = [s for s in self._subscriptions if _matches(s.pattern, topic)]
+            if len(self._subscribers_by_topic) < TOPICS_CACHED_MAX:
+                self._subscribers_by_topic[topic] = subscribers
         if type(payload) is not dict:
             raise BusError(f"an event payload is a dict, got {type(payload).__name__}")
-        event = None
+        event = BusEvent(topic, payload) if subscribers else None
         delivered = 0
-        for subscription in self._subscriptions:
-            if not _matches(subscription.pattern, topic):
-                continue
-            event = event or BusEvent(topic, payload)
+        for subscription in subscribers:
             try:
                 subscription._send.send_nowait(event)
             except trio.WouldBlock:
@@ -131,8 +132,10 @@ class Bus:
         _check_pattern(pattern)
         subscription = Subscription(pattern, self.buffer_max)
         self._subscriptions.add(subscription)
+        self._subscribers_by_topic.clear()
         try:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
+            self._subscribers_by_topic.clear()
             await subscription._close()

@@ -44,16 +44,11 @@ def materialise(replica: Replica, keys: Iterable[tuple[Collection, str]]) -> lis
 
 
 def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
+    if collection is Collection.MESSAGES:  # first: a catch-up is mostly messages
+        return replica.messages.row(key)
     if collection in (Collection.PREFERENCES, Collection.SETTINGS):
         rule = replica.preferences if collection is Collection.PREFERENCES else replica.settings
         return (collection.value, key, primary.pack(rule.get(key)))
-    if collection is Collection.MESSAGES:
-        message = replica.messages.get(key)
-        if message is None:
-            return None
-        get = message.get  # on the catch-up hot path: the columns written out
-        columns = (get("conversation"), get("role"), get("text"), get("ts_ms"), get("sentiment"), get("response_time_ms"))
-        return (key, *columns)
     if collection is Collection.MEMORIES:
         if not replica.memories.is_live(key):
             return None

@@ -182,3 +182,14 @@ def test_a_device_that_knows_it_was_revoked_can_no_longer_write(clock):
     with pytest.raises(InvalidOpError, match="revoked"):
         revoked.edit_note("n", "text")
     assert revoked.seq_of("c") == 0
+
+
+def test_a_message_row_carries_its_edits_and_is_gone_once_deleted(clock):
+    a = make_replica("dev-a", clock)
+    a.add_message("m1", {"conversation": "c", "role": "user", "text": "hi", "ts_ms": 1, "sentiment": 0.5})
+    assert a.messages.row("m1") == ("m1", "c", "user", "hi", 1, 0.5, None)
+    a.edit_message("m1", "text", "hello")
+    assert a.messages.row("m1") == ("m1", "c", "user", "hello", 1, 0.5, None)
+    assert a.messages.get("m1")["text"] == "hello"
+    a.delete_message("m1")
+    assert a.messages.row("m1") is None and a.messages.row("never") is None
