@@ -34,6 +34,9 @@ SQL_ENGINES = ("sqlcipher", "libsql")
 STORE_KEY_BYTES = 32
 BUSY_TIMEOUT_MS = 5000
 DEFAULT_CALL_TIMEOUT_S = 30.0
+# Opening (journal mode) and closing (a WAL checkpoint) write and fsync, which on a slow disk takes longer than a
+# short call timeout allows (a test's 0.2 s close failed on a 0.5 s fsync): they wait at least this long.
+OPEN_CLOSE_TIMEOUT_S = 30.0
 
 # WAL with synchronous=FULL fsyncs every commit, so an acknowledged transaction survives kill -9 and power loss.
 # busy_timeout lets a second process (the CLI opening the store directly) wait briefly for the write lock.
@@ -338,10 +341,13 @@ class AsyncSql:
     async def open(
         cls, engine: str, path: Path, key: bytes, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     ) -> AsyncSql:
-        """Open the store on a new worker thread; timeout_s bounds this and every later call."""
+        """Open the store on a new worker thread; timeout_s bounds every call (opening and closing at least
+        OPEN_CLOSE_TIMEOUT_S)."""
         db = cls(engine, timeout_s)
         try:
-            db._adapter = await db._call(functools.partial(open_sql, engine, path, key))
+            db._adapter = await db._call(
+                functools.partial(open_sql, engine, path, key), max(timeout_s, OPEN_CLOSE_TIMEOUT_S)
+            )
         except BaseException:
             db._stop_worker()
             raise
@@ -380,14 +386,15 @@ class AsyncSql:
             return
         adapter, self._adapter = self._adapter, None
         try:
-            await self._call(adapter.close)
+            await self._call(adapter.close, max(self._timeout_s, OPEN_CLOSE_TIMEOUT_S))
         finally:
             self._stop_worker()
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    async def _call(self, fn: Callable[[], T], timeout_s: float | None = None) -> T:
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         call = _Call(fn)
         token = trio.lowlevel.current_trio_token()
-        with trio.move_on_after(self._timeout_s):
+        with trio.move_on_after(timeout_s):
             try:
                 await self._idle.acquire()
                 if self._stopped:
@@ -399,7 +406,7 @@ class AsyncSql:
                 started = call.abandon()
         if not call.finished.is_set():
             fate = "it may still complete" if started else "it was not started"
-            raise StoreTimeoutError(f"{self._engine} store call did not finish within {self._timeout_s} s; {fate}")
+            raise StoreTimeoutError(f"{self._engine} store call did not finish within {timeout_s} s; {fate}")
         return call.outcome()
 
     def _serve(self) -> None:

@@ -326,8 +326,10 @@ async def test_libsql_slow_query_stalls_trio_loop(db_path: Path) -> None:
 
 @pytest.mark.trio
 async def test_async_timeout_abandons_calls_that_had_not_started(engine: str, db_path: Path) -> None:
+    setup = await AsyncSql.open(engine, db_path, KEY)  # a write's fsync may outlast 0.2 s on a slow disk
+    await setup.execute("CREATE TABLE t (text TEXT)")
+    await setup.close()
     db = await AsyncSql.open(engine, db_path, KEY, timeout_s=0.2)
-    await db.execute("CREATE TABLE t (text TEXT)")
 
     with pytest.raises(StoreTimeoutError, match="may still complete"):
         await db.run(lambda adapter: time.sleep(0.5))
