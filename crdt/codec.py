@@ -1,9 +1,8 @@
 """Versioned msgpack wire format for op batches, state snapshots and saved replicas, decoded strictly."""
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import zlib
 
 import attrs
 import msgpack

@@ -121,6 +121,8 @@ class PeerClosed:
 
 Event = PeerHello | OpsApplied | StateMerged | PeerAcked | PeerClosed
 _REWIND = -1  # marks an ACK owed by `refresh`, which the peer treats as authoritative
+
+
 def _raise_max(vector: dict[str, int], device: str, seq: int) -> None:
     if seq > vector.get(device, 0):
         vector[device] = seq

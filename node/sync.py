@@ -287,7 +287,6 @@ class SyncService:
     def _on_events(self, peer: PeerState, events: list) -> Awaitable[None]:
         """Check what a session did and take the rows its applied ops changed now; return the write that persists
         them (in one transaction). Runs under the data layer's write lock, which is held until the write is done."""
-        applied: list[Op] = []
         log: list[LogBatch] = []
         for event in events:
             match event:
@@ -295,21 +294,20 @@ class SyncService:
                     raise RemoteProtocolError(
                         EndReason.UNEXPECTED_FRAME, f"HELLO names {event.device_id}, the connection is {peer.device_id}"
                     )
-                case OpsApplied():
-                    applied += event.ops
+                case OpsApplied() if event.ops:
                     log.append(LogBatch(event.ops, event.deflated))
                 case StateMerged():
                     raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
                 case PeerAcked():
                     peer.last_sync = time.time()
-        return self._persist(peer, self.data.prepare(applied, log=log) if applied else None)
+        return self._persist(peer, self.data.prepare(log) if log else None)
 
     async def _persist(self, peer: PeerState, pending: PendingWrite | None) -> None:
         if pending is None:
             return
         await self.data.write(pending)
         peer.last_sync = time.time()
-        self._on_applied(list(pending.ops))
+        self._on_applied(pending.ops)
         self.outgoing.notify()  # other peers may lack these ops
 
 

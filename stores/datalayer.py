@@ -67,11 +67,15 @@ def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
 class PendingWrite:
     """Applied ops and what they changed, as the replica held them when prepared, waiting to be written."""
 
-    ops: Sequence[Op]
+    log: Sequence[LogBatch]  # the applied ops, as the batches to log them in
     changes: list[Change]
     conflicts: Sequence[Conflict]
     redacted: Sequence[Op]
-    log: Sequence[LogBatch]  # the same ops, as the batches to log them in
+
+    @property
+    def ops(self) -> list[Op]:
+        """Return the applied ops, in order."""
+        return [op for logged in self.log for op in logged.ops]
 
 
 class DataLayer:
@@ -181,24 +185,22 @@ class DataLayer:
 
         If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
         """
-        await self.write(self.prepare(ops, redacted))
+        await self.write(self.prepare([LogBatch(ops)], redacted))
 
-    def prepare(
-        self, ops: Sequence[Op], redacted: Sequence[Op] = (), log: Sequence[LogBatch] | None = None
-    ) -> "PendingWrite":
+    def prepare(self, log: Sequence[LogBatch], redacted: Sequence[Op] = ()) -> "PendingWrite":
         """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
 
-        Split from `write` so a caller can apply further ops while this write runs: their effects stay out of it.
-        `log` splits the ops into the batches to log them in (by default one), with encodings at hand.
+        `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
+        `write` so a caller can apply further ops while this write runs: their effects stay out of it.
         """
-        keys = dict.fromkeys((op.collection, op.key) for op in ops)
+        keys = dict.fromkeys((op.collection, op.key) for logged in log for op in logged.ops)
         if self.replica.rebuilds != self._rebuilds_seen:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
             keys.update(dict.fromkeys(self.replica.logged_keys()))
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        return PendingWrite(ops, materialise(self.replica, keys), conflicts, redacted, log or [LogBatch(ops)])
+        return PendingWrite(log, materialise(self.replica, keys), conflicts, redacted)
 
     async def write(self, pending: "PendingWrite") -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""

@@ -224,7 +224,7 @@ def persist(
         conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", deleted_ids)}
         outbox: list[tuple[str, str, str]] = []
         upserts: dict[Collection, list[tuple]] = {}
-        deletes: dict[Collection, list[tuple]] = {}
+        deletes: dict[Collection, list[str]] = {}
         for change in changes:
             table = _table_of(change.collection)
             if change.row is None:
