@@ -25,6 +25,11 @@ KIND_CODES: tuple[Kind, ...] = (
 )  # fmt: skip
 _COLLECTION_CODE = {c: i for i, c in enumerate(COLLECTION_CODES)}
 _KIND_CODE = {k: i for i, k in enumerate(KIND_CODES)}
+# (collection code, kind code) -> (collection, kind, payload check), for each pair an op may have.
+_RULES_BY_CODES = {
+    (_COLLECTION_CODE[collection], _KIND_CODE[kind]): (collection, kind, check)
+    for (collection, kind), check in _PAYLOAD_RULES.items()
+}
 
 
 @attrs.frozen
@@ -172,17 +177,15 @@ def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:
             and type(hlc) is int
             and 0 <= hlc <= HLC_MAX
             and type(collection_code) is int
-            and 0 <= collection_code < len(COLLECTION_CODES)
             and type(kind_code) is int
-            and 0 <= kind_code < len(KIND_CODES)
+            and (rule := _RULES_BY_CODES.get((collection_code, kind_code))) is not None
             and type(key) is str
             and 0 < len(key) <= limits.key_chars_max
-            and (collection := COLLECTION_CODES[collection_code], kind := KIND_CODES[kind_code]) in _PAYLOAD_RULES
-            and _PAYLOAD_RULES[collection, kind](payload)
+            and rule[2](payload)
             and (prev is None or _valid_prev(prev, devices))
         ):
             prev = prev and (devices[prev[0]], prev[1])
-            return Op(devices[device_index], seq, hlc, collection, key, kind, payload, prev)
+            return Op(devices[device_index], seq, hlc, rule[0], key, rule[1], payload, prev)
     raise DecodeError(_why_malformed(row, devices, limits))
 
 

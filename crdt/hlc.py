@@ -34,6 +34,10 @@ class HybridClock:
         self.last = max(hlc_pack(self._now_ms()), self.last + 1)
         return self.last
 
+    def horizon(self) -> int:
+        """Return the newest remote stamp `observe` accepts now."""
+        return hlc_pack(self._now_ms() + self.drift_ms_max + 1) - 1
+
     def observe(self, stamp: int) -> None:
         """Adopt a remote stamp, refusing one too far ahead of the local wall clock."""
         if stamp <= self.last:

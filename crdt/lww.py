@@ -24,7 +24,8 @@ class Register(NamedTuple):
     @classmethod
     def of(cls, op: Op, value: Any) -> "Register":
         """Return the register an op writes."""
-        return cls(op.hlc, op.device, op.seq, value, op.prev)
+        # tuple.__new__ skips the generated __new__, a Python call: a catch-up makes a register per op.
+        return tuple.__new__(cls, (op.hlc, op.device, op.seq, value, op.prev))
 
     @classmethod
     def from_state(cls, row: list) -> "Register":

@@ -91,9 +91,9 @@ class Replica:
         self._held: dict[str, dict[int, Op]] = {}
         self._held_count = 0
         self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
-        # Set by the node: returns why a remote op must be refused (e.g. a registry record with a bad signature), or
+        # Set by the node: returns why a remote registry op must be refused (e.g. its record has a bad signature), or
         # None. A refused op is not counted, so it is offered again and may pass once what it depends on arrived.
-        self.admit: Callable[[Op, "Replica"], str | None] | None = None
+        self.admit_registry_op: Callable[[Op, DeviceRegistry], str | None] | None = None
 
     def _fresh_rules(self) -> None:
         """Give every collection an empty merge state."""
@@ -279,19 +279,21 @@ class Replica:
         """Apply remote ops in any order: duplicates are skipped, ops after a gap are held."""
         applied: list[Op] = []
         refused: list[tuple[Op, str]] = []
+        # A catch-up's hot loop: the wall clock is read once per call, not per op.
+        horizon = self.clock.horizon()
+        vector, held = self._vector, self._held
         for op in ops:
-            have = self._vector.get(op.device, 0)
-            if op.seq <= have:
+            have = vector.get(op.device, 0)
+            if op.seq != have + 1:
+                if op.seq > have:
+                    self._hold(op)
                 continue
-            if op.seq > have + 1:
-                self._hold(op)
-                continue
-            ok = self._apply_in_order(op, applied, refused)
-            held = self._held.get(op.device)
-            while ok and held and have + 2 in held:
+            ok = self._apply_in_order(op, horizon, applied, refused)
+            waiting = held.get(op.device) if held else None
+            while ok and waiting and have + 2 in waiting:
                 have += 1
                 self._held_count -= 1
-                ok = self._apply_in_order(held.pop(have + 1), applied, refused)
+                ok = self._apply_in_order(waiting.pop(have + 1), horizon, applied, refused)
         return ApplyResult(tuple(applied), self._held_count, tuple(refused))
 
     def _hold(self, op: Op) -> None:
@@ -301,24 +303,29 @@ class Replica:
             held[op.seq] = op
             self._held_count += 1
 
-    def _apply_in_order(self, op: Op, applied: list[Op], refused: list[tuple[Op, str]]) -> bool:
-        if self.admit is not None and (why := self.admit(op, self)) is not None:
-            refused.append((op, why))
-            return False
+    def _apply_in_order(self, op: Op, horizon: int, applied: list[Op], refused: list[tuple[Op, str]]) -> bool:
+        if op.collection is Collection.DEVICES and self.admit_registry_op is not None:
+            why = self.admit_registry_op(op, self.devices)
+            if why is not None:
+                refused.append((op, why))
+                return False
         try:
-            self.clock.observe(op.hlc)
+            if op.hlc > horizon:
+                self.clock.observe(op.hlc)  # refuses the stamp, unless the wall clock moved on since the horizon
             self._commit(op)
         except (ClockDriftError, InvalidOpError) as error:
             refused.append((op, str(error)))
             return False
+        if op.hlc > self.clock.last:
+            self.clock.last = op.hlc
         applied.append(op)
         return True
 
     def _commit(self, op: Op) -> None:
         # An op its device stamped after that device's revocation is logged and counted, so it is never resent,
         # but has no effect.
-        revoked_at = self.devices.revoked_at(op.device)
-        if revoked_at is None or op.hlc <= revoked_at:
+        revocation = self.devices.revocations.get(op.device)
+        if revocation is None or op.hlc <= revocation.hlc:
             self._rules[op.collection].apply(op, self.journal)
         self._log.setdefault(op.device, []).append(op)
         self._vector[op.device] = op.seq

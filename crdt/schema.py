@@ -38,19 +38,20 @@ _MEMORY_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "embedding": lambda v: v is None or (type(v) is bytes and len(v) % 4 == 0),
     "metadata": is_str_map,
 }
-_MESSAGE_REQUIRED = frozenset({"conversation", "role", "text", "ts_ms"})
+_MESSAGE_FIELDS = frozenset(_MESSAGE_FIELD_TYPES)  # conversation, role, text and ts_ms are required
 
 
 def _valid_message(payload: Any) -> bool:
     # On the catch-up hot path: the field checks of _MESSAGE_FIELD_TYPES written out, and no separate key-type pass
-    # (only str keys can be a subset).
-    if type(payload) is not dict or not _MESSAGE_REQUIRED <= payload.keys() <= _MESSAGE_FIELD_TYPES.keys():
+    # (only str keys can be a subset). A required field that is missing reads as None, which fails its type check.
+    if type(payload) is not dict or not payload.keys() <= _MESSAGE_FIELDS:
         return False
-    ts_ms, sentiment, response_time_ms = payload["ts_ms"], payload.get("sentiment"), payload.get("response_time_ms")
+    get = payload.get
+    ts_ms, sentiment, response_time_ms = get("ts_ms"), get("sentiment"), get("response_time_ms")
     return (
-        type(payload["conversation"]) is str
-        and type(payload["role"]) is str
-        and type(payload["text"]) is str
+        type(get("conversation")) is str
+        and type(get("role")) is str
+        and type(get("text")) is str
         and type(ts_ms) is int
         and 0 <= ts_ms <= SEQ_MAX
         and (sentiment is None or type(sentiment) in _NUMBER_TYPES)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 BOOTSTRAP_PEER = "bootstrap_peer"
 SOCKET_FILE = "node.sock"
+_OP_TOPICS = (topics.USER_PREFERENCES_CHANGED, topics.CONVERSATION_MESSAGE_ADDED, topics.DATA_FORGOTTEN)  # events per op
 Handler = Callable[[dict], Awaitable[Any]]
 
 
@@ -134,10 +135,7 @@ class Node:
         self.identity = identity
         self.data = data
         self.keyring = KeyRing(home, identity)
-        # Called for every op applied: others than registry ops pass with no further call.
-        data.replica.admit = lambda op, replica: (
-            None if op.collection is not Collection.DEVICES else registry_refusal(op, replica.devices)
-        )
+        data.replica.admit_registry_op = registry_refusal
         self.sync: Any = None  # a SyncService while the network runs
         self.desk: Any = None  # an InviteDesk while the network runs
         self.host: Any = None  # a P2pHost while the network runs
@@ -240,6 +238,9 @@ class Node:
         return devices.get(device_id)["public_key"] if devices.is_trusted(device_id) else None
 
     def _committed_events(self, ops: list[Op]) -> None:
+        # A sync commits thousands of ops at once: with nobody listening, no op is looked at.
+        if not self.bus.has_subscribers(*_OP_TOPICS):
+            return
         for op in ops:
             if op.collection is Collection.PREFERENCES:
                 self.bus.publish(topics.USER_PREFERENCES_CHANGED, {"preference_key": op.key, "new_value": op.payload})

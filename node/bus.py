@@ -126,6 +126,10 @@ class Bus:
                 delivered += 1
         return delivered
 
+    def has_subscribers(self, *topics: str) -> bool:
+        """Return whether an event published on any of these topics would reach a subscriber."""
+        return any(_matches(s.pattern, topic) for topic in topics for s in self._subscriptions)
+
     @asynccontextmanager
     async def subscribe(self, pattern: str) -> AsyncIterator[Subscription]:
         """Subscribe to a topic, a prefix like "memory.*", or "*", for the duration of the context."""

@@ -4,6 +4,7 @@ It knows no sockets and no clock. Feed received bytes to `receive_data`, send wh
 returns until it returns None, and call `refresh` from a timer to re-check what the peer lacks.
 """
 
+import operator
 from enum import Enum
 from typing import Protocol
 
@@ -266,7 +267,7 @@ class SyncSession:
             _raise_max(self._sent, device, seq)
         result = self.replica.apply(ops)
         self._owe_ack(deltas.batch_no)
-        whole = len(result.applied) == len(ops) and all(a is b for a, b in zip(result.applied, ops))
+        whole = len(result.applied) == len(ops) and all(map(operator.is_, result.applied, ops))
         return OpsApplied(result.applied, result.held, result.refused, deflated if whole else None)
 
     def _on_state(self, snapshot: StateSnapshot) -> StateMerged:

@@ -224,7 +224,10 @@ def _store_floor_s(root: Path, encoded: list[bytes]) -> float:
     replica = Replica("floor", HybridClock(lambda: time.time_ns() // 1_000_000))
     if refused := replica.apply(ops).refused:
         raise RuntimeError(f"the floor replica refused {len(refused)} ops, first: {refused[0][1]}")
-    changes = materialise(replica, dict.fromkeys((op.collection, op.key) for op in ops))
+    keys: dict = {}
+    for op in ops:
+        keys.setdefault(op.collection, {})[op.key] = None
+    changes = materialise(replica, keys)
     store = open_sql("sqlcipher", root / "floor.db", b"k" * 32)
     try:
         primary.open_schema(store)

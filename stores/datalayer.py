@@ -1,19 +1,23 @@
 """The four stores of one device opened together, with the replica that merges into them."""
 
+import collections
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
 from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
+from crdt.memories import MemorySet
+from crdt.registry import DeviceRegistry
 from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
 from stores.cache import SealedKv
 from stores.errors import StoreError
-from stores.primary import Change, LogBatch
+from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
 
 PRIMARY_FILE = "primary.db"
@@ -35,30 +39,45 @@ class StoreConfig:
             raise StoreError(f"unknown SQL engine {self.engine!r}; choose one of {', '.join(SQL_ENGINES)}")
 
 
-def materialise(replica: Replica, keys: Iterable[tuple[Collection, str]]) -> list[Change]:
-    """Return the table row (or deletion) each changed key now has in the replica."""
-    changes = []
-    for collection, key in keys:
-        changes.append(Change(collection, key, _row(replica, collection, key)))
+def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]]) -> Changes:
+    """Return the table row each changed key (by collection) now has in the replica, or that it is gone."""
+    changes = Changes()
+    for collection, collection_keys in keys.items():
+        read = _row_reader(replica, collection)
+        rows = changes.upserts[collection] = {}
+        for key in collection_keys:
+            if (row := read(key)) is not None:
+                rows[key] = row
+            else:
+                changes.deletes.setdefault(collection, []).append(key)
     return changes
 
 
-def _row(replica: Replica, collection: Collection, key: str) -> tuple | None:
-    if collection is Collection.MESSAGES:  # first: a catch-up is mostly messages
-        return replica.messages.row(key)
+def _row_reader(replica: Replica, collection: Collection) -> Callable[[str], tuple | None]:
+    """Return what reads a key's table row (None: no row) from the replica: a catch-up calls it once per op."""
+    if collection is Collection.MESSAGES:
+        return replica.messages.row
     if collection in (Collection.PREFERENCES, Collection.SETTINGS):
         rule = replica.preferences if collection is Collection.PREFERENCES else replica.settings
-        return (collection.value, key, primary.pack(rule.get(key)))
+        return lambda key: (collection.value, key, primary.pack(rule.get(key)))
     if collection is Collection.MEMORIES:
-        if not replica.memories.is_live(key):
-            return None
-        fields = {field: register.value for field, register in replica.memories.fields[key].items()}
-        return (key, fields["text"], fields["embedding"], primary.pack(fields["metadata"]))
+        return functools.partial(_memory_row, replica.memories)
     if collection is Collection.NOTES:
-        return (key, replica.notes.text(key) or "")
+        return lambda key: (key, replica.notes.text(key) or "")
     if collection is Collection.COUNTERS:
-        return (key, replica.counters.value(key))
-    record = replica.devices.get(key)
+        return lambda key: (key, replica.counters.value(key))
+    return functools.partial(_device_row, replica.devices)
+
+
+def _memory_row(memories: MemorySet, key: str) -> tuple | None:
+    if not memories.is_live(key):
+        return None
+    fields = {field: register.value for field, register in memories.fields[key].items()}
+    return (key, fields["text"], fields["embedding"], primary.pack(fields["metadata"]))
+
+
+def _device_row(devices: DeviceRegistry, key: str) -> tuple:
+    record = devices.get(key)
     revoked = record.pop("revoked")
     return (key, primary.pack(record), int(revoked))
 
@@ -68,7 +87,7 @@ class PendingWrite:
     """Applied ops and what they changed, as the replica held them when prepared, waiting to be written."""
 
     log: Sequence[LogBatch]  # the applied ops, as the batches to log them in
-    changes: list[Change]
+    changes: Changes
     conflicts: Sequence[Conflict]
     redacted: Sequence[Op]
 
@@ -151,9 +170,9 @@ class DataLayer:
 
     async def reload_replica(self) -> None:
         """Rebuild the replica from primary SQL after a failed write left it ahead of the store."""
-        admit = self.replica.admit
+        admit = self.replica.admit_registry_op
         self.replica = await self._load_replica(self.sql, self.replica.device_id, self.now_ms)
-        self.replica.admit = admit
+        self.replica.admit_registry_op = admit
         self._conflicts_seen = 0
         self._rebuilds_seen = self.replica.rebuilds
         self.ops_stored = self.replica.vector.total()
@@ -193,10 +212,14 @@ class DataLayer:
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
         `write` so a caller can apply further ops while this write runs: their effects stay out of it.
         """
-        keys = dict.fromkeys((op.collection, op.key) for logged in log for op in logged.ops)
+        keys: dict[Collection, dict[str, None]] = collections.defaultdict(dict)
+        for logged in log:
+            for op in logged.ops:
+                keys[op.collection][op.key] = None
         if self.replica.rebuilds != self._rebuilds_seen:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
-            keys.update(dict.fromkeys(self.replica.logged_keys()))
+            for collection, key in self.replica.logged_keys():
+                keys[collection][key] = None
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded

@@ -67,12 +67,11 @@ def unpack(data: bytes) -> Any:
 
 
 @attrs.frozen
-class Change:
-    """The materialised form of one key after a write: a row to upsert, or None to delete."""
+class Changes:
+    """What a write did to the materialised tables, by collection: the rows of keys that changed, and keys now gone."""
 
-    collection: Collection
-    key: str
-    row: tuple | None
+    upserts: dict[Collection, dict[str, tuple]] = attrs.field(factory=dict)
+    deletes: dict[Collection, list[str]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -118,19 +117,26 @@ def _outbox_of_key_lists(adapter: SqlAdapter) -> None:
         "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, action TEXT NOT NULL, "
         "keys BLOB NOT NULL, key_count INTEGER NOT NULL)"
     )
-    _queue_projections(adapter, adapter.query("SELECT target, action, key FROM outbox_of_keys ORDER BY id"))
+    entries = adapter.query("SELECT target, action, key FROM outbox_of_keys ORDER BY id")
+    _queue_projections(
+        adapter,
+        [(target, action, [key for *_, key in run]) for (target, action), run in itertools.groupby(entries, _target_action)],
+    )
     adapter.execute("DROP TABLE outbox_of_keys")
 
 
-def _queue_projections(adapter: SqlAdapter, entries: Iterable[tuple[str, str, str]]) -> None:
-    """Queue (target, action, key) projections: a row per run of consecutive entries with one target and action."""
+def _queue_projections(adapter: SqlAdapter, runs: Iterable[tuple[str, str, list[str]]]) -> None:
+    """Queue (target, action, keys) projections: a row per OUTBOX_KEYS_MAX keys."""
     rows: list[tuple[str, str, bytes, int]] = []
-    for (target, action), run in itertools.groupby(entries, key=lambda entry: entry[:2]):
-        keys = [key for _, _, key in run]
+    for target, action, keys in runs:
         for start in range(0, len(keys), OUTBOX_KEYS_MAX):
             chunk = keys[start : start + OUTBOX_KEYS_MAX]
             rows.append((target, action, pack(chunk), len(chunk)))
     adapter.insert_rows("INSERT INTO outbox (target, action, keys, key_count) VALUES", rows)
+
+
+def _target_action(entry: tuple[str, str, str]) -> tuple[str, str]:
+    return entry[0], entry[1]
 
 
 def _log_ops_in_batches(adapter: SqlAdapter) -> None:
@@ -144,19 +150,31 @@ def _log_ops_in_batches(adapter: SqlAdapter) -> None:
     )
     after = 0
     while rows := adapter.query("SELECT rowid, body FROM ops WHERE rowid > ? ORDER BY rowid LIMIT 2000", (after,)):
-        _log_batch(adapter, LogBatch([decode_op(body) for _, body in rows]))
+        _log_batches(adapter, [LogBatch([decode_op(body) for _, body in rows])])
         after = rows[-1][0]
     adapter.execute("DROP TABLE ops")
 
 
-def _log_batch(adapter: SqlAdapter, logged: LogBatch) -> None:
-    adapter.execute("INSERT INTO op_batches (body) VALUES (?)", (logged.deflated or deflate(encode_ops(logged.ops)),))
-    (batch,) = adapter.query_one("SELECT last_insert_rowid()")
-    # A device's ops are applied in seq order, so those in one batch are one run of seqs.
-    runs: dict[str, list[int]] = {}
-    for op in logged.ops:
-        runs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
-    adapter.insert_rows("INSERT INTO op_runs VALUES", [(d, first, last, batch) for d, (first, last) in runs.items()])
+def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch]) -> None:
+    """Log each batch as one row, and per device the run of seqs it holds; a few statements for any number of
+    batches (each statement retakes the GIL, which waits for the switch interval while the main thread is busy)."""
+    log = [logged for logged in log if logged.ops]
+    if not log:
+        return
+    (newest,) = adapter.query_one("SELECT coalesce(max(id), 0) FROM op_batches")
+    batch_ids = range(newest + 1, newest + 1 + len(log))
+    adapter.insert_rows(
+        "INSERT INTO op_batches (id, body) VALUES",
+        [(batch, logged.deflated or deflate(encode_ops(logged.ops))) for batch, logged in zip(batch_ids, log)],
+    )
+    runs: list[tuple[str, int, int, int]] = []
+    for batch, logged in zip(batch_ids, log):
+        # A device's ops are applied in seq order, so those in one batch are one run of seqs.
+        seqs: dict[str, list[int]] = {}
+        for op in logged.ops:
+            seqs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
+        runs += [(device, first, last, batch) for device, (first, last) in seqs.items()]
+    adapter.insert_rows("INSERT INTO op_runs VALUES", runs)
 
 
 def _rewrite_logged(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
@@ -184,6 +202,7 @@ def load_ops(adapter: SqlAdapter) -> list[Op]:
 
 _UPSERT_SQL = {
     Collection.PREFERENCES: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES",
+    Collection.SETTINGS: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES",
     Collection.MESSAGES: "INSERT OR REPLACE INTO messages "
     "(id, conversation, role, text, ts_ms, sentiment, response_time_ms) VALUES",
     Collection.MEMORIES: "INSERT OR REPLACE INTO memories (id, text, embedding, metadata) VALUES",
@@ -195,52 +214,35 @@ _DELETE_SQL = {
     Collection.MESSAGES: "DELETE FROM messages WHERE id IN",
     Collection.MEMORIES: "DELETE FROM memories WHERE id IN",
 }
-# Which derived stores follow which table.
+# Which derived stores follow which collection.
 _PROJECTED_TO = {Collection.MESSAGES: ANALYTICS, Collection.MEMORIES: VECTORS, Collection.PREFERENCES: CACHE}
-
-
-def _table_of(collection: Collection) -> Collection:
-    return Collection.PREFERENCES if collection is Collection.SETTINGS else collection
 
 
 def persist(
     adapter: SqlAdapter,
     log: Sequence[LogBatch],
-    changes: Sequence[Change],
+    changes: Changes,
     conflicts: Sequence[Conflict],
     redacted: Sequence[Op] = (),
     meta: dict[str, Any] | None = None,
 ) -> None:
     """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction."""
     with adapter.transaction():
-        for logged in log:
-            if logged.ops:
-                _log_batch(adapter, logged)
+        _log_batches(adapter, log)
         _rewrite_logged(adapter, redacted)
         # Conversations whose counts change: those messages join, and those deleted messages leave (read before the
         # write). A message never moves to another conversation, so only deletions need the read.
-        conversations = {c.row[1] for c in changes if c.collection is Collection.MESSAGES and c.row is not None}
-        deleted_ids = [c.key for c in changes if c.collection is Collection.MESSAGES and c.row is None]
-        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", deleted_ids)}
-        outbox: list[tuple[str, str, str]] = []
-        upserts: dict[Collection, list[tuple]] = {}
-        deletes: dict[Collection, list[str]] = {}
-        for change in changes:
-            table = _table_of(change.collection)
-            if change.row is None:
-                deletes.setdefault(table, []).append(change.key)
-            else:
-                upserts.setdefault(table, []).append(change.row)
-            if table in _PROJECTED_TO:
-                outbox.append((_PROJECTED_TO[table], UPSERT if change.row is not None else DELETE, change.key))
-        for table, ids in deletes.items():
-            _delete_where_in(adapter, _DELETE_SQL[table], ids)
-        for table, rows in upserts.items():
-            adapter.insert_rows(_UPSERT_SQL[table], rows)
-        for conversation in sorted(conversations):
-            _refresh_conversation(adapter, conversation)
-        # Each key changes once per transaction, so its entries may be grouped by target and action.
-        _queue_projections(adapter, sorted(outbox, key=lambda entry: entry[:2]))
+        deleted_messages = changes.deletes.get(Collection.MESSAGES, [])
+        conversations = {row[1] for row in changes.upserts.get(Collection.MESSAGES, {}).values()}
+        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", deleted_messages)}
+        for collection, keys in changes.deletes.items():
+            _delete_where_in(adapter, _DELETE_SQL[collection], keys)
+        for collection, rows in changes.upserts.items():
+            adapter.insert_rows(_UPSERT_SQL[collection], list(rows.values()))
+        _recount_conversations(adapter, sorted(conversations))
+        projections = [(target, UPSERT, list(changes.upserts.get(collection, ()))) for collection, target in _PROJECTED_TO.items()]
+        projections += [(target, DELETE, changes.deletes.get(collection, [])) for collection, target in _PROJECTED_TO.items()]
+        _queue_projections(adapter, projections)
         adapter.insert_rows(
             "INSERT INTO conflicts (collection, key, field, winner_device, winner_seq, winner_value, "
             "loser_device, loser_seq, loser_value) VALUES",
@@ -253,15 +255,16 @@ def persist(
             set_meta(adapter, name, value)
 
 
-def _refresh_conversation(adapter: SqlAdapter, conversation: str) -> None:
-    row = adapter.query_one("SELECT count(*), max(ts_ms) FROM messages WHERE conversation = ?", (conversation,))
-    if row[0]:
+def _recount_conversations(adapter: SqlAdapter, conversations: list[str]) -> None:
+    """Recount the messages of these conversations, dropping those left with none (two statements per 500)."""
+    for chunk in _chunks(conversations):
+        marks = ",".join("?" * len(chunk))
+        adapter.execute(f"DELETE FROM conversations WHERE id IN ({marks})", chunk)
         adapter.execute(
-            "INSERT OR REPLACE INTO conversations (id, message_count, last_ts_ms) VALUES (?, ?, ?)",
-            (conversation, row[0], row[1]),
+            "INSERT INTO conversations (id, message_count, last_ts_ms) SELECT conversation, count(*), max(ts_ms) "
+            f"FROM messages WHERE conversation IN ({marks}) GROUP BY conversation",
+            chunk,
         )
-    else:
-        adapter.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
 
 
 def outbox_batch(adapter: SqlAdapter, keys_max: int) -> list[OutboxEntry]:

@@ -166,3 +166,27 @@ def test_an_edit_naming_its_field_with_a_list_is_refused_as_malformed():
     for collection in (Collection.MESSAGES, Collection.MEMORIES):
         assert not payload_is_valid(collection, Kind.EDIT, [["text"], "x"])
         assert not payload_is_valid(collection, Kind.EDIT, [{"text": 1}, "x"])
+
+
+_MESSAGE = {"conversation": "c", "role": "user", "text": "hi", "ts_ms": 7}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        *({k: v for k, v in _MESSAGE.items() if k != missing} for missing in _MESSAGE),
+        *({**_MESSAGE, field: None} for field in _MESSAGE),
+        {**_MESSAGE, "unknown": 1},
+        {**_MESSAGE, 1: 1},
+        {**_MESSAGE, "ts_ms": -1},
+        {**_MESSAGE, "ts_ms": True},
+        {**_MESSAGE, "sentiment": "high"},
+        [*_MESSAGE.values()],
+    ],
+)
+def test_a_message_add_lacking_a_field_or_with_a_wrong_one_is_refused_in_a_batch(payload):
+    from crdt import Collection, Kind, encode_ops
+    from crdt.ops import Op
+
+    with pytest.raises(DecodeError, match="malformed messages add payload|not allowed for map key"):
+        decode_ops(encode_ops([Op("dev-a", 1, 5, Collection.MESSAGES, "m1", Kind.ADD, payload)]))

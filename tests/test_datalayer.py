@@ -150,7 +150,7 @@ def test_a_schema_2_store_keeps_its_op_log_and_outbox_through_the_migrations(tmp
         assert store.query("SELECT name FROM sqlite_master WHERE name = 'ops'") == []
         # A logged op found by device and seq can still be rewritten (as forgetting redacts payloads).
         rewritten = attrs.evolve(ops[2100], payload="redacted")
-        primary.persist(store, [], [], [], redacted=[rewritten])
+        primary.persist(store, [], primary.Changes(), [], redacted=[rewritten])
         assert primary.load_ops(store) == [*ops[:2100], rewritten, *ops[2101:]]
     finally:
         store.close()

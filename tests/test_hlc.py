@@ -1,6 +1,8 @@
+import attrs
 import pytest
 
-from crdt import ClockDriftError, HybridClock, hlc_pack, hlc_wall_ms
+from crdt import ClockDriftError, HybridClock, Replica, hlc_pack, hlc_wall_ms
+from crdt.hlc import COUNTER_MASK
 
 
 def test_stamps_strictly_increase_even_when_the_wall_clock_stalls_or_goes_back(clock):
@@ -34,6 +36,25 @@ def test_a_stamp_beyond_the_drift_bound_is_refused_not_adopted(clock):
     with pytest.raises(ClockDriftError, match="ahead"):
         hlc.observe(hlc_pack(clock.now + 1_001))
     assert hlc.last == before
+
+
+def test_the_horizon_is_the_newest_stamp_observe_accepts(clock):
+    hlc = HybridClock(clock, drift_ms_max=1_000)
+    horizon = hlc.horizon()
+    assert horizon == hlc_pack(clock.now + 1_000, COUNTER_MASK)
+    hlc.observe(horizon)
+    with pytest.raises(ClockDriftError):
+        hlc.observe(horizon + 1)
+
+
+def test_a_replica_refuses_remote_ops_beyond_the_horizon_and_applies_the_rest(clock):
+    sender = Replica("a", HybridClock(clock))
+    ops = [sender.set_preference("k", i) for i in range(3)]
+    receiver = Replica("b", HybridClock(clock, drift_ms_max=1_000))
+    result = receiver.apply(ops[:2] + [attrs.evolve(ops[2], hlc=hlc_pack(clock.now + 1_001))])
+    assert [op.seq for op in result.applied] == [1, 2]
+    assert [op.seq for op, why in result.refused if "ahead" in why] == [3]
+    assert receiver.seq_of("a") == 2 and receiver.clock.last == ops[1].hlc
 
 
 def test_counter_overflow_keeps_order(clock):

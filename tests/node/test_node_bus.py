@@ -96,6 +96,16 @@ async def test_leaving_the_context_unsubscribes() -> None:
 
 
 @pytest.mark.trio
+async def test_has_subscribers_says_whether_a_topic_would_reach_anyone() -> None:
+    bus = Bus()
+    assert not bus.has_subscribers(USER_PREFERENCES_CHANGED, MEMORY_STORE_REQUEST)
+    async with bus.subscribe("memory.*"):
+        assert not bus.has_subscribers(USER_PREFERENCES_CHANGED)
+        assert bus.has_subscribers(USER_PREFERENCES_CHANGED, MEMORY_STORE_REQUEST)
+    assert not bus.has_subscribers(MEMORY_STORE_REQUEST)
+
+
+@pytest.mark.trio
 @pytest.mark.parametrize("topic", ["", "Memory.store", "memory..store", "memory.", ".memory", "memory.*", "*", "a b"])
 async def test_malformed_topics_are_refused(topic: str) -> None:
     with pytest.raises(BusError):

@@ -16,7 +16,7 @@ def writer(identity: DeviceIdentity, clock: ManualClock):
 
 def checked(device_id: str, clock: ManualClock):
     replica = make_replica(device_id, clock)
-    replica.admit = lambda op, r: registry_refusal(op, r.devices)
+    replica.admit_registry_op = registry_refusal
     return replica
 
 

@@ -20,6 +20,7 @@ from stores import (
     migrate,
     open_sql,
 )
+from stores.sql import VALUES_PER_STATEMENT_MAX, _statement_row_counts
 
 KEY = bytes(range(32))
 WRONG_KEY = bytes(32)
@@ -66,7 +67,8 @@ def fill(adapter: SqlAdapter, rows: int = 50) -> None:
 
 
 def test_insert_rows_writes_every_row_in_order_many_to_a_statement(db: SqlAdapter) -> None:
-    rows = [(i, f"row {i}", bytes([i % 256]), i / 2) for i in range(1, 2500)]  # more than one statement's worth
+    # A full statement's worth, and 451 more (in statements of 256, 128, 64, 2 and 1 rows).
+    rows = [(i, f"row {i}", bytes([i % 256]), i / 2) for i in range(1, VALUES_PER_STATEMENT_MAX // 4 + 452)]
     db.insert_rows("INSERT INTO t (id, text, blob, real) VALUES", rows)
     db.insert_rows("INSERT OR REPLACE INTO t (id, text) VALUES", [(7, "first"), (7, "second")])  # later rows win
     db.insert_rows("INSERT INTO t (id) VALUES", [])
@@ -74,6 +76,15 @@ def test_insert_rows_writes_every_row_in_order_many_to_a_statement(db: SqlAdapte
     assert db.query("SELECT text, blob FROM t WHERE id = 7") == [("second", None)]
     with pytest.raises(StoreError):
         db.insert_rows("INSERT INTO t (id) VALUES", [(1,)])  # a duplicate key fails the statement
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2047, 2048, 2049, 3 * 2048 + 2047, 100_000])
+def test_rows_split_into_full_statements_then_powers_of_two(rows: int) -> None:
+    counts = list(_statement_row_counts(rows, 2048))
+    assert sum(counts) == rows
+    assert counts == sorted(counts, reverse=True) and all(0 < count <= 2048 for count in counts)
+    rest = counts[rows // 2048 :]
+    assert all(count & (count - 1) == 0 for count in rest) and len(set(rest)) == len(rest)
 
 
 def test_round_trips_every_value_type(db: SqlAdapter) -> None:
