@@ -31,6 +31,7 @@ from node.identity import (
 from node.keyring import KeyRing
 from node.pairing import INVITE_TTL_S, InviteGuard, display_code, new_invite
 from node.rpc import Stream, serve_rpc
+from stores.analytics import AnalyticsStore
 from stores.datalayer import DataLayer, StoreConfig
 from stores.primary import get_meta, set_meta
 from stores.projector import Projector
@@ -396,7 +397,7 @@ class Node:
         return {
             "messages": messages,
             "memories": memories,
-            "analytics_rows": (await data.analytics_ready()).count(),
+            "analytics_rows": await data.in_analytics(AnalyticsStore.count),
             "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
             "projector_backlog": backlog,
         }
@@ -500,8 +501,8 @@ class Node:
         if not 1 <= days <= 3660:
             raise DataError("days must be between 1 and 3660")
         await self.projector.drain()
-        analytics = await self.data.analytics_ready()
-        rows = analytics.daily(days, time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
+        rows = await self.data.in_analytics(lambda analytics: analytics.daily(days, now_ms))
         return [{**attrs.asdict(row), "day": row.day.isoformat()} for row in rows]
 
     async def digest(self, params: dict) -> dict:

@@ -5,6 +5,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 from pathlib import Path
 
 import attrs
@@ -21,6 +22,7 @@ from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
 
 PRIMARY_FILE = "primary.db"
+T = TypeVar("T")
 VECTORS_DIR = "vectors"
 CACHE_DIR = "cache"
 MEMORY_COLLECTION = "memories"
@@ -119,6 +121,7 @@ class DataLayer:
         self.cache = cache
         self.write_lock = trio.Lock()
         self.vectors_limiter = trio.CapacityLimiter(1)  # Chroma's client is used from one thread at a time
+        self.analytics_limiter = trio.CapacityLimiter(1)  # and so is a DuckDB connection
         self._vectors = None
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
@@ -181,15 +184,23 @@ class DataLayer:
         """Return the analytics store, loading it from the replica's messages on first use.
 
         A node starts serving before this load (it is the slowest part of a start with many
-        messages); whatever needs analytics waits here instead.
+        messages); whatever needs analytics waits here instead. Use it through `in_analytics`.
         """
         async with self._analytics_lock:
             if not self._analytics_loaded:
                 columns = _message_columns(self.replica)
                 if columns["id"]:
-                    await trio.to_thread.run_sync(self.analytics.load, columns)
+                    await trio.to_thread.run_sync(self.analytics.load, columns, limiter=self.analytics_limiter)
                 self._analytics_loaded = True
         return self.analytics
+
+    async def in_analytics(self, work: Callable[[AnalyticsStore], T]) -> T:
+        """Run `work` on the loaded analytics store on a worker thread, one at a time, and return its result.
+
+        DuckDB holds the thread it runs on: on the event loop, a projection of 2000 messages stalled every session.
+        """
+        analytics = await self.analytics_ready()
+        return await trio.to_thread.run_sync(work, analytics, limiter=self.analytics_limiter)
 
     def vectors(self):
         """Return the Chroma index, opening it on first use (chromadb is slow to import)."""
@@ -261,7 +272,13 @@ def _message_columns(replica: Replica) -> dict[str, list]:
     return columns
 
 
-async def _load_analytics(sql: AsyncSql, analytics: AnalyticsStore) -> int:
-    rows = await sql.query(f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages")
+async def _reload_analytics(data: DataLayer) -> int:
+    """Replace the analytics store's messages with those of primary SQL; return how many there are."""
+    rows = await data.sql.query(f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages")
     columns = {name: [row[i] for row in rows] for i, name in enumerate(MESSAGE_COLUMNS)}
-    return analytics.load(columns) if rows else 0
+
+    def reload(analytics: AnalyticsStore) -> int:
+        analytics.clear()
+        return analytics.load(columns) if rows else 0
+
+    return await data.in_analytics(reload)

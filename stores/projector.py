@@ -7,8 +7,8 @@ import numpy as np
 import trio
 
 from stores import primary
-from stores.analytics import AnalyticsMessage
-from stores.datalayer import DataLayer, _load_analytics
+from stores.analytics import AnalyticsMessage, AnalyticsStore
+from stores.datalayer import DataLayer, _reload_analytics
 
 log = logging.getLogger(__name__)
 PREFERENCE_CACHE_PREFIX = b"pref:"
@@ -78,9 +78,13 @@ class Projector:
         rows = await self.data.sql.run(
             primary.rows_by_id, "messages", "id, conversation, role, ts_ms, sentiment, response_time_ms", upserts
         )
-        analytics = await self.data.analytics_ready()
-        analytics.delete(deletes + _without_rows(upserts, rows))
-        analytics.upsert(AnalyticsMessage(*row) for row in rows)
+        gone = deletes + _without_rows(upserts, rows)
+
+        def apply(analytics: AnalyticsStore) -> None:
+            analytics.delete(gone)
+            analytics.upsert(AnalyticsMessage(*row) for row in rows)
+
+        await self.data.in_analytics(apply)
 
     async def _project_vectors(self, upserts: list[str], deletes: list[str]) -> None:
         rows = await self.data.sql.run(primary.rows_by_id, "memories", "id, embedding, metadata", upserts)
@@ -107,9 +111,7 @@ class Projector:
         """Regenerate every derived store from primary SQL; return how many items each now holds."""
         data = self.data
         await data.sql.run(primary.outbox_clear)
-        analytics = await data.analytics_ready()
-        analytics.clear()
-        messages = await _load_analytics(data.sql, analytics)
+        messages = await _reload_analytics(data)
         memory_ids = [row[0] for row in await data.sql.query("SELECT id FROM memories")]
         index = data.vectors()
         await trio.to_thread.run_sync(index.clear, limiter=data.vectors_limiter)

@@ -1,6 +1,7 @@
 """The data layer end to end on the real engines: unit of work, materialised tables, outbox projector."""
 
 import hashlib
+import threading
 import time
 
 import attrs
@@ -86,6 +87,28 @@ async def test_state_survives_reopening_and_the_replica_is_rebuilt_from_the_op_l
     try:
         assert data.replica.digest() == digest
         assert (await data.analytics_ready()).count() == 50  # loaded from the rebuilt replica on first use
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_analytics_work_runs_off_the_event_loop_one_call_at_a_time(tmp_path):
+    data = await open_data(tmp_path)
+    running, overlaps = [], []
+
+    def work(analytics) -> int:
+        overlaps.append(len(running))
+        running.append(threading.get_ident())
+        time.sleep(0.01)
+        running.pop()
+        return analytics.count()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(data.in_analytics, work)
+        assert await data.in_analytics(lambda analytics: threading.get_ident()) != threading.get_ident()
+        assert overlaps == [0, 0, 0, 0]
     finally:
         await data.close()
 
