@@ -5,6 +5,7 @@ from typing import Any
 
 from crdt.memories import EDITABLE_FIELDS as MEMORY_FIELDS
 from crdt.messages import EDITABLE_FIELDS as MESSAGE_FIELDS
+from crdt.messages import ROW_FIELDS as MESSAGE_ROW_FIELDS
 from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind
 
 SEQ_MAX = (1 << 63) - 1
@@ -38,7 +39,8 @@ _MEMORY_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "embedding": lambda v: v is None or (type(v) is bytes and len(v) % 4 == 0),
     "metadata": is_str_map,
 }
-_MESSAGE_FIELDS = frozenset(_MESSAGE_FIELD_TYPES)  # conversation, role, text and ts_ms are required
+_MESSAGE_FIELDS = frozenset(MESSAGE_ROW_FIELDS)  # conversation, role, text and ts_ms are required
+assert _MESSAGE_FIELD_TYPES.keys() == _MESSAGE_FIELDS
 
 
 def _valid_message(payload: Any) -> bool:
@@ -46,12 +48,11 @@ def _valid_message(payload: Any) -> bool:
     # (only str keys can be a subset). A required field that is missing reads as None, which fails its type check.
     if type(payload) is not dict or not payload.keys() <= _MESSAGE_FIELDS:
         return False
-    get = payload.get
-    ts_ms, sentiment, response_time_ms = get("ts_ms"), get("sentiment"), get("response_time_ms")
+    conversation, role, text, ts_ms, sentiment, response_time_ms = map(payload.get, MESSAGE_ROW_FIELDS)
     return (
-        type(get("conversation")) is str
-        and type(get("role")) is str
-        and type(get("text")) is str
+        type(conversation) is str
+        and type(role) is str
+        and type(text) is str
         and type(ts_ms) is int
         and 0 <= ts_ms <= SEQ_MAX
         and (sentiment is None or type(sentiment) in _NUMBER_TYPES)
