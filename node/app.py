@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 BOOTSTRAP_PEER = "bootstrap_peer"
 SOCKET_FILE = "node.sock"
-_OP_TOPICS = (topics.USER_PREFERENCES_CHANGED, topics.CONVERSATION_MESSAGE_ADDED, topics.DATA_FORGOTTEN)  # events per op
+# The topics a committed op may publish on.
+_OP_TOPICS = (topics.USER_PREFERENCES_CHANGED, topics.CONVERSATION_MESSAGE_ADDED, topics.DATA_FORGOTTEN)
 Handler = Callable[[dict], Awaitable[Any]]
 
 

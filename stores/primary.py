@@ -118,10 +118,8 @@ def _outbox_of_key_lists(adapter: SqlAdapter) -> None:
         "keys BLOB NOT NULL, key_count INTEGER NOT NULL)"
     )
     entries = adapter.query("SELECT target, action, key FROM outbox_of_keys ORDER BY id")
-    _queue_projections(
-        adapter,
-        [(target, action, [key for *_, key in run]) for (target, action), run in itertools.groupby(entries, _target_action)],
-    )
+    runs = itertools.groupby(entries, _target_action)
+    _queue_projections(adapter, [(target, action, [key for *_, key in run]) for (target, action), run in runs])
     adapter.execute("DROP TABLE outbox_of_keys")
 
 
@@ -240,9 +238,14 @@ def persist(
         for collection, rows in changes.upserts.items():
             adapter.insert_rows(_UPSERT_SQL[collection], list(rows.values()))
         _recount_conversations(adapter, sorted(conversations))
-        projections = [(target, UPSERT, list(changes.upserts.get(collection, ()))) for collection, target in _PROJECTED_TO.items()]
-        projections += [(target, DELETE, changes.deletes.get(collection, [])) for collection, target in _PROJECTED_TO.items()]
-        _queue_projections(adapter, projections)
+        _queue_projections(
+            adapter,
+            [
+                (target, action, list(keys.get(collection, ())))
+                for collection, target in _PROJECTED_TO.items()
+                for action, keys in ((UPSERT, changes.upserts), (DELETE, changes.deletes))
+            ],
+        )
         adapter.insert_rows(
             "INSERT INTO conflicts (collection, key, field, winner_device, winner_seq, winner_value, "
             "loser_device, loser_seq, loser_value) VALUES",
