@@ -24,10 +24,10 @@ from nacl.encoding import RawEncoder
 from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
 from spake2.ed25519_basic import NotOnCurve
 
+import framing
 from node.errors import EndReason, LocalProtocolError, ReasonedError, RemoteProtocolError
-
 from node.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
-from node.wire import LENGTH_PREFIX_BYTES, FrameBuffer
+from node.wire import FrameBuffer
 
 PROTOCOL_ID = "/aico/pair/1"
 PROTOCOL_VERSION = 1
@@ -243,8 +243,7 @@ def to_wire(frame: Frame) -> bytes:
             body = [DONE, frame.confirm]
         case Error():
             body = [ERROR, frame.reason, frame.detail[:DETAIL_CHARS_MAX]]
-    encoded = msgpack.packb(body, use_bin_type=True)
-    return len(encoded).to_bytes(LENGTH_PREFIX_BYTES, "big") + encoded
+    return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
 def _unpack(data: bytes, what: str) -> Any:

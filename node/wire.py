@@ -5,12 +5,12 @@ from typing import Any
 import attrs
 import msgpack
 
+import framing
 from crdt import FORMAT_VERSION, DecodeError
 from node.errors import EndReason, RemoteProtocolError
 
 PROTOCOL_VERSION = 2  # 2: DELTAS and STATE bodies are deflated before sealing
 SCHEMA_VERSION = FORMAT_VERSION
-LENGTH_PREFIX_BYTES = 4
 # Frame type codes: append only.
 HELLO, DELTAS, ACK, STATE, ERROR = range(5)
 
@@ -62,30 +62,11 @@ class Error:
 Frame = Hello | Deltas | StateSnapshot | Ack | Error
 
 
-class FrameBuffer:
-    """Collects stream bytes and splits them into length-prefixed frame bodies, refusing oversized frames early."""
+class FrameBuffer(framing.FrameBuffer):
+    """Splits a sync or pairing stream into frame bodies; an oversized frame ends the session (FRAME_TOO_LARGE)."""
 
     def __init__(self, frame_bytes_max: int) -> None:
-        self.frame_bytes_max = frame_bytes_max
-        self._pending = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._pending += data
-
-    def next_body(self) -> bytes | None:
-        """Return the next complete frame body, or None until more bytes arrive."""
-        if len(self._pending) < LENGTH_PREFIX_BYTES:
-            return None
-        length = int.from_bytes(self._pending[:LENGTH_PREFIX_BYTES], "big")
-        if length > self.frame_bytes_max:
-            # Refused from the prefix alone, before the body is buffered.
-            raise RemoteProtocolError(EndReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {self.frame_bytes_max}")
-        end = LENGTH_PREFIX_BYTES + length
-        if len(self._pending) < end:
-            return None
-        body = bytes(self._pending[LENGTH_PREFIX_BYTES:end])
-        del self._pending[:end]
-        return body
+        super().__init__(frame_bytes_max, lambda detail: RemoteProtocolError(EndReason.FRAME_TOO_LARGE, detail))
 
 
 def to_wire(frame: Frame) -> bytes:
@@ -101,8 +82,7 @@ def to_wire(frame: Frame) -> bytes:
             body = [ACK, frame.batch_no, frame.vector]
         case Error():
             body = [ERROR, frame.reason.value, frame.detail]
-    encoded = msgpack.packb(body, use_bin_type=True)
-    return len(encoded).to_bytes(LENGTH_PREFIX_BYTES, "big") + encoded
+    return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
 def _is_count(value: Any) -> bool:

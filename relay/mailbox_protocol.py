@@ -15,13 +15,13 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+import framing
 from relay.errors import LocalProtocolError, MailboxReason, RemoteProtocolError
 from relay.mailbox_keys import MAILBOX_ID_BYTES, SIGNATURE_BYTES, VERIFY_KEY_BYTES, MailboxKeys, mailbox_id_of
 
 PROTOCOL_ID = "/aico/mailbox/1"
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 32
-LENGTH_PREFIX_BYTES = 4
 BLOB_BYTES_MAX = 1 << 20
 FETCH_ITEMS_MAX = 1000
 FETCH_REPLY_BYTES_MAX = 4 << 20  # blob bytes in one ITEMS frame; a larger first blob is still sent alone
@@ -136,8 +136,7 @@ def to_wire(frame: Frame) -> bytes:
             body = [REFUSED, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
         case Error():
             body = [ERROR, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
-    encoded = msgpack.packb(body, use_bin_type=True)
-    return len(encoded).to_bytes(LENGTH_PREFIX_BYTES, "big") + encoded
+    return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
 def _malformed(detail: str) -> RemoteProtocolError:
@@ -202,32 +201,11 @@ def from_wire(body: bytes) -> Frame:
     raise _malformed(f"frame of type {kind} has a malformed body")
 
 
-class FrameBuffer:
-    """Collects stream bytes and splits them into length-prefixed frame bodies, refusing oversized frames early."""
+class FrameBuffer(framing.FrameBuffer):
+    """Splits a mailbox stream into frame bodies; an oversized frame ends the session (FRAME_TOO_LARGE)."""
 
     def __init__(self, frame_bytes_max: int) -> None:
-        self.frame_bytes_max = frame_bytes_max
-        self._pending = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._pending += data
-
-    def next_body(self) -> bytes | None:
-        """Return the next complete frame body, or None until more bytes arrive."""
-        if len(self._pending) < LENGTH_PREFIX_BYTES:
-            return None
-        length = int.from_bytes(self._pending[:LENGTH_PREFIX_BYTES], "big")
-        if length > self.frame_bytes_max:
-            # Refused from the prefix alone, before the body is buffered.
-            raise RemoteProtocolError(
-                MailboxReason.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {self.frame_bytes_max}"
-            )
-        end = LENGTH_PREFIX_BYTES + length
-        if len(self._pending) < end:
-            return None
-        body = bytes(self._pending[LENGTH_PREFIX_BYTES:end])
-        del self._pending[:end]
-        return body
+        super().__init__(frame_bytes_max, lambda detail: RemoteProtocolError(MailboxReason.FRAME_TOO_LARGE, detail))
 
 
 def signed_message(nonce: bytes, request_no: int, request: Request) -> bytes:

@@ -33,7 +33,7 @@ from node.p2p import (
     run_session,
 )
 from node.session import Event, PeerClosed, SessionState, SyncSession
-from node.wire import LENGTH_PREFIX_BYTES
+from framing import LENGTH_PREFIX_BYTES
 from tests.conftest import make_replica
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

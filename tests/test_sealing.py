@@ -21,7 +21,8 @@ from node.sealing import (
     seal_for_device,
 )
 from node.session import Plaintext, SessionConfig, SyncSession
-from node.wire import LENGTH_PREFIX_BYTES, Deltas, from_wire
+from framing import LENGTH_PREFIX_BYTES
+from node.wire import Deltas, from_wire
 from tests.conftest import make_replica
 from tests.test_session import converse
 

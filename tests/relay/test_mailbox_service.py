@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from framing import LENGTH_PREFIX_BYTES
 from node.identity import DeviceIdentity
 from node.p2p import P2pHost, Stream, dial_protocol, p2p_host
 from relay.errors import LocalProtocolError, MailboxReason, MailboxRefused, MailboxSessionEnded
 from relay.host import running_host
 from relay.mailbox_keys import mailbox_keys
 from relay.mailbox_protocol import (
-    LENGTH_PREFIX_BYTES,
     REQUEST_FRAME_BYTES_MAX,
     Challenge,
     Error,
