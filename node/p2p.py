@@ -36,6 +36,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from node.errors import NodeError, RemoteProtocolError
 from node.identity import DeviceIdentity
 from node.session import Event, OpsApplied, PeerClosed, SessionState, SyncSession
+from relay.host import reset_quietly
 from relay.stream_credit import batch_yamux_receive_credit
 
 SYNC_PROTOCOL = TProtocol("/aico/sync/1")
@@ -469,12 +470,6 @@ async def _pump(
     finally:
         if holding_lock:
             apply_lock.release()
-
-
-async def reset_quietly(stream: INetStream) -> None:
-    """Reset `stream` within a bound, even in a cancelled scope."""
-    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        await stream.reset()
 
 
 async def _end_stream(stream: INetStream, session: SyncSession, reason: str, usable: bool) -> None:

@@ -35,7 +35,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
-from relay.host import SEED_BYTES, running_host
+from relay.host import SEED_BYTES, reset_quietly, running_host
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +154,7 @@ class LimitedHop(CircuitV2Protocol):
             if ended_cleanly:
                 await _close_quietly(stream)
             else:
-                await _reset_quietly(stream)
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        try:
-            await stream.reset()
-        except StreamError:
-            pass
+                await reset_quietly(stream)
 
 
 async def _close_quietly(stream: INetStream) -> None:
@@ -170,7 +162,7 @@ async def _close_quietly(stream: INetStream) -> None:
         try:
             await stream.close()
         except StreamError:
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
 
 def enable_hop(libp2p_host: IHost, limits: CircuitLimits) -> LimitedHop:
@@ -183,7 +175,7 @@ def enable_hop(libp2p_host: IHost, limits: CircuitLimits) -> LimitedHop:
         except Exception:
             # An error escaping a libp2p stream handler stops the whole swarm: drop only this stream.
             logger.exception("HOP stream from %s failed", stream.muxed_conn.peer_id)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     libp2p_host.set_stream_handler(HOP_PROTOCOL, handle_hop)
     return hop

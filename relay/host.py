@@ -10,10 +10,11 @@ from pathlib import Path
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -24,7 +25,16 @@ from relay.stream_credit import batch_yamux_receive_credit
 
 KEY_FILE = "relay.key"
 SEED_BYTES = 32
-CLOSE_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 2.0  # bound on resetting a stream and on closing the host
+
+
+async def reset_quietly(stream: INetStream) -> None:
+    """Reset `stream` within CLOSE_TIMEOUT_S, even in a cancelled scope; a stream already broken is left as it is."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+        try:
+            await stream.reset()
+        except StreamError:
+            pass
 
 
 def load_or_create_seed(directory: Path) -> bytes:

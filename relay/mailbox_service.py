@@ -26,6 +26,7 @@ from relay.errors import (
     MailboxStoreError,
     RemoteProtocolError,
 )
+from relay.host import reset_quietly
 from relay.mailbox_keys import MailboxKeys
 from relay.mailbox_protocol import (
     FETCH_ITEMS_MAX,
@@ -92,11 +93,6 @@ async def _read(stream: INetStream) -> bytes:
         raise _StreamGone(f"stream failed while reading: {error or type(error).__name__}") from None
 
 
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        await stream.reset()
-
-
 # -- server -----------------------------------------------------------------------------------------------
 
 
@@ -109,7 +105,7 @@ def serve_mailbox(libp2p_host: IHost, store: MailboxStore, config: ServiceConfig
         nonlocal active
         if active >= config.sessions_max:
             logger.warning("refused a mailbox stream: %d sessions already open", active)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return
         active += 1
         try:
@@ -117,7 +113,7 @@ def serve_mailbox(libp2p_host: IHost, store: MailboxStore, config: ServiceConfig
         except Exception:
             # An error escaping a libp2p stream handler stops the whole swarm (node/p2p.py): drop only this stream.
             logger.exception("mailbox stream handler failed")
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
         finally:
             active -= 1
 
@@ -163,7 +159,7 @@ async def _serve_session(stream: INetStream, store: MailboxStore, config: Servic
                     return
                 except (_StreamGone, StreamError):
                     pass
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
 
 
 async def _next_requests(stream: INetStream, server: MailboxServerProtocol, timeout_s: float) -> list[ServerEvent]:
