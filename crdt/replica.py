@@ -23,6 +23,7 @@ from crdt.schema import payload_is_valid, redacted_payload
 from crdt.vector import VersionVector
 
 _by_hlc = attrgetter("hlc")
+_kind_of = attrgetter("kind")
 
 
 def _tail(log: list[Op], start: int) -> Iterator[Op]:
@@ -258,7 +259,7 @@ class Replica:
         ops = list(ops)
         # Ops stamped after their device's revocation are logged but never applied, not even for a moment: a voided
         # note update may reuse Loro op ids of another.
-        revoked_at = _settled_revocations(sorted(ops, key=_by_hlc)) if any(op.kind is Kind.REVOKE for op in ops) else {}
+        revoked_at = _settled_revocations(sorted(ops, key=_by_hlc)) if Kind.REVOKE in map(_kind_of, ops) else {}
         vector, log, rules, journal = self._vector, self._log, self._rules, self.journal
         last = self.clock.last
         for op in ops:

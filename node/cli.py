@@ -175,15 +175,15 @@ GIL_SWITCH_INTERVAL_S = 0.0005  # how long a thread waiting for the GIL lets the
 def _tune_interpreter() -> None:
     """Keep the garbage collector and the GIL off the hot path of a long-running node with a large heap.
 
-    Measured on a 100k-op catch-up: the default thresholds make collections walk the replica's objects again and
-    again (catch-up 4.2-4.8 s); freezing what start-up built (imports, the replica loaded from the store) and
-    collecting the young generation less often brings it to 2.9-3.4 s.
+    Set before the stores load: measured on a start with 100k messages, collections at the default thresholds took
+    0.56 s of the start (six full ones walking the replica being built), 0.14-0.2 s with these. On a 100k-op
+    catch-up they walked the replica's objects again and again (catch-up 4.2-4.8 s, 2.9-3.4 s with these and the
+    freeze after start-up).
 
     The store's worker thread gives up the GIL for every SQL statement, and retaking it waits for the switch
     interval while the event loop runs Python. Measured: a store write of 100k ops in groups of 10k beside a busy
     thread ran at 52k ops/s with the default 5 ms interval, 155k ops/s with 0.5 ms (186k alone).
     """
-    gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
@@ -195,7 +195,9 @@ async def _serve_until_signal(node, network) -> None:
         await nursery.start(node.serve, network)
         ready = {"ready": True, "device_id": node.identity.device_id, "socket": str(socket_path(node.home))}
         ready["addresses"] = node.host.addresses if node.host else []
-        _tune_interpreter()
+        # What start-up built (imports, the replica loaded from the store) lives as long as the node: frozen, no full
+        # collection walks it again.
+        gc.freeze()
         print(json.dumps(ready), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -220,6 +222,7 @@ def run(
     fresh = not is_initialised(home)
     secret = passphrase(confirm=fresh)
     network = _network(listen, peer, no_mdns, relay)
+    _tune_interpreter()
     # libp2p takes ~0.7 s to import; doing it on another thread overlaps it with loading the stores, whose
     # SQL reads release the GIL. The later import waits for this one.
     threading.Thread(target=importlib.import_module, args=("node.p2p",), daemon=True).start()

@@ -11,7 +11,8 @@ import trio
 
 from crdt import Collection, HybridClock, Replica, encode_op
 from stores import migrate, open_sql, primary
-from stores.datalayer import DataLayer, StoreConfig
+from stores.analytics import MESSAGE_COLUMNS
+from stores.datalayer import DataLayer, StoreConfig, _message_columns
 from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
 from stores.repositories import DataError, UnitOfWork, new_id
 
@@ -238,3 +239,20 @@ def test_new_ids_are_unique_and_sort_by_creation_time():
     later = new_id()
     assert len(set(earlier)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in earlier)
     assert max(earlier) < later
+
+
+def test_message_columns_hold_every_message_with_its_edits_applied():
+    replica = Replica(DEVICE, HybridClock(lambda: 1_000))
+    assert _message_columns(replica) == {name: [] for name in MESSAGE_COLUMNS}
+    replica.add_message("m1", {"conversation": "c1", "role": "user", "text": "a", "ts_ms": 5})
+    replica.add_message("m2", {"conversation": "c2", "role": "ai", "text": "b", "ts_ms": 6, "sentiment": 0.5})
+    replica.edit_message("m1", "sentiment", -0.25)
+    replica.edit_message("m2", "response_time_ms", 20)
+    assert _message_columns(replica) == {
+        "id": ["m1", "m2"],
+        "conversation": ["c1", "c2"],
+        "role": ["user", "ai"],
+        "ts_ms": [5, 6],
+        "sentiment": [-0.25, 0.5],
+        "response_time_ms": [None, 20],
+    }
