@@ -18,7 +18,17 @@ from node.identity import DeviceIdentity, GroupKey
 from node.keyring import ROTATION_KEY_PREFIX, KeyRing
 from node.p2p import DialError, Notifier, P2pHost, dial_protocol
 from node.sealing import UnsealRefusedError, open_from_mailbox, seal_for_mailbox
-from relay import MAILBOX_PROTOCOL, MailboxClient, MailboxKeys, RelayError, current_mailbox, mailboxes_to_drain
+from relay import (
+    MAILBOX_PROTOCOL,
+    MailboxClient,
+    MailboxKeys,
+    MailboxReason,
+    MailboxRefused,
+    RelayError,
+    current_mailbox,
+    mailboxes_to_drain,
+)
+from relay.mailbox_keys import BUCKET_S, time_bucket
 from stores.datalayer import DataLayer
 from stores.primary import get_meta, set_meta
 
@@ -30,6 +40,9 @@ POST_DELAY_S = 0.2  # wait after a local write so a burst goes out as one batch
 FETCH_ROUNDS_MAX = 1000  # fetches from one mailbox in one drain; the rest waits for the next drain
 KEYS_DRAINED = 2  # the current key's mailboxes and the previous one's, which devices that missed a rotation use
 RELAY_TIMEOUT_S = 10.0
+# After the relay refuses a put for want of space (its store is full), posting waits this long: the relay sweeps
+# expired items every 10 minutes. A full mailbox is not retried before the next time bucket's mailbox opens.
+POST_PAUSE_S = 600.0
 
 
 @attrs.define
@@ -40,10 +53,17 @@ class RelayHealth:
     last_ok: float | None = None
     last_error: str | None = None
     posted_seq: int = 0
+    posts_paused_until: float | None = None  # after a put refused for want of space, no post before this
     received_from: dict[str, float] = attrs.Factory(dict)  # device id -> when its ops last came from the mailbox
 
     def as_status(self) -> dict:
-        return {"address": self.address, "last_ok": self.last_ok, "last_error": self.last_error, "posted_seq": self.posted_seq}
+        return {
+            "address": self.address,
+            "last_ok": self.last_ok,
+            "last_error": self.last_error,
+            "posted_seq": self.posted_seq,
+            "posts_paused_until": self.posts_paused_until,
+        }
 
 
 class MailboxSync:
@@ -94,6 +114,12 @@ class MailboxSync:
             with trio.move_on_after(self.drain_every_s):  # also retries a post that failed
                 seen = await self._outgoing.wait(seen)
                 await trio.sleep(POST_DELAY_S)
+            await self.post_round()
+
+    async def post_round(self) -> None:
+        """Post this device's unposted ops, unless the relay refused them lately for want of space."""
+        paused_until = self.health.posts_paused_until
+        if paused_until is None or self._now_s() >= paused_until:
             await self._with_relay(self.post_pending)
 
     async def _drain_loop(self) -> None:
@@ -122,9 +148,22 @@ class MailboxSync:
             handing_over = any(_hands_over_keys(op) for op in batch)
             for key in keys[: KEYS_DRAINED if handing_over else 1]:
                 mailbox = current_mailbox(key.secret, key.epoch, self._now_s())
-                await client.put(mailbox, seal_for_mailbox(self.identity, key, mailbox.mailbox_id, body))
+                try:
+                    await client.put(mailbox, seal_for_mailbox(self.identity, key, mailbox.mailbox_id, body))
+                except MailboxRefused as refusal:
+                    self._pause_posts(refusal)
+                    raise
             self.health.posted_seq = batch[-1].seq
+            self.health.posts_paused_until = None
             await self._save()
+
+    def _pause_posts(self, refusal: MailboxRefused) -> None:
+        """Post nothing more while the relay has no room: retrying every few seconds would resend the same batch."""
+        now_s = self._now_s()
+        if refusal.reason is MailboxReason.QUOTA_EXCEEDED:
+            self.health.posts_paused_until = float((time_bucket(now_s) + 1) * BUCKET_S)
+        elif refusal.reason is MailboxReason.STORE_FULL:
+            self.health.posts_paused_until = now_s + POST_PAUSE_S
 
     def _unposted_ops(self) -> list[Op]:
         replica = self.data.replica
