@@ -106,12 +106,7 @@ class Bus:
 
     def publish(self, topic: str, payload: dict[str, Any]) -> int:
         """Deliver an event to every matching subscriber without waiting; return how many received it."""
-        subscribers = self._subscribers_by_topic.get(topic) if type(topic) is str else None
-        if subscribers is None:
-            _check_topic(topic)
-            subscribers = [s for s in self._subscriptions if _matches(s.pattern, topic)]
-            if len(self._subscribers_by_topic) < TOPICS_CACHED_MAX:
-                self._subscribers_by_topic[topic] = subscribers
+        subscribers = self._subscribers(topic)
         if type(payload) is not dict:
             raise BusError(f"an event payload is a dict, got {type(payload).__name__}")
         event = BusEvent(topic, payload) if subscribers else None
@@ -128,7 +123,17 @@ class Bus:
 
     def has_subscribers(self, *topics: str) -> bool:
         """Return whether an event published on any of these topics would reach a subscriber."""
-        return any(_matches(s.pattern, topic) for topic in topics for s in self._subscriptions)
+        return any(self._subscribers(topic) for topic in topics)
+
+    def _subscribers(self, topic: str) -> list[Subscription]:
+        """Return the subscriptions whose pattern matches a well-formed `topic`."""
+        subscribers = self._subscribers_by_topic.get(topic) if type(topic) is str else None
+        if subscribers is None:
+            _check_topic(topic)
+            subscribers = [s for s in self._subscriptions if _matches(s.pattern, topic)]
+            if len(self._subscribers_by_topic) < TOPICS_CACHED_MAX:
+                self._subscribers_by_topic[topic] = subscribers
+        return subscribers
 
     @asynccontextmanager
     async def subscribe(self, pattern: str) -> AsyncIterator[Subscription]:

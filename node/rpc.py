@@ -22,9 +22,9 @@ import attrs
 import msgpack
 import trio
 
+from framing import LENGTH_PREFIX_BYTES, length_prefixed
 from node.errors import NodeError
 
-LENGTH_PREFIX_BYTES = 4
 REQUEST_BYTES_MAX = 4 * 1024 * 1024
 RESPONSE_BYTES_MAX = 64 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
@@ -99,8 +99,7 @@ class _MalformedRequest(Exception):
 
 
 def _frame(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
-    return len(body).to_bytes(LENGTH_PREFIX_BYTES, "big") + body
+    return length_prefixed(msgpack.packb(message, use_bin_type=True))
 
 
 def _error_response(request_id: int | None, error_type: str, message: str) -> dict[str, Any]:

@@ -43,7 +43,6 @@ from relay.mailbox_protocol import (
     ProtocolState,
     PutAccepted,
     PutRequested,
-    Ready,
     RequestRefused,
     ServerEvent,
     SessionEnded,

@@ -18,7 +18,7 @@ from crdt import HybridClock, Replica, decode_op, deflate, encode_op, encode_ops
 from node.rpc import RpcClient
 from simulations.bench import Metric, metric
 from stores import open_sql, primary
-from stores.datalayer import materialise
+from stores.datalayer import changed_keys, materialise
 
 PASSPHRASE = "bench passphrase"
 CATCH_UP_OPS = 100_000
@@ -224,10 +224,7 @@ def _store_floor_s(root: Path, encoded: list[bytes]) -> float:
     replica = Replica("floor", HybridClock(lambda: time.time_ns() // 1_000_000))
     if refused := replica.apply(ops).refused:
         raise RuntimeError(f"the floor replica refused {len(refused)} ops, first: {refused[0][1]}")
-    keys: dict = {}
-    for op in ops:
-        keys.setdefault(op.collection, {})[op.key] = None
-    changes = materialise(replica, keys)
+    changes = materialise(replica, changed_keys(ops))
     store = open_sql("sqlcipher", root / "floor.db", b"k" * 32)
     try:
         primary.open_schema(store)

@@ -6,8 +6,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -23,10 +23,10 @@ from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
 
 PRIMARY_FILE = "primary.db"
-T = TypeVar("T")
 VECTORS_DIR = "vectors"
 CACHE_DIR = "cache"
 MEMORY_COLLECTION = "memories"
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -40,6 +40,14 @@ class StoreConfig:
     def __attrs_post_init__(self) -> None:
         if self.engine not in SQL_ENGINES:
             raise StoreError(f"unknown SQL engine {self.engine!r}; choose one of {', '.join(SQL_ENGINES)}")
+
+
+def changed_keys(ops: Iterable[Op]) -> dict[Collection, dict[str, None]]:
+    """Return the keys these ops wrote, by collection, each once and in order."""
+    keys: dict[Collection, dict[str, None]] = collections.defaultdict(dict)
+    for op in ops:
+        keys[op.collection][op.key] = None
+    return keys
 
 
 def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]]) -> Changes:
@@ -224,10 +232,7 @@ class DataLayer:
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
         `write` so a caller can apply further ops while this write runs: their effects stay out of it.
         """
-        keys: dict[Collection, dict[str, None]] = collections.defaultdict(dict)
-        for logged in log:
-            for op in logged.ops:
-                keys[op.collection][op.key] = None
+        keys = changed_keys(itertools.chain.from_iterable(logged.ops for logged in log))
         if self.replica.rebuilds != self._rebuilds_seen:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
             for collection, key in self.replica.logged_keys():

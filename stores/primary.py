@@ -260,12 +260,11 @@ def persist(
 
 def _recount_conversations(adapter: SqlAdapter, conversations: list[str]) -> None:
     """Recount the messages of these conversations, dropping those left with none (two statements per 500)."""
-    for chunk in _chunks(conversations):
-        marks = ",".join("?" * len(chunk))
-        adapter.execute(f"DELETE FROM conversations WHERE id IN ({marks})", chunk)
+    for chunk, in_list in _in_lists(conversations):
+        adapter.execute(f"DELETE FROM conversations WHERE id IN {in_list}", chunk)
         adapter.execute(
             "INSERT INTO conversations (id, message_count, last_ts_ms) SELECT conversation, count(*), max(ts_ms) "
-            f"FROM messages WHERE conversation IN ({marks}) GROUP BY conversation",
+            f"FROM messages WHERE conversation IN {in_list} GROUP BY conversation",
             chunk,
         )
 
@@ -303,17 +302,19 @@ def preference_rows(adapter: SqlAdapter, keys: Iterable[str]) -> list[tuple]:
 
 def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iterable[str]) -> list[tuple]:
     rows: list[tuple] = []
-    for chunk in _chunks(list(values)):
-        rows += adapter.query(f"{select} ({','.join('?' * len(chunk))})", (*params, *chunk))
+    for chunk, in_list in _in_lists(list(values)):
+        rows += adapter.query(f"{select} {in_list}", (*params, *chunk))
     return rows
 
 
 def _delete_where_in(adapter: SqlAdapter, delete: str, values: list[str]) -> None:
-    for chunk in _chunks(values):
-        adapter.execute(f"{delete} ({','.join('?' * len(chunk))})", chunk)
+    for chunk, in_list in _in_lists(values):
+        adapter.execute(f"{delete} {in_list}", chunk)
 
 
-def _chunks(values: list[str]) -> Iterable[list[str]]:
+def _in_lists(values: list[str]) -> Iterable[tuple[list[str], str]]:
+    """Yield the values in chunks of at most 500, each with its "(?,?,...)" for an IN clause."""
     # So no statement exceeds SQLite's limit on bound variables.
     for start in range(0, len(values), 500):
-        yield values[start : start + 500]
+        chunk = values[start : start + 500]
+        yield chunk, f"({','.join('?' * len(chunk))})"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trio
 
-from crdt import Collection, HybridClock, Replica, encode_op
+from crdt import HybridClock, Replica, encode_op
 from stores import migrate, open_sql, primary
 from stores.analytics import MESSAGE_COLUMNS
 from stores.datalayer import DataLayer, StoreConfig, _message_columns

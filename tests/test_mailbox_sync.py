@@ -30,7 +30,7 @@ async def test_a_post_refused_for_want_of_space_pauses_posting_then_resumes(tmp_
     await init_home(tmp_path / "a", PASSPHRASE, StoreConfig(embedding_dims=8))
     async with relay(tmp_path / "relay", **limits) as address, Node.opened(tmp_path / "a", PASSPHRASE) as node:
         async with node.unit_of_work() as uow:
-            for i in range(3999):  # with the enrolment, two full batches of 2000 ops (about 200 KB sealed each)
+            for i in range(3999):  # with the enrolment, two full batches of 2000 ops (about 280 KB sealed each)
                 uow.conversations.add_message("c", f"message {i}")
             await uow.commit()
         async with p2p_host(node.identity, [LOOPBACK]) as host:

@@ -16,7 +16,7 @@ from node.session import (
     StateMerged,
     SyncSession,
 )
-from node.wire import Deltas, Hello, to_wire
+from node.wire import Deltas, to_wire
 from tests.conftest import make_replica
 
 
