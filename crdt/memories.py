@@ -161,7 +161,7 @@ class _Space:
         self._point(row, -1, 0.0)
         orphans = self.pointed_by.pop(row, set())
         self.pointer[list(orphans)] = 0
-        orphan_ids = [self.ids[orphan] for orphan in orphans]
+        orphan_ids = [memory_id for orphan in orphans if (memory_id := self.ids[orphan]) is not None]
         self.ids[row] = self.orders[row] = None
         self.live[row] = False
         self.retired.append(row)
@@ -275,7 +275,9 @@ class _Space:
         for row in sorted(stale, key=self.orders.__getitem__):
             target = int(self.pointer[row]) - 1
             memory_id = self.ids[row]
-            canonical[memory_id] = memory_id if target < 0 else canonical[self.ids[target]]
+            target_id = memory_id if target < 0 else self.ids[target]
+            assert memory_id is not None and target_id is not None  # stale rows and their targets are live
+            canonical[memory_id] = memory_id if target < 0 else canonical[target_id]
 
 
 class MemorySet:

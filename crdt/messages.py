@@ -11,6 +11,14 @@ ROW_FIELDS = ("conversation", "role", "text", "ts_ms", "sentiment", "response_ti
 Stamp = tuple[int, str]
 
 
+def with_edits(fields: dict[str, Any], edits: dict[str, Register]) -> dict[str, Any]:
+    """Return a copy of a message's fields with the winning value of each edited field."""
+    message = dict(fields)
+    for field, register in edits.items():
+        message[field] = register.value
+    return message
+
+
 class MessageSet:
     """Messages keyed by id; a delete tombstones the id for good and purges its content."""
 
@@ -59,11 +67,7 @@ class MessageSet:
         record = self.records.get(message_id)
         if record is None:
             return None
-        message = dict(record.value)
-        if message_id in self.edits:
-            for field, register in self.edits[message_id].items():
-                message[field] = register.value
-        return message
+        return with_edits(record.value, self.edits.get(message_id, {}))
 
     def row(self, message_id: str) -> tuple | None:
         """Return (id, conversation, role, text, ts_ms, sentiment, response_time_ms) of a message, edits applied, or None
@@ -72,7 +76,8 @@ class MessageSet:
         if record is None:
             return None
         # On a catch-up's hot path: an unedited message is read in place, with no copy, and its fields in one C loop.
-        message = self.get(message_id) if message_id in self.edits else record.value
+        edits = self.edits.get(message_id)
+        message = record.value if edits is None else with_edits(record.value, edits)
         return (message_id, *map(message.get, ROW_FIELDS))
 
     def to_state(self) -> dict:

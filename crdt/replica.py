@@ -84,6 +84,14 @@ class Replica:
         self.device_id = device_id
         self.clock = clock
         self.config = config or ReplicaConfig()
+        self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
+        self.clear()
+        # Set by the node: returns why a remote registry op must be refused (e.g. its record has a bad signature), or
+        # None. A refused op is not counted, so it is offered again and may pass once what it depends on arrived.
+        self.admit_registry_op: Callable[[Op, DeviceRegistry], str | None] | None = None
+
+    def clear(self) -> None:
+        """Forget every op and all merged state (the clock, the config and the hooks stay), as a new replica."""
         self.journal = ConflictJournal(self.config.journal_entries_max)
         self._fresh_rules()
         self._vector: dict[str, int] = {}
@@ -91,10 +99,6 @@ class Replica:
         self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
         self._held: dict[str, dict[int, Op]] = {}
         self._held_count = 0
-        self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
-        # Set by the node: returns why a remote registry op must be refused (e.g. its record has a bad signature), or
-        # None. A refused op is not counted, so it is offered again and may pass once what it depends on arrived.
-        self.admit_registry_op: Callable[[Op, DeviceRegistry], str | None] | None = None
 
     def _fresh_rules(self) -> None:
         """Give every collection an empty merge state."""

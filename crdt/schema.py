@@ -113,7 +113,7 @@ def payload_is_valid(collection: Collection, kind: Kind, payload: Any) -> bool:
 
 
 _NEUTRAL_MESSAGE_FIELDS = {"text": "", "role": "", "sentiment": None, "response_time_ms": None}
-_NEUTRAL_MEMORY = {"text": "", "embedding": None, "metadata": {}}
+_NEUTRAL_MEMORY: dict[str, Any] = {"text": "", "embedding": None, "metadata": {}}
 
 
 def redacted_payload(collection: Collection, kind: Kind, payload: Any) -> Any:

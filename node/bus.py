@@ -109,7 +109,9 @@ class Bus:
         subscribers = self._subscribers(topic)
         if type(payload) is not dict:
             raise BusError(f"an event payload is a dict, got {type(payload).__name__}")
-        event = BusEvent(topic, payload) if subscribers else None
+        if not subscribers:
+            return 0
+        event = BusEvent(topic, payload)
         delivered = 0
         for subscription in subscribers:
             try:

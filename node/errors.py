@@ -1,4 +1,5 @@
-"""Errors raised by the node; every one derives from `NodeError`."""
+"""Errors raised by the node; every one derives from `NodeError`. Protocol errors (whose fault a failed session is)
+are framing's, shared with the relay."""
 
 from enum import StrEnum
 
@@ -19,25 +20,6 @@ class EndReason(StrEnum):
 
 class NodeError(Exception):
     """Root of every error the node raises."""
-
-
-class LocalProtocolError(NodeError):
-    """This side used a protocol object wrongly (a bug here, not the peer's fault)."""
-
-
-class ReasonedError(NodeError):
-    """An error with a machine-readable `reason` (a StrEnum member) and a `detail` for people."""
-
-    def __init__(self, reason: StrEnum, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class RemoteProtocolError(ReasonedError):
-    """The peer sent something this side cannot accept; the session is over."""
-
-    reason: EndReason
 
 
 class UnsealError(NodeError):

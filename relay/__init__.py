@@ -1,4 +1,8 @@
-"""The relay: libp2p circuit relay v2 HOP under resource limits, and a zero-knowledge mailbox for sealed batches."""
+"""The relay: libp2p circuit relay v2 HOP under resource limits, and a zero-knowledge mailbox for sealed batches.
+
+This package's top level exports what devices use (the mailbox client, mailbox keys and errors); the server lives in
+relay.server, relay.circuit, relay.mailbox_service and relay.mailbox_store.
+"""
 
 from relay.errors import (
     MailboxConnectionError,
@@ -8,10 +12,9 @@ from relay.errors import (
     MailboxStoreError,
     RelayError,
 )
+from relay.mailbox_client import MAILBOX_PROTOCOL, MailboxClient
 from relay.mailbox_keys import MailboxKeys, current_mailbox, mailbox_keys, mailboxes_to_drain
 from relay.mailbox_protocol import MailboxItem
-from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient, ServiceConfig, serve_mailbox, sweep_expired
-from relay.mailbox_store import MailboxStore, StoreLimits
 
 __all__ = [
     "MAILBOX_PROTOCOL",
@@ -22,14 +25,9 @@ __all__ = [
     "MailboxReason",
     "MailboxRefused",
     "MailboxSessionEnded",
-    "MailboxStore",
     "MailboxStoreError",
     "RelayError",
-    "ServiceConfig",
-    "StoreLimits",
     "current_mailbox",
     "mailbox_keys",
     "mailboxes_to_drain",
-    "serve_mailbox",
-    "sweep_expired",
 ]

@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
@@ -35,13 +34,13 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
-from relay.host import SEED_BYTES, reset_quietly, running_host
+from p2p import StreamGone, close_quietly, read_chunk, reset_quietly, running_host, write_within
+from relay.key import SEED_BYTES
 
 logger = logging.getLogger(__name__)
 
 FORWARD_READ_BYTES = 64 * 1024  # one forwarded chunk's bound
 WRITE_TIMEOUT_S = 10.0  # a destination that takes no data for this long ends its circuit
-CLOSE_TIMEOUT_S = 2.0  # bound on closing or resetting a stream and on closing the host
 
 
 @attrs.frozen
@@ -104,7 +103,7 @@ class LimitedHop(CircuitV2Protocol):
             self.circuits_refused += 1
             await self._send_status(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits")
             # Closed, not reset: measured, a reset right after the STATUS can discard it before the peer reads it.
-            await _close_quietly(stream)
+            await close_quietly(stream)
             return
         self.circuits_open += 1
         self.circuits_by_peer[source] += 1
@@ -133,36 +132,25 @@ class LimitedHop(CircuitV2Protocol):
         ended_cleanly = False
         with trio.move_on_after(seconds_left) as lifetime:
             try:
-                while data := await src_stream.read(FORWARD_READ_BYTES):
+                while data := await read_chunk(src_stream, FORWARD_READ_BYTES):
                     if circuit_data_limit is not None:
                         if len(data) > circuit_data_limit[0]:
                             logger.info("circuit with %s reached its byte limit: reset", peer_id)
                             break
                         circuit_data_limit[0] -= len(data)
-                    with trio.fail_after(WRITE_TIMEOUT_S):
-                        await dst_stream.write(data)
+                    await write_within(dst_stream, data, WRITE_TIMEOUT_S)
                 else:
                     ended_cleanly = True
-            except StreamEOF:
-                ended_cleanly = True
-            except (StreamError, trio.TooSlowError) as error:
-                logger.debug("circuit with %s ended: %r", peer_id, error)
+            except StreamGone as error:
+                logger.debug("circuit with %s ended: %s", peer_id, error)
         if lifetime.cancelled_caught:
             logger.info("circuit with %s reached its duration limit: reset", peer_id)
         # Ending both streams also ends the other direction's read, so the circuit ends as one.
         for stream in (src_stream, dst_stream):
             if ended_cleanly:
-                await _close_quietly(stream)
+                await close_quietly(stream)
             else:
                 await reset_quietly(stream)
-
-
-async def _close_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        try:
-            await stream.close()
-        except StreamError:
-            await reset_quietly(stream)
 
 
 def enable_hop(libp2p_host: IHost, limits: CircuitLimits) -> LimitedHop:

@@ -2,6 +2,8 @@
 
 from enum import StrEnum
 
+from framing import ReasonedError
+
 
 class MailboxReason(StrEnum):
     """Why a mailbox request was refused or a mailbox session ended, as sent in REFUSED and ERROR frames."""
@@ -23,32 +25,19 @@ class MailboxReason(StrEnum):
 
 
 class RelayError(Exception):
-    """Root of every error the relay and its clients raise."""
+    """Root of every error the relay and its clients raise (protocol errors are framing's, shared with the node)."""
 
 
-class LocalProtocolError(RelayError):
-    """This side used a protocol object wrongly (a bug here, not the peer's fault)."""
-
-
-class ReasonedError(RelayError):
-    """An error with a machine-readable `reason` and a `detail` for people."""
-
-    def __init__(self, reason: MailboxReason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class RemoteProtocolError(ReasonedError):
-    """The peer sent something this side cannot accept; the session is over."""
-
-
-class MailboxRefused(ReasonedError):
+class MailboxRefused(RelayError, ReasonedError):
     """One mailbox request was refused (unauthorised, too large, over quota, store full); others may succeed."""
 
+    reason: MailboxReason
 
-class MailboxSessionEnded(ReasonedError):
+
+class MailboxSessionEnded(RelayError, ReasonedError):
     """The other side ended the mailbox session."""
+
+    reason: MailboxReason
 
 
 class MailboxConnectionError(RelayError):

@@ -11,7 +11,7 @@ import nacl.hash
 import nacl.signing
 from nacl.encoding import RawEncoder
 
-from relay.errors import LocalProtocolError
+from framing import LocalProtocolError
 
 GROUP_SECRET_BYTES = 32
 MAILBOX_ID_BYTES = 16

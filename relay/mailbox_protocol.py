@@ -7,7 +7,7 @@ open; a malformed, oversized or unexpected frame ends it with ERROR. `docs/spec/
 """
 
 from collections import deque
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any
 
 import attrs
@@ -16,7 +16,8 @@ import nacl.exceptions
 import nacl.signing
 
 import framing
-from relay.errors import LocalProtocolError, MailboxReason, RemoteProtocolError
+from framing import LocalProtocolError, RemoteProtocolError
+from relay.errors import MailboxReason
 from relay.mailbox_keys import MAILBOX_ID_BYTES, SIGNATURE_BYTES, VERIFY_KEY_BYTES, MailboxKeys, mailbox_id_of
 
 PROTOCOL_ID = "/aico/mailbox/1"
@@ -39,7 +40,19 @@ REPLY_FRAME_BYTES_MAX = (
 SIGN_DOMAIN = b"aico-mailbox-request-v1\x00"
 
 # Frame type codes: append only.
-CHALLENGE, PUT, FETCH, PUT_OK, ITEMS, REFUSED, ERROR = range(7)
+
+
+class FrameType(IntEnum):
+    """The first field of every mailbox frame; codes are append only."""
+
+    CHALLENGE = 0
+    PUT = 1
+    FETCH = 2
+    PUT_OK = 3
+    ITEMS = 4
+    REFUSED = 5
+    ERROR = 6
+
 
 
 # -- frames -----------------------------------------------------------------------------------------------
@@ -123,19 +136,19 @@ def to_wire(frame: Frame) -> bytes:
     """Encode a frame with its length prefix."""
     match frame:
         case Challenge():
-            body: list[Any] = [CHALLENGE, frame.version, frame.nonce, frame.blob_bytes_max, frame.requests_max]
+            body: list[Any] = [FrameType.CHALLENGE, frame.version, frame.nonce, frame.blob_bytes_max, frame.requests_max]
         case Put():
-            body = [PUT, frame.mailbox_id, frame.verify_key, frame.blob, frame.signature]
+            body = [FrameType.PUT, frame.mailbox_id, frame.verify_key, frame.blob, frame.signature]
         case Fetch():
-            body = [FETCH, frame.mailbox_id, frame.verify_key, frame.after_cursor, frame.limit, frame.signature]
+            body = [FrameType.FETCH, frame.mailbox_id, frame.verify_key, frame.after_cursor, frame.limit, frame.signature]
         case PutOk():
-            body = [PUT_OK, frame.cursor]
+            body = [FrameType.PUT_OK, frame.cursor]
         case Items():
-            body = [ITEMS, [[item.cursor, item.blob] for item in frame.items], frame.more]
+            body = [FrameType.ITEMS, [[item.cursor, item.blob] for item in frame.items], frame.more]
         case Refused():
-            body = [REFUSED, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
+            body = [FrameType.REFUSED, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
         case Error():
-            body = [ERROR, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
+            body = [FrameType.ERROR, frame.reason.value, frame.detail[:DETAIL_CHARS_MAX]]
     return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
@@ -179,33 +192,26 @@ def from_wire(body: bytes) -> Frame:
         raise _malformed("frame is not [type, ...]")
     kind, rest = fields[0], fields[1:]
     match kind, rest:
-        case (0, [int() as version, bytes() as nonce, int() as blob_bytes_max, int() as requests_max]):
+        case (FrameType.CHALLENGE, [int() as version, bytes() as nonce, int() as blob_bytes_max, int() as requests_max]):
             if len(nonce) == NONCE_BYTES and 0 < blob_bytes_max <= BLOB_BYTES_MAX and requests_max > 0:
                 return Challenge(version, nonce, blob_bytes_max, requests_max)
-        case (1, [mailbox_id, verify_key, bytes() as blob, signature]):
+        case (FrameType.PUT, [mailbox_id, verify_key, bytes() as blob, signature]):
             if _is_bytes(mailbox_id, MAILBOX_ID_BYTES) and _is_bytes(verify_key, VERIFY_KEY_BYTES):
                 if _is_bytes(signature, SIGNATURE_BYTES):
                     return Put(mailbox_id, verify_key, blob, signature)
-        case (2, [mailbox_id, verify_key, after_cursor, int() as limit, signature]):
+        case (FrameType.FETCH, [mailbox_id, verify_key, after_cursor, int() as limit, signature]):
             if _is_bytes(mailbox_id, MAILBOX_ID_BYTES) and _is_bytes(verify_key, VERIFY_KEY_BYTES):
                 if _is_cursor(after_cursor) and 0 < limit <= FETCH_ITEMS_MAX and _is_bytes(signature, SIGNATURE_BYTES):
                     return Fetch(mailbox_id, verify_key, after_cursor, limit, signature)
-        case (3, [cursor]) if _is_cursor(cursor):
+        case (FrameType.PUT_OK, [cursor]) if _is_cursor(cursor):
             return PutOk(cursor)
-        case (4, [list() as items, bool() as more]):
+        case (FrameType.ITEMS, [list() as items, bool() as more]):
             return Items(tuple(_item(item) for item in items), more)
-        case (5, [str() as reason, str() as detail]):
+        case (FrameType.REFUSED, [str() as reason, str() as detail]):
             return Refused(_reason(reason), detail)
-        case (6, [str() as reason, str() as detail]):
+        case (FrameType.ERROR, [str() as reason, str() as detail]):
             return Error(_reason(reason), detail)
     raise _malformed(f"frame of type {kind} has a malformed body")
-
-
-class FrameBuffer(framing.FrameBuffer):
-    """Splits a mailbox stream into frame bodies; an oversized frame ends the session (FRAME_TOO_LARGE)."""
-
-    def __init__(self, frame_bytes_max: int) -> None:
-        super().__init__(frame_bytes_max, lambda detail: RemoteProtocolError(MailboxReason.FRAME_TOO_LARGE, detail))
 
 
 def signed_message(nonce: bytes, request_no: int, request: Request) -> bytes:
@@ -213,10 +219,10 @@ def signed_message(nonce: bytes, request_no: int, request: Request) -> bytes:
     head = SIGN_DOMAIN + nonce + request_no.to_bytes(8, "big")
     match request:
         case Put():
-            return head + bytes([PUT]) + request.mailbox_id + request.blob
+            return head + bytes([FrameType.PUT]) + request.mailbox_id + request.blob
         case Fetch():
             fields = request.after_cursor.to_bytes(8, "big") + request.limit.to_bytes(4, "big")
-            return head + bytes([FETCH]) + request.mailbox_id + fields
+            return head + bytes([FrameType.FETCH]) + request.mailbox_id + fields
 
 
 def _is_authorised(nonce: bytes, request_no: int, request: Request) -> bool:
@@ -290,7 +296,7 @@ class MailboxServerProtocol:
         self._nonce = nonce
         self._blob_bytes_max = blob_bytes_max
         self._requests_max = requests_max
-        self._inbound = FrameBuffer(REQUEST_FRAME_BYTES_MAX)
+        self._inbound = framing.FrameBuffer(REQUEST_FRAME_BYTES_MAX, MailboxReason.FRAME_TOO_LARGE)
         self._greeting: Frame | None = Challenge(PROTOCOL_VERSION, nonce, blob_bytes_max, requests_max)
         self._slots: deque[_Slot] = deque()
         self._final: Error | None = None
@@ -305,7 +311,7 @@ class MailboxServerProtocol:
             while (body := self._inbound.next_body()) is not None:
                 events.append(self._on_request(from_wire(body)))
         except RemoteProtocolError as error:
-            self.close(error.reason, error.detail)
+            self.close(MailboxReason(error.reason), error.detail)
             raise
         return events
 
@@ -371,8 +377,9 @@ class MailboxServerProtocol:
         if self._greeting is not None:
             frame, self._greeting = self._greeting, None
             return to_wire(frame)
-        if self._slots and self._slots[0].reply is not None:
-            return to_wire(self._slots.popleft().reply)
+        if self._slots and (reply := self._slots[0].reply) is not None:
+            self._slots.popleft()
+            return to_wire(reply)
         if self._final is not None:
             frame, self._final = self._final, None
             self._slots.clear()  # unanswered requests stay unanswered: the session is over
@@ -423,7 +430,7 @@ class MailboxClientProtocol:
     def __init__(self) -> None:
         self.state = ProtocolState.GREETING
         self.challenge: Challenge | None = None
-        self._inbound = FrameBuffer(REPLY_FRAME_BYTES_MAX)
+        self._inbound = framing.FrameBuffer(REPLY_FRAME_BYTES_MAX, MailboxReason.FRAME_TOO_LARGE)
         self._outbound: list[Request] = []
         self._outstanding: deque[Request] = deque()
         self._requests_sent = 0
@@ -482,12 +489,17 @@ class MailboxClientProtocol:
         self._inbound.feed(data)
         events: list[ClientEvent] = []
         try:
-            while self.state is not ProtocolState.CLOSED and (body := self._inbound.next_body()) is not None:
+            while not self.closed and (body := self._inbound.next_body()) is not None:
                 events.append(self._on_reply(from_wire(body)))
         except RemoteProtocolError:
             self._close()
             raise
         return events
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session is over."""
+        return self.state is ProtocolState.CLOSED
 
     def _close(self) -> None:
         self.state = ProtocolState.CLOSED

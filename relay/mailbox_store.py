@@ -157,6 +157,7 @@ class MailboxStore:
                     (item.mailbox_id, size),
                 )
                 total += size
+                assert cursor is not None  # an INSERT sets lastrowid
                 outcomes.append(cursor)
         # Published only after the commit: no client hears a cursor or refusal from a rolled-back batch.
         for item, outcome in zip(batch, outcomes):

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from relay.circuit import CircuitLimits, relay_host
-from relay.host import load_or_create_seed
+from relay.key import load_or_create_seed
 from relay.mailbox_service import ServiceConfig, serve_mailbox, sweep_expired
 from relay.mailbox_store import MailboxStore, StoreLimits
 

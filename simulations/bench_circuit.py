@@ -5,20 +5,24 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from node.identity import DeviceIdentity
-from node.p2p import READ_BYTES, P2pHost, Stream, dial_protocol, p2p_host
-from node.relay_path import accept_relayed_connections, circuit_addr, reserve
-from simulations.bench import Metric, metric
+from node.net.circuit import accept_relayed_connections, circuit_addr, reserve
+from node.net.dial import dial_protocol
+from node.net.host import P2pHost, p2p_host
+from node.trust.identity import DeviceIdentity
+from p2p import READ_BYTES
+from simulations.metrics import Metric, metric
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-ECHO = "/aico/bench-echo/1"
-SINK = "/aico/bench-sink/1"
+ECHO = TProtocol("/aico/bench-echo/1")
+SINK = TProtocol("/aico/bench-sink/1")
 SINK_ACK = b"k"
 STEP_TIMEOUT_S = 60.0
 # The relay runs in a process of its own, as on a real relay machine: in this process its forwarding would take turns
@@ -40,6 +44,7 @@ async def _relay_process() -> AsyncIterator[str]:
     process = subprocess.Popen([sys.executable, "-c", RELAY_SCRIPT], stdout=subprocess.PIPE, text=True)
     try:
         with trio.fail_after(STEP_TIMEOUT_S):
+            assert process.stdout is not None
             line = await trio.to_thread.run_sync(process.stdout.readline)
         yield json.loads(line)[0]
     finally:
@@ -47,7 +52,7 @@ async def _relay_process() -> AsyncIterator[str]:
         process.wait(timeout=STEP_TIMEOUT_S)
 
 
-async def _echo(stream: Stream) -> None:
+async def _echo(stream: INetStream) -> None:
     """Send back every byte until the stream ends."""
     try:
         while data := await stream.read(READ_BYTES):
@@ -56,8 +61,8 @@ async def _echo(stream: Stream) -> None:
         return
 
 
-def _sink(total_bytes: int):
-    async def sink(stream: Stream) -> None:
+def _sink(total_bytes: int) -> Callable[[INetStream], Awaitable[None]]:
+    async def sink(stream: INetStream) -> None:
         """Read `total_bytes`, then acknowledge with one byte."""
         try:
             received = 0
@@ -82,7 +87,7 @@ async def _connect_ms(dialler: P2pHost, addr: str, peer_id: str, rounds: int) ->
     return statistics.median(times)
 
 
-async def _round_trip_ms(stream: Stream, rounds: int, payload_bytes: int = 64) -> float:
+async def _round_trip_ms(stream: INetStream, rounds: int, payload_bytes: int = 64) -> float:
     """Median round trip (ms) of a small payload."""
     payload, times = os.urandom(payload_bytes), []
     for _ in range(rounds):

@@ -11,18 +11,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from node.identity import DeviceIdentity
-from node.p2p import P2pHost, dial_protocol, p2p_host
+from node.net.dial import dial_protocol
+from node.net.host import P2pHost, p2p_host
+from node.trust.identity import DeviceIdentity
+from relay.mailbox_client import MAILBOX_PROTOCOL, MailboxClient
 from relay.mailbox_keys import MailboxKeys, mailbox_keys
 from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
-from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient
 from relay.mailbox_store import MailboxStore
-from simulations.bench import Metric, metric
 from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
+from simulations.metrics import Metric, metric
 
 BATCHES = 10_000
 BATCH_BYTES = 1024
@@ -85,7 +88,9 @@ async def _open_client(host: P2pHost, address: str) -> MailboxClient:
     return await MailboxClient(stream).__aenter__()
 
 
-async def _put_all(put, boxes: list[MailboxKeys], blobs: list[bytes]) -> float:
+async def _put_all(
+    put: Callable[[int, MailboxKeys, bytes], Awaitable[object]], boxes: list[MailboxKeys], blobs: list[bytes]
+) -> float:
     """Put `blobs` spread over `boxes`, one concurrent writer per box; return the seconds it took."""
     share = len(blobs) // len(boxes)
 
@@ -100,7 +105,9 @@ async def _put_all(put, boxes: list[MailboxKeys], blobs: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
-async def _drain(fetch, boxes: list[MailboxKeys]) -> tuple[int, float]:
+async def _drain(
+    fetch: Callable[[MailboxKeys, int], Awaitable[tuple[list[Any], bool]]], boxes: list[MailboxKeys]
+) -> tuple[int, float]:
     """Fetch every blob of `boxes`; return how many and the seconds it took."""
     drained = 0
     started = time.perf_counter()

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import trio
 
-from simulations.bench import Metric, metric
+from node.trust.identity import DeviceIdentity
+from simulations.metrics import Metric, metric
 from stores import open_sql
 from stores.datalayer import DataLayer
 from stores.projector import Projector
@@ -35,9 +37,9 @@ def _message_fields(i: int, now_ms: int) -> dict:
     }
 
 
-async def _open_node(home: Path) -> tuple[object, DataLayer]:
-    from node.app import init_home, load_store_config
-    from node.identity import unlock_identity
+async def _open_node(home: Path) -> tuple[DeviceIdentity, DataLayer]:
+    from node.home import init_home, load_store_config
+    from node.trust.identity import unlock_identity
     from stores.datalayer import StoreConfig
 
     if not (home / "config.json").exists():
@@ -134,7 +136,7 @@ async def _sqlite_daily(data: DataLayer, now_ms: int) -> float:
     return time.perf_counter() - started
 
 
-def _best_of(times: int, fn) -> float:
+def _best_of(times: int, fn: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(times):
         started = time.perf_counter()
@@ -148,10 +150,11 @@ def _ready_s(home: Path) -> float:
     env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "node", "--home", str(home), "run"],
+        [sys.executable, "-m", "cli", "--home", str(home), "run"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
+        assert process.stdout is not None
         line = process.stdout.readline()
         ready_s = time.perf_counter() - started
         if '"ready": true' not in line:
@@ -183,7 +186,9 @@ async def _bench_search(root: Path) -> list[Metric]:
     return metrics
 
 
-async def _search_metrics(data: DataLayer, ids: list[str], vectors: np.ndarray, rng, size: int) -> list[Metric]:
+async def _search_metrics(
+    data: DataLayer, ids: list[str], vectors: np.ndarray, rng: np.random.Generator, size: int
+) -> list[Metric]:
     units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[rng.choice(len(vectors), SEARCH_QUERIES, replace=False)] + rng.standard_normal((SEARCH_QUERIES, DIMS)).astype("<f4") * 0.5
     recalls, latencies, exact_latencies = [], [], []

@@ -9,14 +9,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import trio
 
 from crdt import HybridClock, Replica, decode_op, deflate, encode_op, encode_ops
-from node.rpc import RpcClient
-from simulations.bench import Metric, metric
+from node.api.rpc import RpcClient
+from simulations.metrics import Metric, metric
 from stores import open_sql, primary
 from stores.datalayer import changed_keys, materialise
 
@@ -35,7 +36,7 @@ def _env() -> dict:
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "node", "--home", str(home), *args], capture_output=True, text=True, env=_env(), timeout=600
+        [sys.executable, "-m", "cli", "--home", str(home), *args], capture_output=True, text=True, env=_env(), timeout=600
     )
     if done.returncode:
         raise RuntimeError(f"aico-node {' '.join(args)} failed: {done.stderr}")
@@ -45,12 +46,13 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 class _Node:
     def __init__(self, home: Path, *peers: str, relay: str | None = None) -> None:
         self.home = home
-        command = [sys.executable, "-m", "node", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]
+        command = [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
         if relay is not None:
             command += ["--relay", relay]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+        assert self.process.stdout is not None
         ready = json.loads(self.process.stdout.readline())
         self.address, self.device_id = ready["addresses"][0], ready["device_id"]
 
@@ -68,10 +70,11 @@ class _Node:
 
 def _pair(a: _Node, b_home: Path) -> None:
     invite = subprocess.Popen(
-        [sys.executable, "-m", "node", "--home", str(a.home), "pair", "invite", "--json"],
+        [sys.executable, "-m", "cli", "--home", str(a.home), "pair", "invite", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
     )  # fmt: skip
     try:
+        assert invite.stdout is not None
         code = json.loads(invite.stdout.readline())["code"]
         _cli(b_home, "pair", "join", code, "--address", a.address)
     finally:
@@ -95,7 +98,7 @@ def _import(home: Path, count: int) -> list[bytes]:
     return trio.run(write)
 
 
-def _wait(predicate, timeout_s: float, poll_s: float = 0.25) -> None:
+def _wait(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.25) -> None:
     # Not faster: a status call takes the node's main thread, which would compete with the work being timed.
     deadline = time.monotonic() + timeout_s
     while not predicate():

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import attrs
 
 from crdt import HybridClock, Replica, load_replica, save_replica
-from node.errors import RemoteProtocolError
-from node.session import SessionState, SyncSession
+from framing import RemoteProtocolError
+from node.sync.session import SessionState, SyncSession
 from simulations.network import Faults, SimNetwork
 from simulations.workload import Workload
 

@@ -19,7 +19,7 @@ MESSAGE_COLUMNS = ("id", "conversation", "role", "ts_ms", "sentiment", "response
 _TEXT_COLUMNS = ("id", "conversation", "role")
 _FLOAT_COLUMNS = ("sentiment", "response_time_ms")
 
-_CONFIG = {
+_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     # In-memory databases otherwise spill to ./.tmp under memory pressure, which would put plaintext on disk.
     "temp_directory": "",
     # Never fetch or load extensions: nothing here needs one, and fetching is network traffic.

@@ -168,7 +168,7 @@ class SealedKv:
         with self._live() as db:
             db.write(batch)
 
-    def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def scan_prefix(self, prefix: bytes) -> Generator[tuple[bytes, bytes], None, None]:
         """Yield the live (key, value) pairs whose key starts with prefix, in key order; close() ends the scan."""
         scan = self._scan(prefix)
         self._scans.add(scan)

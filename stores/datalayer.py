@@ -1,5 +1,7 @@
 """The four stores of one device opened together, with the replica that merges into them."""
 
+from __future__ import annotations
+
 import collections
 import functools
 import itertools
@@ -7,13 +9,14 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import trio
 
 from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
 from crdt.memories import MemorySet
+from crdt.messages import with_edits
 from crdt.registry import DeviceRegistry
 from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
@@ -21,6 +24,9 @@ from stores.cache import SealedKv
 from stores.errors import StoreError
 from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
+
+if TYPE_CHECKING:
+    from stores.vectors import VectorIndex
 
 PRIMARY_FILE = "primary.db"
 VECTORS_DIR = "vectors"
@@ -89,6 +95,7 @@ def _memory_row(memories: MemorySet, key: str) -> tuple | None:
 
 def _device_row(devices: DeviceRegistry, key: str) -> tuple:
     record = devices.get(key)
+    assert record is not None  # only enrolled devices have registry ops
     revoked = record.pop("revoked")
     return (key, primary.pack(record), int(revoked))
 
@@ -131,7 +138,7 @@ class DataLayer:
         self.write_lock = trio.Lock()
         self.vectors_limiter = trio.CapacityLimiter(1)  # Chroma's client is used from one thread at a time
         self.analytics_limiter = trio.CapacityLimiter(1)  # and so is a DuckDB connection
-        self._vectors = None
+        self._vectors: VectorIndex | None = None
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
         self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
@@ -170,21 +177,17 @@ class DataLayer:
             await sql.run(primary.set_meta, "device_id", device_id)
         elif stored_device != device_id:
             raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
-        ops = await sql.run(primary.load_ops)
         replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig())
-        try:
-            replica.replay(ops)
-        except CrdtError as error:
-            raise StoreError(f"cannot rebuild state from the op log: {error}") from None
-        # Replaying re-detects old conflicts; those are already in the conflicts table.
-        replica.journal = ConflictJournal(replica.config.journal_entries_max)
+        await _replay_log(sql, replica)
         return replica
 
     async def reload_replica(self) -> None:
-        """Rebuild the replica from primary SQL after a failed write left it ahead of the store."""
-        admit = self.replica.admit_registry_op
-        self.replica = await self._load_replica(self.sql, self.replica.device_id, self.now_ms)
-        self.replica.admit_registry_op = admit
+        """Rebuild the replica from primary SQL after a failed write left it ahead of the store.
+
+        The replica object stays the same, so every session and service holding it sees the reloaded state.
+        """
+        self.replica.clear()
+        await _replay_log(self.sql, self.replica)
         self._conflicts_seen = 0
         self._rebuilds_seen = self.replica.rebuilds
         self.ops_stored = self.replica.vector.total()
@@ -211,7 +214,7 @@ class DataLayer:
         analytics = await self.analytics_ready()
         return await trio.to_thread.run_sync(work, analytics, limiter=self.analytics_limiter)
 
-    def vectors(self):
+    def vectors(self) -> VectorIndex:
         """Return the Chroma index, opening it on first use (chromadb is slow to import)."""
         if self._vectors is None:
             from stores.vectors import VectorIndex
@@ -263,6 +266,17 @@ class DataLayer:
         await self.sql.close()
 
 
+async def _replay_log(sql: AsyncSql, replica: Replica) -> None:
+    """Replay the op log of the primary store into an empty replica."""
+    ops = await sql.run(primary.load_ops)
+    try:
+        replica.replay(ops)
+    except CrdtError as error:
+        raise StoreError(f"cannot rebuild state from the op log: {error}") from None
+    # Replaying re-detects old conflicts; those are already in the conflicts table.
+    replica.journal = ConflictJournal(replica.config.journal_entries_max)
+
+
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -271,7 +285,11 @@ def _message_columns(replica: Replica) -> dict[str, list]:
     """Return every message's analytics facts, column-wise, as the replica holds them."""
     # Runs on the event loop as a node starts: unedited messages are read in place, and each column is one C loop.
     messages = replica.messages
-    fields = [messages.get(key) if key in messages.edits else record.value for key, record in messages.records.items()]
+    edits = messages.edits
+    fields = [
+        record.value if key not in edits else with_edits(record.value, edits[key])
+        for key, record in messages.records.items()
+    ]
     columns = {name: list(map(dict.get, fields, itertools.repeat(name))) for name in MESSAGE_COLUMNS[1:]}
     return {"id": list(messages.records), **columns}
 

@@ -159,7 +159,7 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch]) -> None:
     log = [logged for logged in log if logged.ops]
     if not log:
         return
-    (newest,) = adapter.query_one("SELECT coalesce(max(id), 0) FROM op_batches")
+    (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
     batch_ids = range(newest + 1, newest + 1 + len(log))
     adapter.insert_rows(
         "INSERT INTO op_batches (id, body) VALUES",
@@ -187,7 +187,7 @@ def _rewrite_logged(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
             raise StoreError(f"op {op.device}:{op.seq} is not in the op log")
         by_batch.setdefault(row[0], {})[(op.device, op.seq)] = op
     for batch, replacements in by_batch.items():
-        (body,) = adapter.query_one("SELECT body FROM op_batches WHERE id = ?", (batch,))
+        (body,) = _one_row(adapter, "SELECT body FROM op_batches WHERE id = ?", (batch,))
         logged = [replacements.get((op.device, op.seq), op) for op in decode_stored_batch(body)]
         adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(logged)), batch))
 
@@ -310,6 +310,13 @@ def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iter
 def _delete_where_in(adapter: SqlAdapter, delete: str, values: list[str]) -> None:
     for chunk, in_list in _in_lists(values):
         adapter.execute(f"{delete} {in_list}", chunk)
+
+
+def _one_row(adapter: SqlAdapter, sql: str, params: tuple = ()) -> tuple:
+    """The row a query that always finds one returns."""
+    row = adapter.query_one(sql, params)
+    assert row is not None, sql
+    return row
 
 
 def _in_lists(values: list[str]) -> Iterable[tuple[list[str], str]]:

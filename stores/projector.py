@@ -31,7 +31,7 @@ class Projector:
         """Tell the projector new outbox entries are waiting."""
         self._wake.set()
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the outbox now and whenever woken (or every `idle_s`), until cancelled."""
         task_status.started()
         await self.data.analytics_ready()  # outbox entries apply on top of the initial load

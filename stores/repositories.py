@@ -178,7 +178,10 @@ class MemoryRepository(_Repository):
         self, embedding: Any, limit: int = 10, where: Mapping[str, Any] | None = None
     ) -> list[Memory]:
         """Return the memories nearest an embedding, one per near-duplicate group, nearest first."""
-        vector = np.frombuffer(embedding_bytes(embedding, self._data.config.embedding_dims), dtype="<f4")
+        packed = embedding_bytes(embedding, self._data.config.embedding_dims)
+        if packed is None:
+            raise DataError("a memory search needs an embedding")
+        vector = np.frombuffer(packed, dtype="<f4")
         index = self._data.vectors()
         hits = await trio.to_thread.run_sync(
             lambda: index.query(vector, limit * SEARCH_OVERFETCH, dict(where) if where else None),
@@ -231,6 +234,55 @@ class DeviceRepository(_Repository):
         return [{"device": d, **primary.unpack(record), "revoked": bool(revoked)} for d, record, revoked in rows]
 
 
+@attrs.frozen
+class LostValue:
+    """A value that lost a concurrent last-writer-wins merge, beside the one that won."""
+
+    collection: str
+    key: str
+    field: str | None
+    winner_device: str
+    winner_seq: int
+    winner_value: Any
+    loser_device: str
+    loser_seq: int
+    loser_value: Any
+
+
+class ConflictRepository(_Repository):
+    """The conflict journal: values overwritten by a concurrent write, newest first."""
+
+    async def recent(self, limit: int = 100) -> list[LostValue]:
+        rows = await self._data.sql.query(
+            "SELECT collection, key, field, winner_device, winner_seq, winner_value, loser_device, loser_seq, "
+            "loser_value FROM conflicts ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        unpack = primary.unpack
+        return [LostValue(c, k, f, wd, ws, unpack(wv), ld, ls, unpack(lv)) for c, k, f, wd, ws, wv, ld, ls, lv in rows]
+
+
+@attrs.frozen
+class PrimaryCounts:
+    """How much the primary store holds, and how many keys wait for the projector."""
+
+    messages: int
+    memories: int
+    projector_backlog: int
+
+
+class TotalsRepository(_Repository):
+    """Counts over the primary store, for status."""
+
+    async def counts(self) -> PrimaryCounts:
+        row = await self._data.sql.query_one(
+            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), "
+            "(SELECT coalesce(sum(key_count), 0) FROM outbox)"
+        )
+        assert row is not None  # an aggregate always returns a row
+        return PrimaryCounts(*row)
+
+
 SESSION_PREFIX = b"session:"
 
 
@@ -261,6 +313,8 @@ class UnitOfWork:
         self.counters = CounterRepository(self)
         self.devices = DeviceRepository(self)
         self.session = SessionRepository(self)
+        self.conflicts = ConflictRepository(self)
+        self.totals = TotalsRepository(self)
 
     def stage(self, intent: Intent) -> None:
         self._intents.append(intent)

@@ -25,7 +25,8 @@ from stores.errors import (
 )
 
 SqlValue = int | float | str | bytes | None
-Row = tuple[SqlValue, ...]
+# A row's columns are typed by its query, not here: the store hands them back as the engine read them.
+Row = tuple[Any, ...]
 T = TypeVar("T")
 
 SQL_ENGINES = ("sqlcipher", "libsql")

@@ -15,7 +15,7 @@ from crdt import (
     merge_state,
     save_replica,
 )
-from node.wire import Ack, Deltas, Hello, from_wire, to_wire
+from node.sync.wire import Ack, Deltas, Hello, from_wire, to_wire
 from tests.conftest import make_replica
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -235,7 +235,9 @@ async def test_session_context_is_sealed_and_expires(tmp_path):
 
 def test_new_ids_are_unique_and_sort_by_creation_time():
     earlier = [new_id() for _ in range(1000)]
-    time.sleep(0.002)
+    last_ms = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 <= last_ms:  # ids carry milliseconds: the next one is a millisecond later
+        pass
     later = new_id()
     assert len(set(earlier)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in earlier)
     assert max(earlier) < later
@@ -256,3 +258,28 @@ def test_message_columns_hold_every_message_with_its_edits_applied():
         "sentiment": [-0.25, 0.5],
         "response_time_ms": [None, 20],
     }
+
+
+@pytest.mark.trio
+async def test_a_session_running_over_the_replica_sees_it_reloaded_after_a_failed_write(tmp_path):
+    from node.sync.session import SyncSession
+    from tests.test_session import converse
+
+    data = await open_data(tmp_path)
+    try:
+        async with UnitOfWork(data) as uow:
+            uow.preferences.set("stored", 1)
+            await uow.commit()
+        session = SyncSession(data.replica)
+        peer = Replica("dev-peer", HybridClock(lambda: time.time_ns() // 1_000_000))
+        peer_session = SyncSession(peer)
+        # An op applied in memory whose write then failed: the reload must take it back out of every session's view.
+        data.replica.set_preference("never stored", 2)
+        await data.reload_replica()
+        assert session.replica is data.replica
+        converse(session, peer_session)
+        assert peer.preferences.get("stored") == 1
+        assert peer.preferences.get("never stored") is None
+        assert peer.vector == data.replica.vector
+    finally:
+        await data.close()

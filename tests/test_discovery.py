@@ -22,7 +22,7 @@ from discovery import DiscoveryError, Found, MdnsDiscovery, ZeroconfError, disco
 from discovery.advert import CHUNK_CHARS, SEALED_CHUNKS, build_txt, open_txt, peer_hint
 from discovery.errors import AdvertTooLargeError
 from discovery.tags import BUCKET_S, matching_bucket
-from node.identity import DeviceIdentity
+from node.trust.identity import DeviceIdentity
 from tests.netns import NetnsHost, lan, loopback_host
 
 NOW = 1_700_000_000.0

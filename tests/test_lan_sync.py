@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.rpc import RpcClient
+from node.api.rpc import RpcClient
 from tests.netns import Lan, lan, unavailable_reason
 from tests.test_sync_processes import wait_until
 
@@ -21,7 +21,7 @@ def _env() -> dict:
 
 
 def _node_argv(home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "node", "--home", str(home), *args]
+    return [sys.executable, "-m", "cli", "--home", str(home), *args]
 
 
 def _start(network: Lan, host, home: Path) -> dict:

@@ -14,7 +14,7 @@ class RunningRelay:
     """An `aico-node relay` process on loopback."""
 
     def __init__(self, data_dir, listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
-        command = [sys.executable, "-m", "node", "relay", "--listen", listen, "--data", str(data_dir)]
+        command = [sys.executable, "-m", "cli", "relay", "--listen", listen, "--data", str(data_dir)]
         self.data_dir = data_dir
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()

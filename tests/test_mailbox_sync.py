@@ -2,9 +2,11 @@
 
 import pytest
 
-from node.app import Node, init_home
-from node.mailbox_sync import POST_PAUSE_S, MailboxSync
-from node.p2p import Notifier, p2p_host
+from node.app import Node
+from node.home import init_home
+from node.net.host import p2p_host
+from node.net.mailbox import POST_PAUSE_S, MailboxSync
+from node.sync.receiver import Notifier
 from relay.mailbox_keys import BUCKET_S
 from stores.datalayer import StoreConfig
 from tests.relay.test_mailbox_service import LOOPBACK, relay

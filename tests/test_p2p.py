@@ -8,7 +8,7 @@ import multiaddr
 import pytest
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
@@ -18,22 +18,15 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from node.errors import EndReason, RemoteProtocolError
-from node.identity import DeviceIdentity
-from node.p2p import (
-    READ_BYTES,
-    DialError,
-    Notifier,
-    P2pError,
-    P2pHost,
-    Stream,
-    dial_sync,
-    keep_connected,
-    p2p_host,
-    run_session,
-)
-from node.session import Event, PeerClosed, SessionState, SyncSession
-from framing import LENGTH_PREFIX_BYTES
+from framing import LENGTH_PREFIX_BYTES, RemoteProtocolError
+from node.errors import EndReason
+from node.net.dial import dial_sync, keep_connected
+from node.net.host import DialError, P2pHost, p2p_host
+from node.net.pump import run_session
+from node.sync.receiver import Notifier
+from node.sync.session import Event, PeerClosed, SessionState, SyncSession
+from node.trust.identity import DeviceIdentity
+from p2p import READ_BYTES, ListenError
 from tests.conftest import make_replica
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -55,7 +48,7 @@ class Side:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def run(self, stream: Stream) -> None:
+    async def run(self, stream: INetStream) -> None:
         """Run a sync session over `stream`, recording how it ended."""
         session = SyncSession(self.replica)
         try:
@@ -69,7 +62,7 @@ class Side:
             self.outcomes.append(error)
             raise
 
-    async def serve(self, peer_id: str, stream: Stream) -> None:
+    async def serve(self, peer_id: str, stream: INetStream) -> None:
         await self.run(stream)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -143,7 +136,7 @@ async def test_a_stream_from_an_untrusted_peer_is_reset_before_any_data():
         asked.append(peer_id)
         return False
 
-    async def on_stream(peer_id: str, stream: Stream) -> None:
+    async def on_stream(peer_id: str, stream: INetStream) -> None:
         served.append(peer_id)
 
     async with p2p_host(b.identity) as host_b, p2p_host(stranger.identity) as host_s:
@@ -162,7 +155,7 @@ async def test_a_failing_stream_handler_drops_only_its_stream():
     a, b = Side(), Side()
     calls: list[str] = []
 
-    async def on_stream(peer_id: str, stream: Stream) -> None:
+    async def on_stream(peer_id: str, stream: INetStream) -> None:
         calls.append(peer_id)
         if len(calls) == 1:
             raise ValueError("a bug in the node")
@@ -181,7 +174,7 @@ async def test_a_failing_stream_handler_drops_only_its_stream():
 
 
 def raw_host(secure_plaintext_only: bool) -> IHost:
-    """A libp2p host built outside node.p2p: plaintext-only security, or libp2p's default security options."""
+    """A libp2p host built outside node.net.host: plaintext-only security, or libp2p's default security options."""
     key_pair = create_new_key_pair(seed=os.urandom(32))
     plaintext = {PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)} if secure_plaintext_only else None
     return new_host(
@@ -245,7 +238,7 @@ async def test_closing_the_host_stops_the_listener():
 @pytest.mark.trio
 async def test_a_second_host_on_a_port_in_use_is_refused():
     async with p2p_host(Side().identity) as host:
-        with pytest.raises(P2pError, match="cannot listen"):
+        with pytest.raises(ListenError, match="cannot listen"):
             async with p2p_host(Side().identity, [f"/ip4/127.0.0.1/tcp/{port_of(host)}"]):
                 pass
 
@@ -362,7 +355,7 @@ async def test_keep_connected_redials_a_peer_that_restarts():
     seed_ops(a, b, count=5)
     sessions: list[str] = []
 
-    async def connect(peer_id: str, stream: Stream) -> None:
+    async def connect(peer_id: str, stream: INetStream) -> None:
         sessions.append(peer_id)
         await a.run(stream)
 
@@ -374,7 +367,8 @@ async def test_keep_connected_redials_a_peer_that_restarts():
             nursery.start_soon(partial(keep_connected, host_a, address, connect, **backoff))
             await eventually(lambda: converged(a, b), 5)
         a.replica.set_preference("while-down", 1)
-        await trio.sleep(0.5)  # B stays down while A keeps redialling
+        # B stays down until A has seen its connection go: A then redials into the void.
+        await eventually(lambda: not host_a.libp2p_host.get_network().get_connections(host_b.libp2p_host.get_id()), 5)
         async with p2p_host(b.identity, [f"/ip4/127.0.0.1/tcp/{port}"]) as host_b:
             host_b.serve_sync(trusting(a), b.serve)
             await eventually(lambda: b.replica.preferences.get("while-down") == 1, 5)

@@ -10,17 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.errors import EndReason, LocalProtocolError, RemoteProtocolError
-from node.identity import DeviceIdentity, GroupKey, verify
-from node.pairing import (
+from framing import LocalProtocolError, RemoteProtocolError
+from node.errors import EndReason
+from node.trust.identity import DeviceIdentity, GroupKey, verify
+from node.trust.pairing import (
     CODE_ALPHABET,
     CODE_CHARS,
-    DONE,
-    ERROR,
     FRAME_BYTES_MAX,
     INVITE_ID_CHARS,
-    PAKE_REPLY,
-    WELCOME,
+    FrameType,
     Invite,
     InviteGuard,
     InviterPaired,
@@ -161,8 +159,8 @@ def test_right_code_pairs_and_hands_over_the_group_key() -> None:
     assert not verify(INVITER.verify_key_bytes, statement, welcomed.signature)
 
     assert guard.used and guard.attempts == 1 and guard.attempts_left == 0
-    assert [frame_type(f) for f in joiner_side.sent] == [0, 2, DONE]
-    assert [frame_type(f) for f in inviter_side.sent] == [PAKE_REPLY, WELCOME]
+    assert [frame_type(f) for f in joiner_side.sent] == [FrameType.PAKE_START, FrameType.JOINER_HELLO, FrameType.DONE]
+    assert [frame_type(f) for f in inviter_side.sent] == [FrameType.PAKE_REPLY, FrameType.WELCOME]
     # Only the invite id travels in clear; the secret part of the code never goes on the wire.
     secret_part = invite.code[INVITE_ID_CHARS:].encode()
     assert not any(secret_part in frame for frame in inviter_side.sent + joiner_side.sent)
@@ -201,8 +199,8 @@ def test_wrong_code_fails_on_both_sides_and_no_welcome_is_sent() -> None:
     assert isinstance(joiner_side.error, PairingError) and isinstance(inviter_side.error, PairingError)
     assert inviter_side.events == joiner_side.events == []
     # The inviter said nothing but its PAKE reply: no ciphertext a wrong-code key could open, and no enrolment.
-    assert [frame_type(f) for f in inviter_side.sent] == [PAKE_REPLY]
-    assert [frame_type(f) for f in joiner_side.sent] == [0, ERROR]
+    assert [frame_type(f) for f in inviter_side.sent] == [FrameType.PAKE_REPLY]
+    assert [frame_type(f) for f in joiner_side.sent] == [FrameType.PAKE_START, FrameType.ERROR]
     assert not any(GROUP.secret in frame for frame in inviter_side.sent)
     assert calls == [] and guard.attempts == 1 and not guard.used
 
@@ -213,13 +211,13 @@ def test_a_joiner_that_ignores_the_confirmation_still_gets_no_welcome() -> None:
     inviter = make_inviter(guard)
     reckless = JoinerSession(wrong(invite.code), JOINER, now_s=0.0)
     inviter.receive_data(next_frame(reckless), 1.0)
-    assert frame_type(next_frame(inviter)) == PAKE_REPLY
+    assert frame_type(next_frame(inviter)) == FrameType.PAKE_REPLY
     # Without the code a joiner cannot compute the inviter's expected confirmation; it can only guess one.
     forged = JoinerHello(os.urandom(32), os.urandom(200))
     with pytest.raises(PairingError) as raised:
         inviter.receive_data(to_wire(forged), 1.0)
     assert raised.value.reason == PairingReason.WRONG_CODE
-    assert frame_type(next_frame(inviter)) == ERROR and inviter.generate() is None
+    assert frame_type(next_frame(inviter)) == FrameType.ERROR and inviter.generate() is None
     assert guard.attempts == 1 and not guard.used
 
 
@@ -234,7 +232,7 @@ def test_attempts_are_limited_across_sessions_and_then_the_right_code_is_refused
     inviter = make_inviter(guard)
     inviter_side, joiner_side = converse(inviter, JoinerSession(invite.code, JOINER, now_s=0.0))
     assert reason(inviter_side) == reason(joiner_side) == PairingReason.TOO_MANY_ATTEMPTS
-    assert [frame_type(f) for f in inviter_side.sent] == [ERROR]  # not even a PAKE reply
+    assert [frame_type(f) for f in inviter_side.sent] == [FrameType.ERROR]  # not even a PAKE reply
     assert guard.attempts == 3 and not guard.used
 
 
@@ -263,7 +261,7 @@ def test_an_expired_invite_is_refused() -> None:
     inviter = make_inviter(guard, now_s=59.0)
     inviter_side, joiner_side = converse(inviter, JoinerSession(invite.code, JOINER, now_s=59.0), now_s=60.0)
     assert reason(inviter_side) == reason(joiner_side) == PairingReason.EXPIRED
-    assert [frame_type(f) for f in inviter_side.sent] == [ERROR] and guard.attempts == 0
+    assert [frame_type(f) for f in inviter_side.sent] == [FrameType.ERROR] and guard.attempts == 0
     # The refusal comes before any SPAKE2 work, so even a START carrying no valid point is told "expired".
     with pytest.raises(PairingError) as raised:
         make_inviter(guard).receive_data(to_wire(PakeStart(1, invite.invite_id, bytes(33))), 61.0)
@@ -279,7 +277,7 @@ def test_an_invite_expiring_mid_run_sends_no_welcome() -> None:
     with pytest.raises(PairingError) as raised:
         inviter.receive_data(next_frame(joiner), 60.5)
     assert raised.value.reason == PairingReason.EXPIRED
-    assert frame_type(next_frame(inviter)) == ERROR and inviter.generate() is None and not guard.used
+    assert frame_type(next_frame(inviter)) == FrameType.ERROR and inviter.generate() is None and not guard.used
 
 
 def test_an_invite_pairs_only_once() -> None:
@@ -340,7 +338,7 @@ def test_a_tampered_frame_at_each_step_is_refused(step: int, expected: set) -> N
     assert receiver.state is PairingState.FAILED
     if step < 3:
         assert inviter_side.events == joiner_side.events == []
-        assert WELCOME not in [frame_type(f) for f in inviter_side.sent] and not guard.used
+        assert FrameType.WELCOME not in [frame_type(f) for f in inviter_side.sent] and not guard.used
 
 
 def test_an_oversized_frame_is_refused_from_its_length_prefix() -> None:
@@ -348,7 +346,7 @@ def test_an_oversized_frame_is_refused_from_its_length_prefix() -> None:
     with pytest.raises(RemoteProtocolError) as raised:
         inviter.receive_data((FRAME_BYTES_MAX + 1).to_bytes(4, "big"), 1.0)
     assert raised.value.reason == EndReason.FRAME_TOO_LARGE
-    assert msgpack.unpackb(next_frame(inviter)[4:]) == [ERROR, "frame_too_large", raised.value.detail]
+    assert msgpack.unpackb(next_frame(inviter)[4:]) == [FrameType.ERROR, "frame_too_large", raised.value.detail]
 
 
 def test_a_frame_out_of_order_is_refused() -> None:
@@ -572,7 +570,7 @@ def card(device: DeviceIdentity, signer: DeviceIdentity, transcript: bytes) -> l
 
 def test_a_joiner_hello_signed_for_this_run_is_accepted() -> None:
     inviter, hello, _, _ = forge(lambda transcript: card(JOINER, JOINER, transcript))
-    assert inviter.receive_data(hello, 1.0) == [] and frame_type(next_frame(inviter)) == WELCOME
+    assert inviter.receive_data(hello, 1.0) == [] and frame_type(next_frame(inviter)) == FrameType.WELCOME
 
 
 def test_a_joiner_hello_whose_key_did_not_sign_this_run_is_refused() -> None:

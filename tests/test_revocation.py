@@ -2,17 +2,16 @@
 nowhere, and the devices that stay get the new group key, also one that was offline at the time (from the
 relay's mailbox)."""
 
-from pathlib import Path
 
 import msgpack
 import nacl.secret
 import pytest
 import trio
 
+from node.api.rpc import RpcRemoteError
 from node.app import Node
-from node.identity import load_group_keys, unlock_identity
-from node.keyring import KeyRing
-from node.rpc import RpcRemoteError
+from node.trust.identity import load_group_keys, unlock_identity
+from node.trust.keyring import KeyRing
 from tests.test_mailbox_processes import RunningRelay
 from tests.test_sync_processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 

@@ -8,9 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
-from node.identity import DeviceIdentity, GroupKey
-from node.sealing import (
+from framing import LENGTH_PREFIX_BYTES, LocalProtocolError, RemoteProtocolError
+from node.errors import EndReason, UnsealError
+from node.sync.session import Plaintext, SessionConfig, SyncSession
+from node.sync.wire import Deltas, from_wire
+from node.trust.identity import DeviceIdentity, GroupKey
+from node.trust.sealing import (
     BATCH_OVERHEAD_BYTES,
     DEVICE_OVERHEAD_BYTES,
     GroupSealer,
@@ -20,9 +23,6 @@ from node.sealing import (
     open_from_device,
     seal_for_device,
 )
-from node.session import Plaintext, SessionConfig, SyncSession
-from framing import LENGTH_PREFIX_BYTES
-from node.wire import Deltas, from_wire
 from tests.conftest import make_replica
 from tests.test_session import converse
 
@@ -383,8 +383,8 @@ def test_a_replayed_deltas_frame_ends_the_session(clock, into_new_session, reaso
 
 
 def test_mailbox_batches_open_only_for_the_group_the_mailbox_and_a_trusted_sender():
-    from node.identity import create_group_key
-    from node.sealing import open_from_mailbox, seal_for_mailbox
+    from node.trust.identity import create_group_key
+    from node.trust.sealing import open_from_mailbox, seal_for_mailbox
 
     sender, stranger = ALICE, CAROL
     group_key, other_key = create_group_key(), create_group_key()

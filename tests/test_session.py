@@ -6,8 +6,9 @@ import zlib
 import pytest
 
 from crdt import DecodeLimits, decode_stored_batch
-from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
-from node.session import (
+from framing import LocalProtocolError, RemoteProtocolError
+from node.errors import EndReason, UnsealError
+from node.sync.session import (
     OpsApplied,
     PeerClosed,
     PeerHello,
@@ -16,7 +17,7 @@ from node.session import (
     StateMerged,
     SyncSession,
 )
-from node.wire import Deltas, to_wire
+from node.sync.wire import Deltas, to_wire
 from tests.conftest import make_replica
 
 

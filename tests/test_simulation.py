@@ -106,7 +106,7 @@ def test_drop_duplicate_and_delay_follow_the_seed():
 
 
 def test_simulate_cli_prints_a_json_report_and_fails_with_the_seed_when_asked_nonsense():
-    command = [sys.executable, "-m", "node", "simulate", "--nodes", "3", "--ops", "60", "--seed", "5"]
+    command = [sys.executable, "-m", "cli", "simulate", "--nodes", "3", "--ops", "60", "--seed", "5"]
     done = subprocess.run([*command, "--faults", "partition,drop", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

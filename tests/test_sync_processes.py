@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.rpc import RpcClient
+from node.api.rpc import RpcClient
 
 PASSPHRASE = "sync test passphrase"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -22,7 +22,7 @@ def _env() -> dict:
 
 
 def cli(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "node", "--home", str(home), *args]
+    command = [sys.executable, "-m", "cli", "--home", str(home), *args]
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
@@ -31,7 +31,7 @@ class RunningNode:
 
     def __init__(self, home: Path, *peers: str, relay: str | None = None) -> None:
         self.home = home
-        command = [sys.executable, "-m", "node", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
+        command = [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
         if relay:
@@ -62,7 +62,7 @@ class RunningNode:
 
 def pair(inviter: RunningNode, joiner_home: Path, code_override: str | None = None) -> subprocess.CompletedProcess:
     invite = subprocess.Popen(
-        [sys.executable, "-m", "node", "--home", str(inviter.home), "pair", "invite", "--json"],
+        [sys.executable, "-m", "cli", "--home", str(inviter.home), "pair", "invite", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -158,15 +158,18 @@ def test_a_wrong_code_is_refused_and_changes_nothing(first, tmp_path):
 def test_an_unenrolled_device_is_never_accepted(first, tmp_path):
     stranger_home = tmp_path / "stranger"
     assert cli(stranger_home, "init").returncode == 0
+    assert pair(first, tmp_path / "b").returncode == 0
     stranger = RunningNode(stranger_home, first.address)
+    member = RunningNode(tmp_path / "b", first.address)  # a control, dialling exactly as the stranger does
     try:
         first.call("pref.set", key="secret", value="for my devices only")
-        time.sleep(3)
+        wait_until(lambda: member.call("pref.get", key="secret") is not None, 60, "the paired device to get it")
         assert stranger.call("pref.get", key="secret") is None
         assert all(not p["online"] for p in stranger.call("status")["peers"])
         assert stranger.device_id not in {p["device_id"] for p in first.call("status")["peers"]}
     finally:
         stranger.stop()
+        member.stop()
 
 
 def test_a_peer_killed_mid_sync_and_restarted_converges(first, tmp_path):

@@ -7,8 +7,8 @@ import nacl.signing
 import pytest
 
 from crdt import Collection, Kind, Op
-from node.identity import DeviceIdentity, GroupKey, create_group_key, load_group_keys, save_group_key
-from node.keyring import KeyRing
+from node.trust.identity import DeviceIdentity, GroupKey, create_group_key, load_group_keys, save_group_key
+from node.trust.keyring import KeyRing
 
 
 def device(tmp_path: Path, name: str, group_key: GroupKey) -> KeyRing:

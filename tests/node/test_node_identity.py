@@ -11,7 +11,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from node.errors import NodeError
-from node.identity import (
+from node.trust.identity import (
     GROUP_KEY_FILE,
     IDENTITY_FILE,
     DeviceIdentity,

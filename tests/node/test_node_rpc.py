@@ -13,18 +13,18 @@ import msgpack
 import pytest
 import trio
 
-from node.bus import MEMORY_STORE_REQUEST, Bus
-from node.errors import NodeError
-from node.rpc import (
+from node.api.rpc import (
     NodeNotRunning,
     RpcClient,
     RpcError,
     RpcRemoteError,
     RpcTimeoutError,
     RpcUserError,
-    Stream,
+    StreamedReply,
     serve_rpc,
 )
+from node.bus import MEMORY_STORE_REQUEST, Bus
+from node.errors import NodeError
 
 TIMEOUT_S = 5
 
@@ -59,12 +59,12 @@ async def hang(params: dict[str, Any]) -> None:
     await trio.sleep_forever()
 
 
-async def count(params: dict[str, Any]) -> Stream:
+async def count(params: dict[str, Any]) -> StreamedReply:
     async def items() -> AsyncIterator[int]:
         for n in range(params["n"]):
             yield n
 
-    return Stream(items())
+    return StreamedReply(items())
 
 
 HANDLERS: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
@@ -274,7 +274,7 @@ async def test_a_bus_subscription_streams_until_the_client_leaves(socket_path: P
     bus = Bus()
     subscribed, unsubscribed = trio.Event(), trio.Event()
 
-    async def subscribe(params: dict[str, Any]) -> Stream:
+    async def subscribe(params: dict[str, Any]) -> StreamedReply:
         async def events() -> AsyncIterator[dict[str, Any]]:
             try:
                 async with bus.subscribe(params["pattern"]) as subscription:
@@ -284,7 +284,7 @@ async def test_a_bus_subscription_streams_until_the_client_leaves(socket_path: P
             finally:
                 unsubscribed.set()
 
-        return Stream(events())
+        return StreamedReply(events())
 
     async with trio.open_nursery() as nursery:
         await start_server(nursery, socket_path, {"bus.subscribe": subscribe})

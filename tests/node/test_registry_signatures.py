@@ -4,7 +4,7 @@ import os
 
 import attrs
 
-from node.identity import DeviceIdentity, enrolment_record, registry_refusal, revocation_record
+from node.trust.identity import DeviceIdentity, enrolment_record, registry_refusal, revocation_record
 from tests.conftest import ManualClock, make_replica
 
 FIRST, SECOND, THIRD = (DeviceIdentity(seed=os.urandom(32)) for _ in range(3))

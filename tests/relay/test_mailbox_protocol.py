@@ -6,7 +6,8 @@ import random
 import msgpack
 import pytest
 
-from relay.errors import LocalProtocolError, MailboxReason, RemoteProtocolError
+from framing import LocalProtocolError, RemoteProtocolError
+from relay.errors import MailboxReason
 from relay.mailbox_keys import (
     BUCKET_S,
     DRAIN_BUCKETS_MAX,

@@ -7,26 +7,28 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.abc import INetStream
 
-from framing import LENGTH_PREFIX_BYTES
-from node.identity import DeviceIdentity
-from node.p2p import P2pHost, Stream, dial_protocol, p2p_host
-from relay.errors import LocalProtocolError, MailboxReason, MailboxRefused, MailboxSessionEnded
-from relay.host import running_host
+from framing import LENGTH_PREFIX_BYTES, FrameBuffer, LocalProtocolError
+from node.net.dial import dial_protocol
+from node.net.host import P2pHost, p2p_host
+from node.trust.identity import DeviceIdentity
+from p2p import running_host
+from relay.errors import MailboxReason, MailboxRefused, MailboxSessionEnded
+from relay.mailbox_client import MAILBOX_PROTOCOL, MailboxClient
 from relay.mailbox_keys import mailbox_keys
 from relay.mailbox_protocol import (
     REQUEST_FRAME_BYTES_MAX,
     Challenge,
     Error,
     Frame,
-    FrameBuffer,
     Put,
     Refused,
     from_wire,
     signed_message,
     to_wire,
 )
-from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient, ServiceConfig, serve_mailbox
+from relay.mailbox_service import ServiceConfig, serve_mailbox
 from relay.mailbox_store import MailboxStore, StoreLimits
 
 pytestmark = pytest.mark.trio
@@ -62,7 +64,7 @@ async def client(host: P2pHost, relay_addr: str) -> AsyncIterator[MailboxClient]
         yield mailbox
 
 
-async def read_frame(stream: Stream, buffer: FrameBuffer) -> Frame | None:
+async def read_frame(stream: INetStream, buffer: FrameBuffer) -> Frame | None:
     """The next frame from a raw stream, None at its end."""
     with trio.fail_after(TIMEOUT_S):
         while (body := buffer.next_body()) is None:
@@ -94,7 +96,7 @@ async def test_unauthorised_requests_are_refused_and_the_relay_serves_others(tmp
         async with client(a, address) as owner:
             await owner.put(KEYS, b"private")
         _, stream = await dial_protocol(b, address, MAILBOX_PROTOCOL, timeout_s=TIMEOUT_S)
-        buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8)
+        buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8, MailboxReason.FRAME_TOO_LARGE)
         challenge = await read_frame(stream, buffer)
         assert isinstance(challenge, Challenge)
         # A stranger signs the owner's mailbox id with its own key.
@@ -135,7 +137,7 @@ async def test_malformed_and_oversized_frames_end_only_that_session(tmp_path):
         oversized = (REQUEST_FRAME_BYTES_MAX + 1).to_bytes(LENGTH_PREFIX_BYTES, "big")
         for garbage in [oversized, b"\x00\x00\x00\x02\xc1\xc1"]:
             _, stream = await dial_protocol(a, address, MAILBOX_PROTOCOL, timeout_s=TIMEOUT_S)
-            buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8)
+            buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8, MailboxReason.FRAME_TOO_LARGE)
             assert isinstance(await read_frame(stream, buffer), Challenge)
             await stream.write(garbage)
             ended = await read_frame(stream, buffer)
@@ -150,7 +152,7 @@ async def test_a_silent_client_is_dropped_without_blocking_others(tmp_path):
     config = ServiceConfig(request_timeout_s=1.0)
     async with relay(tmp_path, config) as address, device() as a, device() as b:
         _, silent = await dial_protocol(a, address, MAILBOX_PROTOCOL, timeout_s=TIMEOUT_S)
-        buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8)
+        buffer = FrameBuffer(REQUEST_FRAME_BYTES_MAX * 8, MailboxReason.FRAME_TOO_LARGE)
         assert isinstance(await read_frame(silent, buffer), Challenge)
         started = trio.current_time()
         async with client(b, address) as busy:
@@ -177,7 +179,7 @@ async def test_items_survive_a_relay_restart(tmp_path):
     async with relay(tmp_path) as address, device() as a:
         async with client(a, address) as mailbox:
             cursor = await mailbox.put(KEYS, b"before restart")
-    # A new device: node/p2p.py documents that libp2p reuses a dead connection to a restarted peer once.
+    # A new device: node.net.host.dial_direct documents that libp2p reuses a dead connection to a restarted peer once.
     async with relay(tmp_path) as address, device() as b:
         async with client(b, address) as mailbox:
             items, more = await mailbox.fetch(KEYS)

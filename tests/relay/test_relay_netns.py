@@ -4,7 +4,6 @@ what they wrote."""
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ def test_devices_with_no_route_pair_and_sync_through_the_relay_which_sees_no_pla
         assert read_json_line(capture) == {"capturing": True}
         legs = [f"/ip4/{leg.address}/tcp/{RELAY_PORT}" for leg in (r_net1, r_net2)]
         relay = network.popen(
-            r_net1, [sys.executable, "-m", "node", "relay", "--listen", legs[0], "--listen", legs[1], "--data", str(tmp_path / "r")]
+            r_net1, [sys.executable, "-m", "cli", "relay", "--listen", legs[0], "--listen", legs[1], "--data", str(tmp_path / "r")]
         )  # fmt: skip
         relay_addrs = read_json_line(relay)["addresses"]
         relay_for = {host: next(x for x in relay_addrs if f"/ip4/{leg.address}/" in x) for host, leg in ((a, r_net1), (b, r_net2))}
@@ -72,8 +71,8 @@ def test_devices_with_no_route_pair_and_sync_through_the_relay_which_sees_no_pla
             call(b_home, "pref.set", key="live", value=f"PLAINTEXT-LIVE-B-{i}")
             wait_until(lambda: call(a_home, "pref.get", key="live") == f"PLAINTEXT-LIVE-B-{i}", 30, "b's change on a")
         assert peers_a[b_ready["device_id"]]["device_id"] == b_ready["device_id"]
-        time.sleep(0.5)  # the last frames reach the capture file
-        capture.kill()
+        capture.terminate()  # it writes what it already received, then says it stopped
+        assert read_json_line(capture) == {"stopped": True}
         capture.wait(timeout=10)
         captured = capture_file.read_bytes()
     assert b"/noise" in captured and len(captured) > 10_000  # the capture saw the connections

@@ -322,7 +322,9 @@ async def test_sqlcipher_slow_query_leaves_trio_loop_running(db_path: Path) -> N
     query_s, stall_s = await longest_loop_stall_s(db)
     await db.close()
     assert query_s > 0.1
-    assert stall_s < 0.1
+    # The loop kept ticking through the query (libsql's stall, below, is most of it); relative, as a loaded machine
+    # delays every tick.
+    assert stall_s < query_s / 2
 
 
 @pytest.mark.trio

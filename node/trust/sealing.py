@@ -17,8 +17,9 @@ import nacl.signing
 import nacl.utils
 from nacl.encoding import RawEncoder
 
-from node.errors import LocalProtocolError, ReasonedError, UnsealError
-from node.identity import DeviceIdentity, GroupKey, verify
+from framing import LocalProtocolError, ReasonedError
+from node.errors import UnsealError
+from node.trust.identity import DeviceIdentity, GroupKey, verify
 
 SESSION_ID_BYTES = 16
 BATCH_DOMAIN_TAG = b"aico-sync-batch-v1"

@@ -1,5 +1,6 @@
 """Wire types of the sync protocol (`/aico/sync/1`): length-prefixed msgpack frames."""
 
+from enum import IntEnum
 from typing import Any
 
 import attrs
@@ -7,12 +8,20 @@ import msgpack
 
 import framing
 from crdt import FORMAT_VERSION, DecodeError
-from node.errors import EndReason, RemoteProtocolError
+from node.errors import EndReason
 
 PROTOCOL_VERSION = 2  # 2: DELTAS and STATE bodies are deflated before sealing
 SCHEMA_VERSION = FORMAT_VERSION
-# Frame type codes: append only.
-HELLO, DELTAS, ACK, STATE, ERROR = range(5)
+
+
+class FrameType(IntEnum):
+    """The first field of every frame; codes are append only."""
+
+    HELLO = 0
+    DELTAS = 1
+    ACK = 2
+    STATE = 3
+    ERROR = 4
 
 
 @attrs.frozen
@@ -62,26 +71,27 @@ class Error:
 Frame = Hello | Deltas | StateSnapshot | Ack | Error
 
 
-class FrameBuffer(framing.FrameBuffer):
-    """Splits a sync or pairing stream into frame bodies; an oversized frame ends the session (FRAME_TOO_LARGE)."""
-
-    def __init__(self, frame_bytes_max: int) -> None:
-        super().__init__(frame_bytes_max, lambda detail: RemoteProtocolError(EndReason.FRAME_TOO_LARGE, detail))
-
-
 def to_wire(frame: Frame) -> bytes:
     """Encode a frame with its length prefix."""
     match frame:
         case Hello():
-            body = [HELLO, frame.protocol, frame.schema, frame.device_id, frame.epoch, frame.vector, frame.greeted]
+            body = [
+                FrameType.HELLO,
+                frame.protocol,
+                frame.schema,
+                frame.device_id,
+                frame.epoch,
+                frame.vector,
+                frame.greeted,
+            ]
         case Deltas():
-            body = [DELTAS, frame.batch_no, frame.sealed]
+            body = [FrameType.DELTAS, frame.batch_no, frame.sealed]
         case StateSnapshot():
-            body = [STATE, frame.batch_no, frame.sealed]
+            body = [FrameType.STATE, frame.batch_no, frame.sealed]
         case Ack():
-            body = [ACK, frame.batch_no, frame.vector]
+            body = [FrameType.ACK, frame.batch_no, frame.vector]
         case Error():
-            body = [ERROR, frame.reason.value, frame.detail]
+            body = [FrameType.ERROR, frame.reason.value, frame.detail]
     return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
@@ -107,16 +117,19 @@ def from_wire(body: bytes, bytes_max: int) -> Frame:
         raise DecodeError("frame is not [type, ...]")
     kind, rest = fields[0], fields[1:]
     match kind, rest:
-        case (0, [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector, bool() as greeted]):
+        case (
+            FrameType.HELLO,
+            [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector, bool() as greeted],
+        ):
             if device_id:
                 return Hello(protocol, schema, device_id, epoch, _vector(vector), greeted)
-        case (1, [int() as batch_no, bytes() as sealed]):
+        case (FrameType.DELTAS, [int() as batch_no, bytes() as sealed]):
             return Deltas(batch_no, sealed)
-        case (3, [int() as batch_no, bytes() as sealed]):
+        case (FrameType.STATE, [int() as batch_no, bytes() as sealed]):
             return StateSnapshot(batch_no, sealed)
-        case (2, [batch_no, vector]) if batch_no is None or _is_count(batch_no):
+        case (FrameType.ACK, [batch_no, vector]) if batch_no is None or _is_count(batch_no):
             return Ack(batch_no, _vector(vector))
-        case (4, [str() as reason, str() as detail]):
+        case (FrameType.ERROR, [str() as reason, str() as detail]):
             try:
                 return Error(EndReason(reason), detail)
             except ValueError:

@@ -19,7 +19,7 @@ import nacl.utils
 from crdt import Collection, Op
 from crdt.lww import LwwMap
 from node.errors import UnsealError
-from node.identity import (
+from node.trust.identity import (
     GROUP_SECRET_BYTES,
     DeviceIdentity,
     GroupKey,
@@ -27,7 +27,7 @@ from node.identity import (
     load_group_keys,
     save_group_keys,
 )
-from node.sealing import open_from_device, seal_for_device
+from node.trust.sealing import open_from_device, seal_for_device
 
 ROTATION_KEY_PREFIX = "group_key/"
 OFFERS_MAX = 64  # keys named in a session handshake, newest first
@@ -129,4 +129,3 @@ class KeyRing:
         if epoch != value["epoch"] or op.key != f"{ROTATION_KEY_PREFIX}{epoch}/{op.device}":
             raise ValueError(f"the sealed epoch {epoch!r} does not match the rotation")
         return GroupKey(secret, epoch)
-

@@ -12,7 +12,7 @@ import hmac
 import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
-from enum import Enum, StrEnum
+from enum import Enum, IntEnum, StrEnum
 from typing import Any
 
 import attrs
@@ -25,9 +25,9 @@ from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
 from spake2.ed25519_basic import NotOnCurve
 
 import framing
-from node.errors import EndReason, LocalProtocolError, ReasonedError, RemoteProtocolError
-from node.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
-from node.wire import FrameBuffer
+from framing import LocalProtocolError, ReasonedError, RemoteProtocolError
+from node.errors import EndReason, NodeError
+from node.trust.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
 
 PROTOCOL_ID = "/aico/pair/1"
 PROTOCOL_VERSION = 1
@@ -57,8 +57,17 @@ ENROLMENT_RECORD_BYTES_MAX = 16 * 1024
 REASON_CHARS_MAX = 64
 DETAIL_CHARS_MAX = 512
 
-# Frame type codes: append only.
-PAKE_START, PAKE_REPLY, JOINER_HELLO, WELCOME, DONE, ERROR = range(6)
+
+class FrameType(IntEnum):
+    """The first field of every pairing frame; codes are append only."""
+
+    PAKE_START = 0
+    PAKE_REPLY = 1
+    JOINER_HELLO = 2
+    WELCOME = 3
+    DONE = 4
+    ERROR = 5
+
 
 _JOINER_STATEMENT_TAG = "aico-pair/1 joiner device key"
 _TRANSCRIPT_PERSON = b"aico-pair1-th"
@@ -77,7 +86,7 @@ class PairingReason(StrEnum):
     ABORTED = "aborted"
 
 
-class PairingError(ReasonedError):
+class PairingError(NodeError, ReasonedError):
     """A pairing run ended without pairing, for a reason the user should be told."""
 
     reason: PairingReason
@@ -232,17 +241,17 @@ def to_wire(frame: Frame) -> bytes:
     """Encode a frame with its length prefix."""
     match frame:
         case PakeStart():
-            body: list[Any] = [PAKE_START, frame.version, frame.invite_id, frame.spake_msg]
+            body: list[Any] = [FrameType.PAKE_START, frame.version, frame.invite_id, frame.spake_msg]
         case PakeReply():
-            body = [PAKE_REPLY, frame.spake_msg, frame.confirm]
+            body = [FrameType.PAKE_REPLY, frame.spake_msg, frame.confirm]
         case JoinerHello():
-            body = [JOINER_HELLO, frame.confirm, frame.sealed]
+            body = [FrameType.JOINER_HELLO, frame.confirm, frame.sealed]
         case Welcome():
-            body = [WELCOME, frame.sealed]
+            body = [FrameType.WELCOME, frame.sealed]
         case Done():
-            body = [DONE, frame.confirm]
+            body = [FrameType.DONE, frame.confirm]
         case Error():
-            body = [ERROR, frame.reason, frame.detail[:DETAIL_CHARS_MAX]]
+            body = [FrameType.ERROR, frame.reason, frame.detail[:DETAIL_CHARS_MAX]]
     return framing.length_prefixed(msgpack.packb(body, use_bin_type=True))
 
 
@@ -269,21 +278,21 @@ def from_wire(body: bytes) -> Frame:
     if type(fields) is not list or not fields or type(fields[0]) is not int:
         raise RemoteProtocolError(EndReason.MALFORMED_FRAME, "frame is not [type, ...]")
     match fields:
-        case [0, int() as version, str() as invite_id, bytes() as spake_msg] if (
+        case [FrameType.PAKE_START, int() as version, str() as invite_id, bytes() as spake_msg] if (
             len(invite_id) == INVITE_ID_CHARS and len(spake_msg) == SPAKE_MSG_BYTES
         ):
             return PakeStart(version, invite_id, spake_msg)
-        case [1, bytes() as spake_msg, bytes() as confirm] if (
+        case [FrameType.PAKE_REPLY, bytes() as spake_msg, bytes() as confirm] if (
             len(spake_msg) == SPAKE_MSG_BYTES and len(confirm) == MAC_BYTES
         ):
             return PakeReply(spake_msg, confirm)
-        case [2, bytes() as confirm, bytes() as sealed] if len(confirm) == MAC_BYTES:
+        case [FrameType.JOINER_HELLO, bytes() as confirm, bytes() as sealed] if len(confirm) == MAC_BYTES:
             return JoinerHello(confirm, sealed)
-        case [3, bytes() as sealed]:
+        case [FrameType.WELCOME, bytes() as sealed]:
             return Welcome(sealed)
-        case [4, bytes() as confirm] if len(confirm) == MAC_BYTES:
+        case [FrameType.DONE, bytes() as confirm] if len(confirm) == MAC_BYTES:
             return Done(confirm)
-        case [5, str() as reason, str() as detail] if (
+        case [FrameType.ERROR, str() as reason, str() as detail] if (
             len(reason) <= REASON_CHARS_MAX and len(detail) <= DETAIL_CHARS_MAX
         ):
             return Error(reason, detail)
@@ -291,7 +300,6 @@ def from_wire(body: bytes) -> Frame:
 
 
 # -- keys and transcript ---------------------------------------------------------------------------
-
 
 
 def _spake_ids(invite_id: str) -> tuple[bytes, bytes]:
@@ -442,7 +450,7 @@ class _Side:
             raise LocalProtocolError(f"a run lasts more than 0 and at most {INVITE_TTL_S_MAX} s, not {run_ttl_s}")
         self.state = state
         self._deadline_s = now_s + run_ttl_s
-        self._inbound = FrameBuffer(FRAME_BYTES_MAX)
+        self._inbound = framing.FrameBuffer(FRAME_BYTES_MAX, EndReason.FRAME_TOO_LARGE)
         self._outbound: list[Frame] = []
 
     def receive_data(self, data: bytes, now_s: float) -> list[Event]:

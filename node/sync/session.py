@@ -24,15 +24,15 @@ from crdt import (
     inflate,
     merge_state,
 )
-from node.errors import EndReason, LocalProtocolError, RemoteProtocolError, UnsealError
-from node.wire import (
+from framing import FrameBuffer, LocalProtocolError, RemoteProtocolError
+from node.errors import EndReason, UnsealError
+from node.sync.wire import (
     PROTOCOL_VERSION,
     SCHEMA_VERSION,
     Ack,
     Deltas,
     Error,
     Frame,
-    FrameBuffer,
     Hello,
     StateSnapshot,
     from_wire,
@@ -139,7 +139,7 @@ class SyncSession:
         self.state = SessionState.GREETING
         self.peer_device: str | None = None
         self.peer_vector: dict[str, int] = {}  # what the peer last said it has applied
-        self._inbound = FrameBuffer(self.config.frame_bytes_max)
+        self._inbound = FrameBuffer(self.config.frame_bytes_max, EndReason.FRAME_TOO_LARGE)
         self._outbound: list[Frame] = [self._hello()]
         self._sent: dict[str, int] = {}  # what the peer has, or will have once our batches land
         self._peer_has: dict[str, int] = {}  # seqs the peer proved it has by sending them
@@ -150,6 +150,11 @@ class SyncSession:
         self._early_bytes = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session is over."""
+        return self.state is SessionState.CLOSED
 
     # -- input -------------------------------------------------------------------------------------
 
@@ -163,10 +168,10 @@ class SyncSession:
         try:
             while (body := self._inbound.next_body()) is not None:
                 events.extend(self._handle(self._decode(body), len(body)))
-                if self.state is SessionState.CLOSED:
+                if self.closed:
                     break
         except RemoteProtocolError as error:
-            self._fail(error.reason, error.detail)
+            self._fail(EndReason(error.reason), error.detail)
             raise
         return events
 
@@ -309,7 +314,9 @@ class SyncSession:
     def _hello(self) -> Hello:
         config = self.config
         greeted = self.peer_device is not None
-        return Hello(config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector), greeted)
+        return Hello(
+            config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector), greeted
+        )
 
     def close(self, detail: str = "closing") -> None:
         """End the session; `generate` then yields a final ERROR frame for the peer."""

@@ -7,8 +7,8 @@ import os
 import re
 import tempfile
 import unicodedata
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -162,7 +162,9 @@ def registry_refusal(op: Op, devices: DeviceRegistry) -> str | None:
     if type(public_key) is not bytes:
         return f"registry op {op.device}:{op.seq} is signed by {signer}, which is not enrolled here (yet)"
     unsigned = {name: value for name, value in record.items() if name != "signature"}
-    if type(signature) is not bytes or not verify(public_key, msgpack.packb([op.key, unsigned], use_bin_type=True), signature):
+    if type(signature) is not bytes or not verify(
+        public_key, msgpack.packb([op.key, unsigned], use_bin_type=True), signature
+    ):
         return f"registry op {op.device}:{op.seq} has a bad signature"
     return None
 

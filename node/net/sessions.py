@@ -1,39 +1,45 @@
-"""The sync service: a sealed sync session with every reachable trusted device, live pushes of new ops."""
+"""The sync sessions of a running node: one sealed session per reachable trusted device over libp2p, accepted or
+dialled (directly, or through the relay), with live pushes of new ops."""
+
+from __future__ import annotations
 
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, NoReturn
 
 import attrs
-import msgpack
 import multiaddr
 import trio
-from libp2p.network.stream.exceptions import StreamError
+from libp2p.abc import INetStream
 
-from crdt import Op, Replica
-from node.errors import EndReason, RemoteProtocolError
-from node.identity import DeviceIdentity
-from node.keyring import KeyRing
-from node.p2p import READ_BYTES, Notifier, P2pHost, Stream, reset_quietly, keep_connected, run_session
-from node.relay_path import (
+from crdt import Replica
+from framing import RemoteProtocolError
+from node.errors import EndReason
+from node.net.circuit import (
     Reservation,
     accept_relayed_connections,
     is_circuit_addr,
-    keep_connected_with_relay,
     keep_reservation,
     split_circuit_addr,
     stream_path,
 )
-from node.sealing import GroupSealer, new_session_id
-from node.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
-from stores.datalayer import DataLayer, PendingWrite
+from node.net.dial import keep_connected
+from node.net.host import P2pHost
+from node.net.pump import run_session
+from node.net.relay_path import keep_connected_with_relay
+from node.sync.handshake import SessionHandshake
+from node.sync.receiver import OpsReceiver
+from node.sync.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
+from node.trust.identity import DeviceIdentity
+from node.trust.keyring import KeyRing
+from node.trust.sealing import GroupSealer, new_session_id
+from p2p import StreamGone, read_chunk, reset_quietly, write_within
+from stores.datalayer import PendingWrite
 from stores.primary import LogBatch, get_meta, set_meta
 
 log = logging.getLogger(__name__)
-SESSION_ID_BYTES = 16
-OFFERS_BYTES_MAX = 4096  # the handshake's list of group keys; 64 offers take about 1.1 KiB
 HANDSHAKE_TIMEOUT_S = 10.0
 PEERS_DIALLED_MAX = 256
 PEERS_META = "sync_peers"
@@ -46,7 +52,7 @@ class PeerState:
 
     device_id: str
     online: bool = False
-    last_sync: float | None = None
+    last_sync_s: float | None = None  # Unix seconds of the last batch stored or acknowledged
     vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None
     scope: trio.CancelScope | None = None  # ends the running session
@@ -68,19 +74,19 @@ class SyncService:
 
     def __init__(
         self,
-        data: DataLayer,
+        receiver: OpsReceiver,
         identity: DeviceIdentity,
         keyring: KeyRing,
         host: P2pHost,
         *,
-        on_applied: Callable[[list[Op]], None],
         static_peers: Sequence[str] = (),
         bootstrap_peers: dict[str, bytes] | None = None,
         relay: str | None = None,
         read_timeout_s: float = 30.0,
         refresh_every_s: float = 10.0,
     ) -> None:
-        self.data = data
+        self.receiver = receiver
+        self.data = receiver.data
         self.relay = relay
         self.reservation: Reservation | None = None  # this node's slot on the relay, while it holds one
         self.identity = identity
@@ -89,18 +95,17 @@ class SyncService:
         self.static_peers = list(static_peers)
         self.read_timeout_s = read_timeout_s
         self.refresh_every_s = refresh_every_s
-        self.outgoing = Notifier()
+        self.outgoing = receiver.outgoing
         self.peers: dict[str, PeerState] = {}
         self.lan_devices: set[str] = set()  # devices mDNS found on the LAN
         self.bootstrap_peers = dict(bootstrap_peers or {})  # device id -> public key, trusted before the registry
-        self._on_applied = on_applied
         self._nursery: trio.Nursery | None = None
         self._dialled: set[str] = set()  # devices kept connected through the relay
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept sessions from trusted devices and keep dialling the static peers, until cancelled."""
         for device_id, saved in (await self.data.sql.run(get_meta, PEERS_META) or {}).items():
-            self.peers[device_id] = PeerState(device_id, last_sync=saved["last_sync"], vector=saved["vector"])
+            self.peers[device_id] = PeerState(device_id, last_sync_s=saved["last_sync"], vector=saved["vector"])
         self.host.serve_sync(self.is_trusted, self.serve_stream)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -109,7 +114,7 @@ class SyncService:
                 self._dialled.update(_route(address, self.relay)[0] for address in self.static_peers)
                 accept_relayed_connections(self.host)
                 nursery.start_soon(functools.partial(keep_reservation, self.host, self.relay, on_change=self._reserved))
-                nursery.start_soon(self._dial_devices_through_relay)
+                nursery.start_soon(self._dial_devices_through_relay, nursery)
             for address in self.static_peers:
                 nursery.start_soon(self._keep_connected, address)
             task_status.started()
@@ -127,7 +132,7 @@ class SyncService:
         self.reservation = reservation
         self.host.relayed_addresses = [reservation.circuit_address] if reservation else []
 
-    async def _dial_devices_through_relay(self) -> NoReturn:
+    async def _dial_devices_through_relay(self, nursery: trio.Nursery) -> NoReturn:
         """Keep a session through the relay with every trusted device whose id is above this one's.
 
         Of two devices, only the lower id dials, so they do not reset each other's streams; no address is needed,
@@ -135,10 +140,14 @@ class SyncService:
         """
         while True:
             for device_id in sorted(set(self.data.replica.devices.enrolments) | set(self.bootstrap_peers)):
-                if device_id > self.identity.device_id and self.is_trusted(device_id) and device_id not in self._dialled:
+                if (
+                    device_id > self.identity.device_id
+                    and self.is_trusted(device_id)
+                    and device_id not in self._dialled
+                ):
                     if len(self._dialled) < PEERS_DIALLED_MAX:
                         self._dialled.add(device_id)
-                        self._nursery.start_soon(
+                        nursery.start_soon(
                             keep_connected_with_relay, self.host, [], self.relay, device_id, self.serve_stream
                         )
             await trio.sleep(RELAY_DEVICES_CHECK_EVERY_S)
@@ -180,20 +189,6 @@ class SyncService:
         """Return the Ed25519 public key of a device that may sync with this one, or None."""
         return self._public_key(device_id) if self.is_trusted(device_id) else None
 
-    async def apply_remote(self, ops: list[Op]) -> list[Op]:
-        """Apply and persist ops that came another way than a session (the mailbox); return those applied."""
-        async with self.data.write_lock:
-            result = self.data.replica.apply(ops)
-            applied = list(result.applied)
-            if applied:
-                await self.data.persist(applied)
-        for op, why in result.refused:
-            log.warning("refused op %s:%s from the mailbox: %s", op.device, op.seq, why)
-        if applied:
-            self._on_applied(applied)
-            self.outgoing.notify()  # peers in session may lack these ops
-        return applied
-
     def status(self, mailbox: Any = None) -> list[dict]:
         """Return every known device's sync state, as `status --json` shows it."""
         replica = self.data.replica
@@ -208,7 +203,7 @@ class SyncService:
                     "device_id": device_id,
                     "online": peer.online,
                     "path": self._path(peer, mailbox),
-                    "last_sync": peer.last_sync,
+                    "last_sync": peer.last_sync_s,
                     "ops_behind_in": ahead_in,
                     "ops_behind_out": ahead_out,
                     "bytes_in": peer.session.bytes_received if peer.session else 0,
@@ -225,26 +220,31 @@ class SyncService:
             return "mailbox"
         return None
 
-    async def serve_stream(self, device_id: str, stream: Stream) -> None:
+    async def serve_stream(self, device_id: str, stream: INetStream) -> None:
         """Run one sealed sync session with an authenticated peer over `stream` (which it owns)."""
         peer = self.peers.setdefault(device_id, PeerState(device_id))
         if not self.is_trusted(device_id) or peer.online:
             # One session per peer: when both sides dial at once, the later stream is dropped.
             await stream.reset()
             return
-        inbound_session_id = new_session_id()
-        offers = msgpack.packb(self.keyring.offers(), use_bin_type=True)
+        # Each side picks the session id for the batches it receives, so old batches never replay, and names the
+        # group keys it holds, so both seal with the newest key they share.
+        handshake = SessionHandshake(new_session_id(), self.keyring.offers())
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                # Each side picks the session id for the batches it receives, so old batches never replay, and
-                # names the group keys it holds, so both seal with the newest key they share.
-                await stream.write(inbound_session_id + len(offers).to_bytes(2, "big") + offers)
-                outbound_session_id = await _read_exactly(stream, SESSION_ID_BYTES)
-                group_key = self.keyring.shared_key(await _read_offers(stream))
-        except (StreamError, trio.TooSlowError) as error:
+                await write_within(stream, handshake.generate() or b"", HANDSHAKE_TIMEOUT_S)
+                while not handshake.receive_data(data := await read_chunk(stream)):
+                    if not data:
+                        raise RemoteProtocolError(
+                            EndReason.MALFORMED_FRAME, "stream ended during the session handshake"
+                        )
+        except (StreamGone, trio.TooSlowError) as error:
             log.info("session handshake with %s failed: %s", device_id, error or type(error).__name__)
             await reset_quietly(stream)
             return
+        peer_session_id, peer_offers = handshake.peer_session_id, handshake.peer_offers
+        assert peer_session_id is not None and peer_offers is not None  # the handshake is complete
+        group_key = self.keyring.shared_key(peer_offers)
         if group_key is None:
             log.warning("no group key in common with %s: it must be paired again", device_id)
             await reset_quietly(stream)
@@ -254,8 +254,8 @@ class SyncService:
             group_key,
             device_id,
             self._public_key(device_id),
-            inbound_session_id=inbound_session_id,
-            outbound_session_id=outbound_session_id,
+            inbound_session_id=handshake.session_id,
+            outbound_session_id=peer_session_id,
         )
         session = SyncSession(self.data.replica, SessionConfig(epoch=group_key.epoch), sealer)
         peer.online, peer.session, peer.scope = True, session, trio.CancelScope()
@@ -269,7 +269,8 @@ class SyncService:
                     outgoing=self.outgoing,
                     read_timeout_s=self.read_timeout_s,
                     refresh_every_s=self.refresh_every_s,
-                    apply_lock=self.data.write_lock,
+                    apply_lock=self.receiver.write_lock,
+                    received_early=handshake.take_rest(),
                 )
                 log.info("sync session with %s ended: %s", device_id, reason)
         finally:
@@ -281,13 +282,13 @@ class SyncService:
 
     async def _save_peers(self) -> None:
         """Persist what is known of each peer, so `status` can show devices that are offline."""
-        saved = {p.device_id: {"last_sync": p.last_sync, "vector": p.vector} for p in self.peers.values() if p.vector}
+        saved = {p.device_id: {"last_sync": p.last_sync_s, "vector": p.vector} for p in self.peers.values() if p.vector}
         await self.data.sql.run(set_meta, PEERS_META, saved)
 
     def _on_events(self, peer: PeerState, events: list) -> Awaitable[None]:
         """Check what a session did and take the rows its applied ops changed now; return the write that persists
-        them (in one transaction). Runs under the data layer's write lock, which is held until the write is done."""
-        log: list[LogBatch] = []
+        them (in one transaction). Runs under the write lock, which is held until the write is done."""
+        batches: list[LogBatch] = []
         for event in events:
             match event:
                 case PeerHello() if event.device_id != peer.device_id:
@@ -295,20 +296,17 @@ class SyncService:
                         EndReason.UNEXPECTED_FRAME, f"HELLO names {event.device_id}, the connection is {peer.device_id}"
                     )
                 case OpsApplied() if event.ops:
-                    log.append(LogBatch(event.ops, event.deflated))
+                    batches.append(LogBatch(event.ops, event.deflated))
                 case StateMerged():
                     raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
                 case PeerAcked():
-                    peer.last_sync = time.time()
-        return self._persist(peer, self.data.prepare(log) if log else None)
+                    peer.last_sync_s = time.time()
+        return self._store(peer, self.receiver.stage(batches))
 
-    async def _persist(self, peer: PeerState, pending: PendingWrite | None) -> None:
-        if pending is None:
-            return
-        await self.data.write(pending)
-        peer.last_sync = time.time()
-        self._on_applied(pending.ops)
-        self.outgoing.notify()  # other peers may lack these ops
+    async def _store(self, peer: PeerState, pending: PendingWrite | None) -> None:
+        if pending is not None:
+            await self.receiver.store(pending)
+            peer.last_sync_s = time.time()
 
 
 def _route(address: str, relay: str) -> tuple[str, str, list[str]]:
@@ -318,26 +316,3 @@ def _route(address: str, relay: str) -> tuple[str, str, list[str]]:
         relay_addr, peer_id = split_circuit_addr(address)
         return peer_id, relay_addr, []
     return multiaddr.Multiaddr(address).value_for_protocol("p2p"), relay, [address]
-
-
-async def _read_offers(stream: Stream) -> list:
-    size = int.from_bytes(await _read_exactly(stream, 2), "big")
-    if size > OFFERS_BYTES_MAX:
-        raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"{size} bytes of key offers, over {OFFERS_BYTES_MAX}")
-    try:
-        offers = msgpack.unpackb(await _read_exactly(stream, size), raw=False)
-    except Exception:  # msgpack raises many exception types for bad input
-        offers = None
-    if type(offers) is not list:
-        raise RemoteProtocolError(EndReason.MALFORMED_FRAME, "the key offers are not a msgpack list")
-    return offers
-
-
-async def _read_exactly(stream: Stream, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = await stream.read(min(READ_BYTES, size - len(data)))
-        if not chunk:
-            raise RemoteProtocolError(EndReason.MALFORMED_FRAME, "stream ended during the session handshake")
-        data += chunk
-    return data

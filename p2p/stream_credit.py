@@ -34,4 +34,4 @@ async def _credit_when_half_consumed(stream: YamuxStream, *, bytes_read: int = 0
 
 def batch_yamux_receive_credit() -> None:
     """Make every yamux stream of this process return receive credit in batches of half its window (idempotent)."""
-    YamuxStream._auto_tune_and_send_window_update = _credit_when_half_consumed  # type: ignore[method-assign]
+    YamuxStream._auto_tune_and_send_window_update = _credit_when_half_consumed  # type: ignore[method-assign, assignment]

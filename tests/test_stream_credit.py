@@ -1,4 +1,4 @@
-"""Batched yamux receive credit (relay/stream_credit.py) over a real loopback libp2p stream."""
+"""Batched yamux receive credit (p2p/stream_credit.py) over a real loopback libp2p stream."""
 
 import os
 from collections.abc import AsyncIterator
@@ -12,8 +12,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
 
-from relay.host import running_host
-from relay.stream_credit import CREDIT_FRACTION
+from p2p import running_host
+from p2p.stream_credit import CREDIT_FRACTION
 
 SINK = TProtocol("/aico-test/sink/1")
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

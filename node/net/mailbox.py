@@ -14,10 +14,12 @@ import attrs
 import trio
 
 from crdt import Collection, DecodeError, Kind, Op, decode_ops, encode_ops
-from node.identity import DeviceIdentity, GroupKey
-from node.keyring import ROTATION_KEY_PREFIX, KeyRing
-from node.p2p import DialError, Notifier, P2pHost, dial_protocol
-from node.sealing import UnsealRefusedError, open_from_mailbox, seal_for_mailbox
+from node.net.dial import dial_protocol
+from node.net.host import DialError, P2pHost
+from node.sync.receiver import Notifier
+from node.trust.identity import DeviceIdentity, GroupKey
+from node.trust.keyring import ROTATION_KEY_PREFIX, KeyRing
+from node.trust.sealing import UnsealRefusedError, open_from_mailbox, seal_for_mailbox
 from relay import (
     MAILBOX_PROTOCOL,
     MailboxClient,
@@ -97,7 +99,7 @@ class MailboxSync:
         self._drained_since_s = 0.0
         self._window: set[str] = set()  # the mailboxes of the current drain
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Post and drain until cancelled; a relay that cannot be reached is retried, never fatal."""
         saved = await self.data.sql.run(get_meta, MAILBOX_META) or {}
         self.health.posted_seq = saved.get("posted_seq", 0)
@@ -216,7 +218,11 @@ class MailboxSync:
             self.health.received_from[sender] = self._now_s()
 
     async def _save(self) -> None:
-        state = {"posted_seq": self.health.posted_seq, "cursors": self._cursors, "drained_since_s": self._drained_since_s}
+        state = {
+            "posted_seq": self.health.posted_seq,
+            "cursors": self._cursors,
+            "drained_since_s": self._drained_since_s,
+        }
         await self.data.sql.run(set_meta, MAILBOX_META, state)
 
 

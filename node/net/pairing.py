@@ -1,16 +1,20 @@
-"""Pairing over libp2p (`/aico/pair/1`): the inviter's handler and the joiner's run, around node.pairing."""
+"""Pairing over libp2p (`/aico/pair/1`): the inviter's handler and the joiner's run, around node.trust.pairing."""
 
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import overload
 
 import msgpack
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 
-from node.errors import RemoteProtocolError
-from node.identity import DeviceIdentity, GroupKey, enrolment_record
-from node.p2p import READ_BYTES, P2pHost, Stream, dial_protocol
-from node.pairing import (
+from framing import RemoteProtocolError
+from node.net.dial import dial_protocol
+from node.net.host import P2pHost
+from node.trust.identity import DeviceIdentity, GroupKey, enrolment_record
+from node.trust.pairing import (
     PROTOCOL_ID,
     InviteGuard,
     InviterPaired,
@@ -20,6 +24,7 @@ from node.pairing import (
     PairingError,
     PairingReason,
 )
+from p2p import CLOSE_TIMEOUT_S, StreamGone, close_quietly, read_chunk, reset_quietly, send_pending
 
 log = logging.getLogger(__name__)
 PAIR_TIMEOUT_S = 120.0
@@ -27,25 +32,35 @@ DIAL_TIMEOUT_S = 10.0
 PairingSession = InviterSession | JoinerSession
 
 
-async def pump_pairing(stream: Stream, session: PairingSession) -> InviterPaired | JoinerPaired:
+@overload
+async def pump_pairing(stream: INetStream, session: InviterSession) -> InviterPaired: ...
+
+
+@overload
+async def pump_pairing(stream: INetStream, session: JoinerSession) -> JoinerPaired: ...
+
+
+async def pump_pairing(stream: INetStream, session: PairingSession) -> InviterPaired | JoinerPaired:
     """Run one pairing session over a stream until it pairs, or raise PairingError / RemoteProtocolError."""
     with trio.fail_after(PAIR_TIMEOUT_S):
         try:
             while True:
-                while (data := session.generate()) is not None:
-                    await stream.write(data)
-                chunk = await stream.read(READ_BYTES)
+                await send_pending(stream, session, PAIR_TIMEOUT_S)
+                chunk = await read_chunk(stream)
                 if not chunk:
                     raise PairingError(PairingReason.ABORTED, "the other device closed the connection")
                 events = session.receive_data(chunk, time.time())
                 if events:
-                    while (data := session.generate()) is not None:  # the joiner's DONE
-                        await stream.write(data)
+                    await send_pending(stream, session, PAIR_TIMEOUT_S)  # the joiner's DONE
                     return events[0]
+        except StreamGone as error:
+            raise PairingError(PairingReason.ABORTED, f"the connection to the other device broke: {error}") from None
         except (PairingError, RemoteProtocolError):
-            with trio.move_on_after(2, shield=True):  # tell the other side why, if the session has an ERROR frame
-                while (data := session.generate()) is not None:
-                    await stream.write(data)
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):  # tell the other side why, if there is an ERROR
+                try:
+                    await send_pending(stream, session, CLOSE_TIMEOUT_S)
+                except StreamGone:
+                    pass
             raise
 
 
@@ -64,7 +79,7 @@ class InviteDesk:
         self.host = host
         self._enrol = enrol
         self._open: tuple[InviteGuard, trio.MemorySendChannel] | None = None
-        host.libp2p_host.set_stream_handler(PROTOCOL_ID, self._serve)
+        host.libp2p_host.set_stream_handler(TProtocol(PROTOCOL_ID), self._serve)
 
     def open_invite(self, guard: InviteGuard) -> trio.MemoryReceiveChannel:
         """Make `guard`'s invite the open one; the returned channel yields the joined device id or a PairingError."""
@@ -75,9 +90,9 @@ class InviteDesk:
     def close_invite(self) -> None:
         self._open = None
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, stream: INetStream) -> None:
         if self._open is None:
-            await stream.reset()
+            await reset_quietly(stream)
             return
         guard, report = self._open
 
@@ -85,20 +100,23 @@ class InviteDesk:
             record = enrolment_record(self.identity, device_id, verify_key, "paired device")
             return msgpack.packb(record, use_bin_type=True)
 
-        session = InviterSession(guard, self.identity, self.group_key(), enrolment_for, time.time(), self.host.addresses)
+        session = InviterSession(
+            guard, self.identity, self.group_key(), enrolment_for, time.time(), self.host.addresses
+        )
         try:
             paired = await pump_pairing(stream, session)
             await self._enrol(paired)
             _report(report, paired.peer_device_id)
         except (PairingError, RemoteProtocolError, trio.TooSlowError) as error:
             log.info("pairing attempt refused: %s", error)
-            _report(report, error if isinstance(error, PairingError) else PairingError(PairingReason.ABORTED, str(error)))
+            _report(
+                report, error if isinstance(error, PairingError) else PairingError(PairingReason.ABORTED, str(error))
+            )
         except Exception:
             # An error escaping a libp2p stream handler would stop the host: log it and drop this stream.
             log.exception("pairing handler failed")
         finally:
-            with trio.move_on_after(2, shield=True):
-                await stream.close()
+            await close_quietly(stream)
 
 
 def _report(channel: trio.MemorySendChannel, outcome: object) -> None:
@@ -114,5 +132,4 @@ async def join(host: P2pHost, identity: DeviceIdentity, code: str, address: str)
     try:
         return await pump_pairing(stream, JoinerSession(code, identity, time.time()))
     finally:
-        with trio.move_on_after(2, shield=True):
-            await stream.close()
+        await close_quietly(stream)

@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -84,7 +84,7 @@ class RpcUserError(NodeError):
 
 
 @attrs.frozen
-class Stream:
+class StreamedReply:
     """A handler result whose items are sent one frame each, followed by an end marker."""
 
     items: AsyncIterator[Any]
@@ -224,11 +224,11 @@ class _Server:
             await self._send(stream, _error_response(error.request_id, MALFORMED_REQUEST, str(error)))
             return False
         outcome = await self._call(request_id, method, params)
-        if isinstance(outcome, Stream):
+        if isinstance(outcome, StreamedReply):
             return await self._send_stream(stream, request_id, method, outcome)
         return await self._send(stream, outcome)
 
-    async def _call(self, request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any] | Stream:
+    async def _call(self, request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any] | StreamedReply:
         handler = self._handlers.get(method)
         if handler is None:
             return _error_response(request_id, UNKNOWN_METHOD, f"the node has no method {method!r}")
@@ -240,7 +240,7 @@ class _Server:
                 return _handler_error_response(request_id, method, error)
         if scope.cancelled_caught:
             return _error_response(request_id, TIMEOUT, f"{method} did not finish within {timeout_s} s")
-        if isinstance(result, Stream):
+        if isinstance(result, StreamedReply):
             return result
         return {"id": request_id, "ok": True, "result": result}
 
@@ -261,7 +261,7 @@ class _Server:
                 return False
         return encodable and not scope.cancelled_caught
 
-    async def _send_stream(self, stream: trio.SocketStream, request_id: int, method: str, items: Stream) -> bool:
+    async def _send_stream(self, stream: trio.SocketStream, request_id: int, method: str, items: StreamedReply) -> bool:
         """Send each item then the end marker; whether the connection can carry another request.
 
         Waiting for the next item is unbounded (a subscription may be quiet for hours), so the stream stops as soon
@@ -434,7 +434,7 @@ class RpcClient:
             raise RpcError(f"the node answered {method} without a result")
         return response["result"]
 
-    def stream(self, method: str, /, **params: Any) -> Iterator[Any]:
+    def stream(self, method: str, /, **params: Any) -> Generator[Any, None, None]:
         """Call a streaming `method` and yield its items; leaving early closes this client."""
         request_id = self._send_request(method, params)
         finished = False

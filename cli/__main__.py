@@ -1,0 +1,5 @@
+"""`python -m cli`: the `aico-node` command line."""
+
+from cli import main
+
+main()

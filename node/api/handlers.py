@@ -1,0 +1,315 @@
+"""The node's local API: one handler per RPC method, each taking the request's params, working through the
+repositories and the running services only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from node.api.rpc import StreamedReply
+from node.bus import Bus
+from node.embed import default_embedder
+from node.errors import NodeError
+from node.trust.identity import DeviceIdentity, revocation_record
+from node.trust.keyring import KeyRing
+from node.trust.pairing import INVITE_TTL_S, InviteGuard, display_code, new_invite
+from node.trust.rotation import KeyRotation
+from stores.analytics import AnalyticsStore
+from stores.datalayer import DataLayer
+from stores.projector import Projector
+from stores.repositories import DataError, UnitOfWork
+
+if TYPE_CHECKING:
+    from node.net.network import Network
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class NetworkOff(NodeError):
+    """A request that needs the node's network, made while it does not run."""
+
+    rpc_error_type = "bad_home"
+
+
+class NodeParts(Protocol):
+    """What the handlers use of a node: its identity and keys, its stores and services, and its network if it runs."""
+
+    identity: DeviceIdentity
+    keyring: KeyRing
+    rotation: KeyRotation
+    data: DataLayer
+    bus: Bus
+    projector: Projector
+    network: Network | None
+
+    def unit_of_work(self) -> UnitOfWork: ...
+
+
+def text_param(params: dict[str, Any], name: str, *, empty_ok: bool = False) -> str:
+    """The string parameter `name`, refused (DataError) unless it is a (non-empty) string."""
+    value = params.get(name)
+    if not isinstance(value, str) or (not value and not empty_ok):
+        raise DataError(f"{name} must be a non-empty string")
+    return value
+
+
+class DataHandlers:
+    """The data a person or the companion reads and writes: preferences, messages, memories, notes, counters."""
+
+    def __init__(self, node: NodeParts) -> None:
+        self.node = node
+
+    def handlers(self) -> dict[str, Handler]:
+        """The RPC methods this class answers."""
+        return {
+            "pref.set": self.pref_set,
+            "pref.get": self.pref_get,
+            "msg.add": self.msg_add,
+            "msg.get": self.msg_get,
+            "memory.add": self.memory_add,
+            "memory.search": self.memory_search,
+            "note.edit": self.note_edit,
+            "note.show": self.note_show,
+            "counter.add": self.counter_add,
+            "counter.get": self.counter_get,
+            "session.set": self.session_set,
+            "session.get": self.session_get,
+            "forget": self.forget,
+            "analytics.daily": self.analytics_daily,
+            "digest": self.digest,
+            "conflicts": self.conflicts,
+            "rebuild": self.rebuild,
+        }
+
+    async def pref_set(self, params: dict[str, Any]) -> dict[str, Any]:
+        async with self.node.unit_of_work() as uow:
+            uow.preferences.set(text_param(params, "key"), params.get("value"))
+            await uow.commit()
+        return {"key": params["key"], "value": params.get("value")}
+
+    async def pref_get(self, params: dict[str, Any]) -> Any:
+        async with self.node.unit_of_work() as uow:
+            return await uow.preferences.get(text_param(params, "key"))
+
+    async def msg_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        async with self.node.unit_of_work() as uow:
+            message_id = uow.conversations.add_message(
+                text_param(params, "conversation"),
+                text_param(params, "text"),
+                role=params.get("role") or "user",
+                sentiment=params.get("sentiment"),
+                response_time_ms=params.get("response_time_ms"),
+            )
+            await uow.commit()
+        return {"id": message_id}
+
+    async def msg_get(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        async with self.node.unit_of_work() as uow:
+            message = await uow.conversations.get(text_param(params, "id"))
+        return None if message is None else attrs.asdict(message)
+
+    async def embedding_of(self, params: dict[str, Any]) -> Any:
+        """Return the request's embedding, or embed its text with the optional local model."""
+        if params.get("embedding") is not None:
+            return params["embedding"]
+        text = text_param(params, "text")
+        embedder = default_embedder()
+        return (await trio.to_thread.run_sync(embedder.embed, [text]))[0]
+
+    async def memory_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        embedding = await self.embedding_of(params)
+        async with self.node.unit_of_work() as uow:
+            memory_id = uow.memories.save_memory(text_param(params, "text"), embedding, params.get("metadata"))
+            await uow.commit()
+        return {"id": memory_id}
+
+    async def memory_search(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        embedding = await self.embedding_of(params)
+        await self.node.projector.drain()  # so a memory stored just before is found
+        async with self.node.unit_of_work() as uow:
+            found = await uow.memories.get_memories_by_context(embedding, int(params.get("k", 5)), params.get("where"))
+        return [attrs.asdict(memory) for memory in found]
+
+    async def note_edit(self, params: dict[str, Any]) -> dict[str, Any]:
+        async with self.node.unit_of_work() as uow:
+            uow.notes.edit(text_param(params, "name"), text_param(params, "text", empty_ok=True))
+            await uow.commit()
+        return {"name": params["name"]}
+
+    async def note_show(self, params: dict[str, Any]) -> str | None:
+        async with self.node.unit_of_work() as uow:
+            return await uow.notes.get(text_param(params, "name"))
+
+    async def counter_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        delta = params.get("delta", 1)
+        if type(delta) is not int or abs(delta) > 1 << 40:
+            raise DataError("delta must be an integer")
+        async with self.node.unit_of_work() as uow:
+            uow.counters.increment(text_param(params, "name"), delta)
+            await uow.commit()
+        return {"name": params["name"]}
+
+    async def counter_get(self, params: dict[str, Any]) -> int:
+        async with self.node.unit_of_work() as uow:
+            return await uow.counters.get(text_param(params, "name"))
+
+    async def session_set(self, params: dict[str, Any]) -> dict[str, Any]:
+        async with self.node.unit_of_work() as uow:
+            uow.session.set(text_param(params, "key"), params.get("value"), params.get("ttl_s", 3600.0))
+        return {"key": params["key"]}
+
+    async def session_get(self, params: dict[str, Any]) -> Any:
+        async with self.node.unit_of_work() as uow:
+            return uow.session.get(text_param(params, "key"))
+
+    async def forget(self, params: dict[str, Any]) -> dict[str, Any]:
+        kind = params.get("kind")
+        async with self.node.unit_of_work() as uow:
+            if kind == "message":
+                uow.conversations.forget(text_param(params, "id"))
+            elif kind == "memory":
+                uow.memories.forget(text_param(params, "id"))
+            else:
+                raise DataError(f"can forget a message or a memory, not {kind!r}")
+            await uow.commit()
+        await self.node.projector.drain()  # gone from the derived stores too before we answer
+        return {"forgotten": params["id"]}
+
+    async def analytics_daily(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        days = int(params.get("days", 30))
+        if not 1 <= days <= 3660:
+            raise DataError("days must be between 1 and 3660")
+        await self.node.projector.drain()
+        now_ms = time.time_ns() // 1_000_000
+        rows = await self.node.data.in_analytics(lambda analytics: analytics.daily(days, now_ms))
+        return [{**attrs.asdict(row), "day": row.day.isoformat()} for row in rows]
+
+    async def digest(self, params: dict[str, Any]) -> dict[str, Any]:
+        return attrs.asdict(self.node.data.replica.digest())
+
+    async def conflicts(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.node.unit_of_work() as uow:
+            lost = await uow.conflicts.recent(int(params.get("limit", 100)))
+        return [attrs.asdict(value) for value in lost]
+
+    async def rebuild(self, params: dict[str, Any]) -> dict[str, int]:
+        return await self.node.projector.rebuild()
+
+
+class AdminHandlers:
+    """This device, its group and its services: status, devices, pairing, and the bus."""
+
+    def __init__(self, node: NodeParts) -> None:
+        self.node = node
+
+    def handlers(self) -> dict[str, Handler]:
+        """The RPC methods this class answers."""
+        return {
+            "status": self.status,
+            "devices.list": self.devices_list,
+            "devices.revoke": self.devices_revoke,
+            "pair.invite": self.pair_invite,
+            "bus.publish": self.bus_publish,
+            "bus.subscribe": self.bus_subscribe,
+        }
+
+    async def status(self, params: dict[str, Any]) -> dict[str, Any]:
+        node, network = self.node, self.node.network
+        data = node.data
+        status = {
+            "device_id": node.identity.device_id,
+            "group_epoch": node.keyring.current.epoch,
+            "revoked": data.replica.devices.revoked_at(node.identity.device_id) is not None,
+            "addresses": network.host.addresses if network else [],
+            "peers": network.sync.status(network.mailbox) if network else [],
+            "relay": network.relay_status() if network else None,
+            "engine": data.config.engine,
+            "ops": data.replica.vector.total(),
+            "ops_stored": data.ops_stored,
+        }
+        if params.get("stores", True):
+            # Counting opens Chroma and loads DuckDB on first use: `stores=false` spares a caller polling progress.
+            status["stores"] = await self._store_counts()
+        return status
+
+    async def _store_counts(self) -> dict[str, int]:
+        data = self.node.data
+        async with self.node.unit_of_work() as uow:
+            counts = await uow.totals.counts()
+        index = data.vectors()
+        return {
+            "messages": counts.messages,
+            "memories": counts.memories,
+            "analytics_rows": await data.in_analytics(AnalyticsStore.count),
+            "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
+            "projector_backlog": counts.projector_backlog,
+        }
+
+    async def devices_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.node.unit_of_work() as uow:
+            devices = await uow.devices.list()
+        return [{**d, "public_key": d["public_key"].hex(), "signature": d["signature"].hex()} for d in devices]
+
+    async def devices_revoke(self, params: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        device_id = params.get("device")
+        devices = node.data.replica.devices
+        if device_id == node.identity.device_id:
+            raise DataError("a device cannot revoke itself; revoke it from another of this user's devices")
+        if not isinstance(device_id, str) or devices.get(device_id) is None:
+            raise DataError(f"{device_id!r} is not an enrolled device; `aico-node devices` lists them")
+        if devices.revoked_at(device_id) is not None:
+            raise DataError(f"{device_id} is already revoked")
+        async with node.unit_of_work() as uow:
+            uow.devices.revoke(device_id, revocation_record(node.identity, device_id, str(params.get("reason") or "")))
+            keeping = node.rotation.stage(uow, excluding=device_id)
+            await uow.commit()
+        return {"revoked": device_id, "epoch": node.keyring.current.epoch, "key_sent_to": keeping}
+
+    async def pair_invite(self, params: dict[str, Any]) -> StreamedReply:
+        network = self.node.network
+        if network is None:
+            raise NetworkOff("pairing needs the node's network: start it with `aico-node run`")
+        ttl_s = float(params.get("ttl_s", INVITE_TTL_S))
+        guard = InviteGuard(new_invite(time.time(), ttl_s))
+        outcomes = network.desk.open_invite(guard)
+        desk, addresses = network.desk, network.host.addresses
+
+        async def progress() -> AsyncIterator[dict[str, Any]]:
+            try:
+                invite = guard.invite
+                yield {"code": display_code(invite.code), "addresses": addresses, "expires": invite.expires_at_s}
+                with trio.move_on_at(trio.current_time() + ttl_s):
+                    async for outcome in outcomes:
+                        if isinstance(outcome, str):
+                            yield {"paired": outcome}
+                            return
+                        yield {"refused": outcome.reason.value, "attempts_left": guard.attempts_left}
+                        if guard.attempts_left == 0:
+                            return
+                yield {"expired": True}
+            finally:
+                desk.close_invite()
+
+        return StreamedReply(progress())
+
+    async def bus_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+        payload = params.get("payload") or {}
+        if not isinstance(payload, dict):
+            raise DataError("bus payload must be a map")
+        return {"delivered": self.node.bus.publish(text_param(params, "topic"), payload)}
+
+    async def bus_subscribe(self, params: dict[str, Any]) -> StreamedReply:
+        pattern = text_param(params, "pattern")
+        bus = self.node.bus
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async with bus.subscribe(pattern) as subscription:
+                async for event in subscription:
+                    yield {"topic": event.topic, "payload": event.payload}
+
+        return StreamedReply(events())
