@@ -240,6 +240,10 @@ def run(
 def relay_command(
     listen: ListenOption = [],
     data: Annotated[Optional[Path], typer.Option(help="Folder for the relay's key and mailbox store.")] = None,
+    mailbox_store: Annotated[
+        Optional[str],
+        typer.Option(help="nats:// URLs, comma-separated, of a JetStream cluster for the mailbox (default: SQLite)."),
+    ] = None,
 ) -> None:
     """Run a relay: circuits between devices that cannot dial each other, and a mailbox of sealed batches."""
     from relay import RelayError
@@ -247,7 +251,7 @@ def relay_command(
 
     folder = data or default_home().parent / "aico-relay"
     try:
-        _run(lambda: run_relay(list(listen) or list(RELAY_LISTEN), folder))
+        _run(lambda: run_relay(list(listen) or list(RELAY_LISTEN), folder, mailbox_store=mailbox_store))
     except RelayError as error:
         raise fail(str(error)) from None
 

@@ -1,4 +1,5 @@
-"""The relay's persistent mailbox store: opaque blobs under mailbox ids, with quotas, a global cap and expiry.
+"""The relay's default mailbox store, in one SQLite file in its data folder (relay/mailbox_store.py says what a store
+does).
 
 It holds only what the relay needs: mailbox ids (random-looking), blobs, their sizes and when they were stored.
 Puts that arrive together are committed in one transaction (group commit); every commit is fsynced (WAL with
@@ -17,14 +18,14 @@ import attrs
 import trio
 
 from relay.errors import MailboxReason, MailboxRefused, MailboxStoreError
-from relay.mailbox_protocol import BLOB_BYTES_MAX, MailboxItem
+from relay.mailbox_protocol import MailboxItem
+from relay.mailbox_store import StoreLimits, put_digest
 
 T = TypeVar("T")
 STORE_FILE = "mailbox.sqlite3"
 PUT_BATCH_MAX = 256  # puts committed in one transaction
 PURGE_BATCH_MAX = 10_000  # expired items deleted per transaction, so a sweep never holds the writer long
 PURGE_BATCHES_MAX = 1000  # bound on one sweep; the next sweep carries on
-EXPIRE_S = 30 * 86_400
 
 _SCHEMA = (
     # AUTOINCREMENT: a cursor is never reused, even after the newest item was purged, so no client skips a blob.
@@ -35,18 +36,11 @@ _SCHEMA = (
     # Kept in step with items in the same transactions, so a quota check reads one row instead of summing.
     "CREATE TABLE IF NOT EXISTS usage (mailbox_id BLOB PRIMARY KEY, items INTEGER NOT NULL, bytes INTEGER NOT NULL)"
     " WITHOUT ROWID",
+    # The puts of the duplicate window (relay/mailbox_store.py), so a retried put returns the first one's cursor.
+    "CREATE TABLE IF NOT EXISTS recent_puts (digest BLOB PRIMARY KEY, cursor INTEGER NOT NULL, stored_at REAL NOT NULL)"
+    " WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS recent_puts_by_age ON recent_puts (stored_at)",
 )
-
-
-@attrs.frozen
-class StoreLimits:
-    """Bounds on what the store keeps."""
-
-    blob_bytes_max: int = BLOB_BYTES_MAX
-    mailbox_items_max: int = 10_000
-    mailbox_bytes_max: int = 64 << 20
-    total_bytes_max: int = 4 << 30
-    expire_s: float = EXPIRE_S
 
 
 @attrs.define
@@ -56,7 +50,7 @@ class _PendingPut:
     outcome: int | MailboxRefused | None = None
 
 
-class MailboxStore:
+class SqliteMailboxStore:
     """A mailbox store in one SQLite file; its calls run one at a time on a worker thread."""
 
     def __init__(self, connection: sqlite3.Connection, path: Path, limits: StoreLimits, clock: Callable[[], float]):
@@ -74,7 +68,7 @@ class MailboxStore:
     @classmethod
     async def open(
         cls, directory: Path, limits: StoreLimits | None = None, clock: Callable[[], float] = time.time
-    ) -> MailboxStore:
+    ) -> SqliteMailboxStore:
         """Open, creating if absent, the store in `directory`; `clock` gives seconds since the Unix epoch."""
         path = Path(directory) / STORE_FILE
         connection = await trio.to_thread.run_sync(_connect, path)
@@ -128,8 +122,16 @@ class MailboxStore:
         """Insert `batch` in one transaction, recording each put's cursor or refusal; return the new total bytes."""
         limits = self.limits
         outcomes: list[int | MailboxRefused] = []
+        remembered_since = now_s - limits.duplicate_window_s
         with _transaction(connection):
             for item in batch:
+                digest = put_digest(item.mailbox_id, item.blob)
+                row = connection.execute(
+                    "SELECT cursor FROM recent_puts WHERE digest = ? AND stored_at >= ?", (digest, remembered_since)
+                ).fetchone()
+                if row is not None:
+                    outcomes.append(row[0])  # a retried put: stored already
+                    continue
                 size = len(item.blob)
                 row = connection.execute("SELECT items, bytes FROM usage WHERE mailbox_id = ?", (item.mailbox_id,))
                 items, used = row.fetchone() or (0, 0)
@@ -155,6 +157,10 @@ class MailboxStore:
                     "INSERT INTO usage (mailbox_id, items, bytes) VALUES (?, 1, ?) ON CONFLICT (mailbox_id)"
                     " DO UPDATE SET items = items + 1, bytes = bytes + excluded.bytes",
                     (item.mailbox_id, size),
+                )
+                connection.execute(
+                    "INSERT OR REPLACE INTO recent_puts (digest, cursor, stored_at) VALUES (?, ?, ?)",
+                    (digest, cursor, now_s),
                 )
                 total += size
                 outcomes.append(cursor)
@@ -188,9 +194,12 @@ class MailboxStore:
         return await self._run(select)
 
     async def purge_expired(self) -> int:
-        """Delete items older than the expiry and return how many went."""
+        """Delete items older than the expiry (and puts older than the duplicate window) and return how many went."""
         async with self._write_lock:
-            expired_before = self._clock() - self.limits.expire_s
+            now_s = self._clock()
+            forgotten_before = now_s - self.limits.duplicate_window_s
+            await self._run(lambda connection: _forget_puts(connection, forgotten_before))
+            expired_before = now_s - self.limits.expire_s
             purged = 0
             for _ in range(PURGE_BATCHES_MAX):
                 count, size = await self._run(lambda connection: _purge_batch(connection, expired_before))
@@ -239,6 +248,11 @@ class _transaction:
 
 def _total_bytes(connection: sqlite3.Connection) -> int:
     return connection.execute("SELECT coalesce(sum(bytes), 0) FROM usage").fetchone()[0]
+
+
+def _forget_puts(connection: sqlite3.Connection, before: float) -> None:
+    with _transaction(connection):
+        connection.execute("DELETE FROM recent_puts WHERE stored_at < ?", (before,))
 
 
 def _purge_batch(connection: sqlite3.Connection, expired_before: float) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from node.p2p import P2pHost, dial_protocol, p2p_host
 from relay.mailbox_keys import MailboxKeys, mailbox_keys
 from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
 from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient
-from relay.mailbox_store import MailboxStore
+from relay.mailbox_sqlite import SqliteMailboxStore
 from simulations.bench import Metric, metric
 from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
 
@@ -115,7 +115,7 @@ async def _drain(fetch, boxes: list[MailboxKeys]) -> tuple[int, float]:
 
 async def _baseline(root: Path, boxes: list[MailboxKeys], blobs: list[bytes]) -> tuple[float, float]:
     """Puts/s and drains/s straight into a store in this process: no protocol, no network."""
-    store = await MailboxStore.open(root)
+    store = await SqliteMailboxStore.open(root)
     try:
         put_s = await _put_all(lambda _, box, blob: store.put(box.mailbox_id, blob), boxes, blobs)
         drained, drain_s = await _drain(

@@ -27,7 +27,8 @@ from relay.mailbox_protocol import (
     to_wire,
 )
 from relay.mailbox_service import MAILBOX_PROTOCOL, MailboxClient, ServiceConfig, serve_mailbox
-from relay.mailbox_store import MailboxStore, StoreLimits
+from relay.mailbox_sqlite import SqliteMailboxStore
+from relay.mailbox_store import StoreLimits
 
 pytestmark = pytest.mark.trio
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -39,7 +40,7 @@ TIMEOUT_S = 10.0
 @asynccontextmanager
 async def relay(data: Path, config: ServiceConfig | None = None, **limits) -> AsyncIterator[str]:
     """A relay serving the mailbox from `data`; yields its address."""
-    store = await MailboxStore.open(data, StoreLimits(**limits))
+    store = await SqliteMailboxStore.open(data, StoreLimits(**limits))
     seed_file = data / "seed"
     try:
         async with running_host(seed_file.read_bytes() if seed_file.exists() else os.urandom(32), [LOOPBACK]) as host:
