@@ -44,6 +44,8 @@ CALL_TIMEOUT_S = 10.0  # one store call, retries included; under the service's s
 REQUEST_TIMEOUT_S = 2.0  # one request to NATS
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 0.5
+FAILOVER_WAIT_S = 2.0  # a request waits this long for the client to reconnect to another server, then is refused
+FAILOVER_POLL_S = 0.05
 RETRY_WAIT_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # between attempts while a stream leader is elected; then the last again
 PUT_ATTEMPTS_MAX = 20
 STALE_READ_RETRIES = 3  # a replica behind this relay's own last put is asked again this often
@@ -53,7 +55,8 @@ HEADERS_BYTES_MAX = 1024  # the headers a relay adds to a blob, with room to spa
 TOTAL_HEADER = "Aico-Mailbox-Bytes"  # blob bytes put into this item's mailbox, from its first item to this one
 BYTES_QUOTA_KEY = "aico.mailbox_bytes_max"  # stream metadata: the per-mailbox byte quota every relay must share
 # JetStream API error codes (nats-server errors.json).
-WRONG_LAST_SEQUENCE = 10071
+# 10164 when the conflict is with a put still being replicated, 10071 otherwise.
+WRONG_LAST_SEQUENCE = (10071, 10164)
 STORE_FAILED = 10077  # carries the store's refusal: per-subject or total limits
 MESSAGE_TOO_LARGE = 10054
 REPLICAS_NOT_SUPPORTED = (10074, 10023)  # one server without a cluster; not enough servers
@@ -169,26 +172,17 @@ class _Health:
     """Whether NATS answers, logged once per change rather than once per request."""
 
     def __init__(self) -> None:
-        self.connected = False
         self.answering = True
-
-    def connection(self, connected: bool, url: object) -> None:
-        if connected != self.connected:
-            self.connected = connected
-            if connected:
-                logger.info("mailbox store: connected to NATS at %s", url)
-            else:
-                logger.warning("mailbox store: lost NATS at %s; puts are refused as unavailable until it is back", url)
 
     def failed(self, error: BaseException) -> None:
         if self.answering:
             self.answering = False
-            logger.warning("mailbox store: JetStream does not answer (%r); refusing as unavailable", error)
+            logger.warning("mailbox store: NATS does not answer (%r); refusing requests as unavailable", error)
 
     def answered(self) -> None:
         if not self.answering:
             self.answering = True
-            logger.info("mailbox store: JetStream answers again")
+            logger.warning("mailbox store: NATS answers again")
 
 
 class _JetStreamMailboxes:
@@ -210,7 +204,7 @@ class _JetStreamMailboxes:
             self.urls,
             connect_timeout=CONNECT_TIMEOUT_S,
             reconnect_time_wait=RECONNECT_WAIT_S,
-            max_reconnect_attempts=-1,  # a relay waits for its cluster forever; puts are refused meanwhile
+            max_reconnect_attempts=1,  # at start: each server twice at most, so an unreachable cluster fails the start
             pending_size=0,  # while disconnected a publish fails at once instead of being buffered
             allow_reconnect=True,
             disconnected_cb=self._on_disconnected,
@@ -219,7 +213,9 @@ class _JetStreamMailboxes:
             closed_cb=self._on_closed,
             name="aico-relay",
         )
-        self.health.connection(True, self._nc.connected_url.netloc if self._nc.connected_url else self.urls)
+        # Once running, a relay waits for its cluster forever (refusing puts as unavailable meanwhile). nats-py
+        # reads this option at each reconnect.
+        self._nc.options["max_reconnect_attempts"] = -1
         needed = self.limits.blob_bytes_max + HEADERS_BYTES_MAX
         if self._nc.max_payload < needed:
             raise MailboxStoreError(
@@ -228,12 +224,18 @@ class _JetStreamMailboxes:
             )
         await self._ensure_stream()
 
+    # A failover from one server to another is routine: logged at info. Requests failing is what a warning is
+    # for, and _Health says it once.
+
     async def _on_disconnected(self) -> None:
-        self.health.connection(False, self.urls)
+        logger.info("mailbox store: disconnected from NATS at %s; reconnecting", self._server())
 
     async def _on_reconnected(self) -> None:
-        assert self._nc is not None
-        self.health.connection(True, self._nc.connected_url.netloc if self._nc.connected_url else self.urls)
+        logger.info("mailbox store: reconnected to NATS at %s", self._server())
+
+    def _server(self) -> str:
+        url = self._nc.connected_url if self._nc is not None else None
+        return url.netloc if url is not None else "?"
 
     async def _on_error(self, error: Exception) -> None:
         logger.debug("NATS client error: %r", error)  # every failed reconnect lands here: the transition is logged
@@ -313,7 +315,7 @@ class _JetStreamMailboxes:
         size = len(blob)
         if size > limits.blob_bytes_max:
             raise MailboxRefused(MailboxReason.BLOB_TOO_LARGE, f"blob of {size} bytes exceeds {limits.blob_bytes_max}")
-        self._check_connected()
+        await self._connected()
         msg_id = put_digest(mailbox_id, blob).hex()
         lock = self._locks.get(mailbox_id) or self._locks.setdefault(mailbox_id, _MailboxLock())
         lock.users += 1
@@ -350,13 +352,13 @@ class _JetStreamMailboxes:
             try:
                 ack = await self._js().publish(self._subject(mailbox_id), blob, headers=headers)
             except nats.js.errors.APIError as error:
-                if error.err_code == WRONG_LAST_SEQUENCE:
+                if error.err_code in WRONG_LAST_SEQUENCE:
                     tail = await self._read_tail(mailbox_id)  # another relay put into this mailbox meanwhile
                     continue
                 raise _refusal(error) from None
             except _UNREACHABLE as error:
                 # No stream leader (an election), or no answer: the same message id makes trying again safe.
-                self._check_connected()
+                await self._connected()
                 logger.debug("a mailbox put found no stream leader (%r); trying again", error)
                 await asyncio.sleep(RETRY_WAIT_S[min(attempt, len(RETRY_WAIT_S) - 1)])
                 continue
@@ -388,16 +390,22 @@ class _JetStreamMailboxes:
         while len(self._tails) > TAILS_MAX:
             self._tails.popitem(last=False)
 
-    def _check_connected(self) -> None:
-        if self._nc is None or not self._nc.is_connected:
-            raise _Unavailable("not connected to any NATS server")
+    async def _connected(self) -> None:
+        """Return once connected, waiting out a failover to another server; raise _Unavailable if none comes."""
+        for _ in range(int(FAILOVER_WAIT_S / FAILOVER_POLL_S)):
+            if self._nc is not None and self._nc.is_connected:
+                return
+            if self._nc is None or self._nc.is_closed:
+                break
+            await asyncio.sleep(FAILOVER_POLL_S)
+        raise _Unavailable("not connected to any NATS server")
 
     # -- fetch --
 
     async def fetch(
         self, mailbox_id: bytes, after_cursor: int, limit: int, bytes_max: int
     ) -> tuple[list[MailboxItem], bool]:
-        self._check_connected()
+        await self._connected()
         tail = self._tails.get(mailbox_id)
         for _ in range(STALE_READ_RETRIES):
             items, more = await self._direct_get(mailbox_id, after_cursor, limit, bytes_max)
