@@ -30,7 +30,7 @@ def clock() -> ManualClock:
 @pytest.fixture(scope="session")
 def nats_cluster(tmp_path_factory):
     """A 3-server JetStream cluster on loopback shared by the tests that do not stop its servers."""
-    from tests.nats_cluster import NatsCluster
+    from simulations.nats_cluster import NatsCluster
 
     cluster = NatsCluster(tmp_path_factory.mktemp("nats")).start()
     yield cluster

