@@ -61,7 +61,8 @@ def test_a_device_posts_through_one_relay_and_another_drains_through_a_second_af
         for relay in relays:
             relay.stop()
     cluster.stop()
-    stored = b"".join(path.read_bytes() for folder in cluster.store_dirs for path in folder.rglob("*") if path.is_file())
+    files = [path for folder in cluster.store_dirs for path in folder.rglob("*") if path.is_file()]
+    stored = b"".join(path.read_bytes() for path in files)
     assert len(stored) > 30 * 100  # the stream's files hold the sealed batches...
     assert b"secret message" not in stored and b"fleet" not in stored  # ...and nothing readable
 

@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 
+import attrs
 import pytest
 import trio
 
@@ -13,6 +14,7 @@ from relay.errors import MailboxReason, MailboxRefused, MailboxStoreError
 from relay.mailbox_jetstream import JetStreamMailboxStore
 from relay.mailbox_store import StoreLimits
 from simulations.nats_cluster import NatsCluster
+from tests.relay.test_mailbox_store import TEST_STREAM_BYTES_MAX
 
 BOX = b"j" * 16
 RELAYS = 3
@@ -27,12 +29,12 @@ def stream_name() -> str:
 @pytest.mark.parametrize(
     "limits, accepted",
     [({"mailbox_bytes_max": 1000}, 10), ({"mailbox_items_max": 7}, 7)],
+    ids=["bytes", "items"],
 )
 async def test_relays_putting_into_one_mailbox_at_once_never_pass_its_quota_together(nats_cluster, limits, accepted):
     stream = stream_name()
-    stores = [
-        await JetStreamMailboxStore.open(nats_cluster.urls, StoreLimits(**limits), stream=stream) for _ in range(RELAYS)
-    ]
+    store_limits = StoreLimits(total_bytes_max=TEST_STREAM_BYTES_MAX, **limits)
+    stores = [await JetStreamMailboxStore.open(nats_cluster.urls, store_limits, stream=stream) for _ in range(RELAYS)]
     outcomes: list[int | MailboxReason] = []
 
     async def put_from(store: JetStreamMailboxStore) -> None:
@@ -55,9 +57,11 @@ async def test_relays_putting_into_one_mailbox_at_once_never_pass_its_quota_toge
 
 async def test_a_relay_with_other_limits_than_the_stream_is_refused(nats_cluster):
     stream = stream_name()
-    first = await JetStreamMailboxStore.open(nats_cluster.urls, StoreLimits(), stream=stream)
+    limits = StoreLimits(total_bytes_max=TEST_STREAM_BYTES_MAX)
+    first = await JetStreamMailboxStore.open(nats_cluster.urls, limits, stream=stream)
     with pytest.raises(MailboxStoreError, match="same limits"):
-        await JetStreamMailboxStore.open(nats_cluster.urls, StoreLimits(mailbox_bytes_max=1 << 20), stream=stream)
+        other = attrs.evolve(limits, mailbox_bytes_max=1 << 20)
+        await JetStreamMailboxStore.open(nats_cluster.urls, other, stream=stream)
     await first.close()
 
 
@@ -79,7 +83,7 @@ async def test_any_one_server_of_three_lost_keeps_puts_and_fetches_working(tmp_p
             items, more = await store.fetch(BOX, 0, 1000, 1 << 20)
             assert [item.cursor for item in items] == put and not more
             cluster.start_server(index)
-        assert [item.blob for item in items] == [b"before", b"without server 0", b"without server 1", b"without server 2"]
+        assert [item.blob for item in items] == [b"before", *(f"without server {i}".encode() for i in range(3))]
     finally:
         await store.close()
         cluster.stop()

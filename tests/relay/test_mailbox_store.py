@@ -19,6 +19,9 @@ from relay.mailbox_store import MailboxStore, StoreLimits
 
 BOX_A, BOX_B = b"a" * 16, b"b" * 16
 EXPIRY_TIMEOUT_S = 10.0
+# JetStream reserves a stream's max_bytes on the disk of every replica: the default 4 GiB per test stream would
+# exhaust the servers' storage after a dozen tests.
+TEST_STREAM_BYTES_MAX = 64 << 20
 pytestmark = pytest.mark.trio
 _streams = itertools.count()
 
@@ -66,6 +69,7 @@ def stores(request, tmp_path) -> Stores:
     stream = f"T{os.getpid()}_{next(_streams)}"
 
     async def open_jetstream(**limits) -> MailboxStore:
+        limits = {"total_bytes_max": TEST_STREAM_BYTES_MAX, **limits}
         return await JetStreamMailboxStore.open(cluster.urls, StoreLimits(**limits), stream=stream)
 
     return Stores("jetstream", open_jetstream, clock)
