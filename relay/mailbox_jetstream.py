@@ -114,7 +114,9 @@ class JetStreamMailboxStore:
             await bridge.call(mailboxes.open, CONNECT_TIMEOUT_S * len(urls) + CALL_TIMEOUT_S)
         except BaseException as error:
             with trio.CancelScope(shield=True):
-                await bridge.call(mailboxes.close, CALL_TIMEOUT_S)
+                # Stopping the loop cancels a connection still retrying; a connection made is closed first.
+                with contextlib.suppress(Exception):
+                    await bridge.call(mailboxes.close, CALL_TIMEOUT_S)
                 await bridge.aclose()
             if isinstance(error, (*_UNREACHABLE, trio.TooSlowError, nats.errors.NoServersError, OSError)):
                 raise MailboxStoreError(f"cannot reach the NATS servers {', '.join(urls)}: {error!r}") from None
@@ -123,34 +125,30 @@ class JetStreamMailboxStore:
             raise
         return cls(bridge, mailboxes)
 
-    async def _call(self, function: Callable[[], Awaitable[T]]) -> T:
-        if self._mailboxes is None:
+    async def _call(self, operation: Callable[[_JetStreamMailboxes], Awaitable[T]]) -> T:
+        """Run `operation` on the NATS loop; unreachable NATS is a refusal worth retrying (`unavailable`)."""
+        mailboxes = self._mailboxes
+        if mailboxes is None:
             raise MailboxStoreError("the JetStream mailbox store is closed")
         try:
-            return await self._bridge.call(function, CALL_TIMEOUT_S)
+            return await self._bridge.call(lambda: operation(mailboxes), CALL_TIMEOUT_S)
         except (_Unavailable, trio.TooSlowError, BridgeClosed, *_UNREACHABLE) as error:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to log there any more
-                self._bridge.loop.call_soon_threadsafe(self._mailboxes.health.failed, error)
+                self._bridge.loop.call_soon_threadsafe(mailboxes.health.failed, error)
             raise MailboxRefused(MailboxReason.UNAVAILABLE, "the relay's mailbox store is unreachable; try again later")
         except nats.errors.Error as error:
             raise MailboxStoreError(f"JetStream mailbox store: {error!r}") from None
 
     async def put(self, mailbox_id: bytes, blob: bytes) -> int:
         """Store `blob` in `mailbox_id` once JetStream has it on a majority of replicas; return its sequence."""
-        mailboxes = self._mailboxes
-        if mailboxes is None:
-            raise MailboxStoreError("the JetStream mailbox store is closed")
-        return await self._call(lambda: mailboxes.put(mailbox_id, blob))
+        return await self._call(lambda mailboxes: mailboxes.put(mailbox_id, blob))
 
     async def fetch(
         self, mailbox_id: bytes, after_cursor: int, limit: int, bytes_max: int
     ) -> tuple[list[MailboxItem], bool]:
         """Up to `limit` blobs of `mailbox_id` with sequences above `after_cursor`, oldest first, within
         `bytes_max` (the first one always), and whether more follow."""
-        mailboxes = self._mailboxes
-        if mailboxes is None:
-            raise MailboxStoreError("the JetStream mailbox store is closed")
-        return await self._call(lambda: mailboxes.fetch(mailbox_id, after_cursor, limit, bytes_max))
+        return await self._call(lambda mailboxes: mailboxes.fetch(mailbox_id, after_cursor, limit, bytes_max))
 
     async def purge_expired(self) -> int:
         """Nothing to do: JetStream deletes items past the stream's max_age itself."""
