@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import trio
@@ -60,7 +60,7 @@ def default_home() -> Path:
 def main_options(
     ctx: typer.Context,
     home: Annotated[
-        Optional[Path], typer.Option("--home", help="Node home folder (default: AICO_HOME or the user data folder).")
+        Path | None, typer.Option("--home", help="Node home folder (default: AICO_HOME or the user data folder).")
     ] = None,
 ) -> None:
     """A local-first sync node: encrypted local stores, CRDT sync between a user's devices."""
@@ -126,7 +126,7 @@ def json_value(text: str) -> Any:
         return text
 
 
-def embedding_file(path: Optional[Path]) -> Optional[list[float]]:
+def embedding_file(path: Path | None) -> list[float] | None:
     if path is None:
         return None
     try:

@@ -1,7 +1,7 @@
 """Commands that read and write the node's data, through the running node or the stores directly."""
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -88,8 +88,8 @@ def msg_add(
     conversation: str,
     text: str,
     role: Annotated[str, typer.Option()] = "user",
-    sentiment: Annotated[Optional[float], typer.Option(min=-1.0, max=1.0)] = None,
-    response_time_ms: Annotated[Optional[float], typer.Option(min=0)] = None,
+    sentiment: Annotated[float | None, typer.Option(min=-1.0, max=1.0)] = None,
+    response_time_ms: Annotated[float | None, typer.Option(min=0)] = None,
 ) -> None:
     """Add a message to a conversation and print its id."""
     print_json(call(home_of(ctx), "msg.add", conversation=conversation, text=text, role=role,
@@ -100,8 +100,8 @@ def msg_add(
 def memory_add(
     ctx: typer.Context,
     text: str,
-    embedding: Annotated[Optional[Path], typer.Option(help="A .npy file with the memory's embedding.")] = None,
-    metadata: Annotated[Optional[str], typer.Option(help="Metadata as a JSON object.")] = None,
+    embedding: Annotated[Path | None, typer.Option(help="A .npy file with the memory's embedding.")] = None,
+    metadata: Annotated[str | None, typer.Option(help="Metadata as a JSON object.")] = None,
 ) -> None:
     """Store a memory and print its id."""
     meta = json_value(metadata) if metadata else {}
@@ -113,10 +113,10 @@ def memory_add(
 @memory_app.command("search")
 def memory_search(
     ctx: typer.Context,
-    text: Annotated[Optional[str], typer.Argument()] = None,
-    embedding: Annotated[Optional[Path], typer.Option(help="A .npy file with the query embedding.")] = None,
+    text: Annotated[str | None, typer.Argument()] = None,
+    embedding: Annotated[Path | None, typer.Option(help="A .npy file with the query embedding.")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 5,
-    where: Annotated[Optional[str], typer.Option(help="Metadata filter as a JSON object.")] = None,
+    where: Annotated[str | None, typer.Option(help="Metadata filter as a JSON object.")] = None,
 ) -> None:
     """Print the memories nearest a text or an embedding, one per near-duplicate group."""
     if (text is None) == (embedding is None):

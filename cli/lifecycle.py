@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import trio
 import typer
@@ -36,7 +36,7 @@ PeerOption = Annotated[
 ]
 NoMdnsOption = Annotated[bool, typer.Option("--no-mdns", help="Do not look for devices on the LAN with mDNS.")]
 RelayOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--relay", help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox."
     ),
@@ -122,13 +122,17 @@ def run(
 @app.command("relay")
 def relay_command(
     listen: ListenOption = [],
-    data: Annotated[Optional[Path], typer.Option(help="Folder for the relay's key and mailbox store.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder for the relay's key and mailbox store.")] = None,
+    mailbox_store: Annotated[
+        str | None,
+        typer.Option(help="nats:// URLs, comma-separated, of a JetStream cluster for the mailbox (default: SQLite)."),
+    ] = None,
 ) -> None:
     """Run a relay: circuits between devices that cannot dial each other, and a mailbox of sealed batches."""
     from relay.server import RELAY_LISTEN, run_relay
 
     folder = data or default_home().parent / "aico-relay"
-    run_async(lambda: run_relay(list(listen) or list(RELAY_LISTEN), folder))
+    run_async(lambda: run_relay(list(listen) or list(RELAY_LISTEN), folder, mailbox_store=mailbox_store))
 
 
 @pair_app.command("invite")

@@ -3,7 +3,7 @@
 import json
 import os
 import random
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,7 +26,7 @@ def _parse_faults(faults: str) -> frozenset[str]:
 def simulate(
     nodes: Annotated[int, typer.Option(min=2, max=64, help="Number of simulated devices.")] = 4,
     ops: Annotated[int, typer.Option(min=0, max=1_000_000, help="Local writes in total, over all devices.")] = 1000,
-    seed: Annotated[Optional[int], typer.Option(help="RNG seed; default SIM_SEED or a random one.")] = None,
+    seed: Annotated[int | None, typer.Option(help="RNG seed; default SIM_SEED or a random one.")] = None,
     faults: Annotated[
         str, typer.Option(help="Comma-separated: partition,drop,dup,reorder,delay,restart,oneway,hold.")
     ] = "",

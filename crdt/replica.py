@@ -248,7 +248,7 @@ class Replica:
         else:
             raise InvalidOpError(f"only messages and memories can be forgotten, not {collection}")
         redacted = []
-        for device, log in self._log.items():
+        for log in self._log.values():
             for index, logged in enumerate(log):
                 if logged.collection is collection and logged.key == key:
                     payload = redacted_payload(collection, logged.kind, logged.payload)

@@ -11,7 +11,7 @@ import trio
 from relay.circuit import CircuitLimits, relay_host
 from relay.key import load_or_create_seed
 from relay.mailbox_service import ServiceConfig, serve_mailbox, sweep_expired
-from relay.mailbox_store import MailboxStore, StoreLimits
+from relay.mailbox_store import StoreLimits, open_mailbox_store
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)  # `python -m relay`, for tests and benches
 RELAY_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)  # `aico-node relay`: a fixed port devices can be configured with
@@ -23,10 +23,11 @@ async def run_relay(
     circuit_limits: CircuitLimits = CircuitLimits(),
     store_limits: StoreLimits | None = None,
     service_config: ServiceConfig | None = None,
+    mailbox_store: str | None = None,
 ) -> None:
-    """Serve circuits and the mailbox (stored in `data_dir`) on `listen_addrs`, print the ready line, and stop
-    on SIGINT or SIGTERM."""
-    store = await MailboxStore.open(data_dir, store_limits)
+    """Serve circuits and the mailbox on `listen_addrs`, print the ready line, and stop on SIGINT or SIGTERM; the
+    mailbox is in `data_dir`, or in the JetStream cluster at `mailbox_store` (nats:// URLs separated by commas)."""
+    store = await open_mailbox_store(mailbox_store, data_dir, store_limits)
     try:
         async with relay_host(listen_addrs, circuit_limits, seed=load_or_create_seed(data_dir)) as relay:
             serve_mailbox(relay.libp2p_host, store, service_config)

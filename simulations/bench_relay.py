@@ -1,5 +1,6 @@
 """`bench relay`: two nodes syncing through a relay process against the direct path, and the mailbox against a relay
-in its own process, all over loopback libp2p, beside same-run baselines."""
+in its own process, on SQLite and on a 3-server JetStream cluster (replicas 3), all over loopback, beside same-run
+baselines."""
 
 import json
 import os
@@ -21,11 +22,14 @@ from node.net.dial import dial_protocol
 from node.net.host import P2pHost, p2p_host
 from node.trust.identity import DeviceIdentity
 from relay.mailbox_client import MAILBOX_PROTOCOL, MailboxClient
+from relay.mailbox_jetstream import JetStreamMailboxStore
 from relay.mailbox_keys import MailboxKeys, mailbox_keys
 from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
+from relay.mailbox_sqlite import SqliteMailboxStore
 from relay.mailbox_store import MailboxStore
 from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
 from simulations.metrics import Metric, metric
+from simulations.nats_cluster import NatsCluster
 
 BATCHES = 10_000
 BATCH_BYTES = 1024
@@ -37,15 +41,19 @@ PUTS_PER_CONCURRENT_CLIENT = 20
 PUT_INTERVAL_MS = 250
 PACED_PUTS_PER_CLIENT = 20
 P99_TARGET_MS = 50.0
+JETSTREAM_PUTS_TARGET = 500
+JETSTREAM_DRAINS_TARGET = 5000
 READY_TIMEOUT_S = 30.0
 DIAL_TIMEOUT_S = 10.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
-def _start_relay(data: Path) -> tuple[subprocess.Popen, str]:
-    """Start `python -m relay` on loopback and return it with its address once it says it is ready."""
+def _start_relay(data: Path, mailbox_store: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python -m relay` on loopback (its mailbox on JetStream at `mailbox_store` if given) and return it with
+    its address once it says it is ready."""
+    store_args = ["--mailbox-store", mailbox_store] if mailbox_store else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "relay", "--listen", LOOPBACK, "--data", str(data)],
+        [sys.executable, "-m", "relay", "--listen", LOOPBACK, "--data", str(data), *store_args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
@@ -120,9 +128,8 @@ async def _drain(
     return drained, time.perf_counter() - started
 
 
-async def _baseline(root: Path, boxes: list[MailboxKeys], blobs: list[bytes]) -> tuple[float, float]:
-    """Puts/s and drains/s straight into a store in this process: no protocol, no network."""
-    store = await MailboxStore.open(root)
+async def _baseline(store: MailboxStore, boxes: list[MailboxKeys], blobs: list[bytes]) -> tuple[float, float]:
+    """Puts/s and drains/s straight into `store` (closed after) in this process: no protocol, no libp2p."""
     try:
         put_s = await _put_all(lambda _, box, blob: store.put(box.mailbox_id, blob), boxes, blobs)
         drained, drain_s = await _drain(
@@ -183,7 +190,7 @@ async def _put_latencies(address: str, clients_count: int, puts_each: int, inter
 async def _bench(root: Path) -> list[Metric]:
     boxes = _mailboxes(WRITERS)
     blobs = [os.urandom(BATCH_BYTES) for _ in range(BATCHES)]
-    baseline_puts, baseline_drains = await _baseline(root / "baseline", boxes, blobs)
+    baseline_puts, baseline_drains = await _baseline(await SqliteMailboxStore.open(root / "baseline"), boxes, blobs)
     process, address = _start_relay(root / "relay")
     try:
         idle_rss = _rss_mib(process.pid)
@@ -198,6 +205,7 @@ async def _bench(root: Path) -> list[Metric]:
         _stop(process)
     label = f"mailbox_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"
     paced_rate = CONCURRENT_CLIENTS * 1000 // PUT_INTERVAL_MS
+    jetstream = await _bench_jetstream(root, boxes, blobs, (baseline_puts, baseline_drains), (puts, drains), paced_p99)
     return [
         metric(f"{label}_puts_per_s", puts, "puts/s", baseline_puts, ">= 500 puts/s over libp2p", puts >= 500),
         metric(
@@ -220,7 +228,54 @@ async def _bench(root: Path) -> list[Metric]:
             f"< {P99_TARGET_MS:g} ms",
             crowd_p99 < P99_TARGET_MS,
         ),
+        *jetstream,
     ]
+
+
+async def _bench_jetstream(
+    root: Path,
+    boxes: list[MailboxKeys],
+    blobs: list[bytes],
+    sqlite_store: tuple[float, float],
+    sqlite_relay: tuple[float, float],
+    sqlite_paced_p99: float,
+) -> list[Metric]:
+    """The same puts and drains on a 3-server JetStream cluster (replicas 3), in process and through a relay
+    process, and the paced put p99; each beside the SQLite figure of this run."""
+    cluster = NatsCluster(root / "nats").start()
+    try:
+        urls = cluster.urls
+        store_puts, store_drains = await _baseline(
+            await JetStreamMailboxStore.open(urls, stream="AICO_BENCH_STORE"), boxes, blobs
+        )
+        process, address = _start_relay(root / "relay-jetstream", ",".join(urls))
+        try:
+            puts, drains = await _over_relay(address, boxes, blobs)
+            paced_p99 = _p99_ms(
+                await _put_latencies(address, CONCURRENT_CLIENTS, PACED_PUTS_PER_CLIENT, PUT_INTERVAL_MS / 1000)
+            )
+        finally:
+            _stop(process)
+    finally:
+        cluster.stop()
+    label = f"mailbox_jetstream_r3_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"
+    paced_rate = CONCURRENT_CLIENTS * 1000 // PUT_INTERVAL_MS
+    return [
+        metric(f"{label}_store_puts_per_s", store_puts, "puts/s", sqlite_store[0], "reported, vs SQLite", True),
+        metric(f"{label}_store_drains_per_s", store_drains, "items/s", sqlite_store[1], "reported, vs SQLite", True),
+        metric(
+            f"{label}_puts_per_s", puts, "puts/s", sqlite_relay[0], f">= {JETSTREAM_PUTS_TARGET} puts/s over libp2p",
+            puts >= JETSTREAM_PUTS_TARGET,
+        ),
+        metric(
+            f"{label}_drains_per_s", drains, "items/s", sqlite_relay[1],
+            f">= {JETSTREAM_DRAINS_TARGET} items/s over libp2p", drains >= JETSTREAM_DRAINS_TARGET,
+        ),
+        metric(
+            f"mailbox_jetstream_r3_{CONCURRENT_CLIENTS}_clients_{paced_rate}_puts_per_s_put_p99", paced_p99, "ms",
+            sqlite_paced_p99, f"< {P99_TARGET_MS:g} ms", paced_p99 < P99_TARGET_MS,
+        ),
+    ]  # fmt: skip
 
 
 def bench_mailbox() -> list[Metric]:

@@ -154,7 +154,7 @@ class DataLayer:
         store_key: Callable[[str], bytes],
         config: StoreConfig | None = None,
         now_ms: Callable[[], int] | None = None,
-    ) -> "DataLayer":
+    ) -> DataLayer:
         """Open (creating if needed) every store in `home` and rebuild the in-memory ones from primary SQL."""
         config = config or StoreConfig()
         now_ms = now_ms or _wall_clock_ms
@@ -229,7 +229,7 @@ class DataLayer:
         """
         await self.write(self.prepare([LogBatch(ops)], redacted))
 
-    def prepare(self, log: Sequence[LogBatch], redacted: Sequence[Op] = ()) -> "PendingWrite":
+    def prepare(self, log: Sequence[LogBatch], redacted: Sequence[Op] = ()) -> PendingWrite:
         """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
 
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
@@ -245,7 +245,7 @@ class DataLayer:
         self._conflicts_seen = self.replica.journal.recorded
         return PendingWrite(log, materialise(self.replica, keys), conflicts, redacted)
 
-    async def write(self, pending: "PendingWrite") -> None:
+    async def write(self, pending: PendingWrite) -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
             await self.sql.run(primary.persist, pending.log, pending.changes, pending.conflicts, pending.redacted)

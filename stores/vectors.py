@@ -10,14 +10,14 @@ from pathlib import Path
 # Must precede the chromadb import, which loads onnxruntime.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import attrs  # noqa: E402
-import chromadb  # noqa: E402
-import chromadb.errors  # noqa: E402
-import numpy as np  # noqa: E402
-import numpy.typing as npt  # noqa: E402
-from chromadb.config import Settings  # noqa: E402
+import attrs
+import chromadb
+import chromadb.errors
+import numpy as np
+import numpy.typing as npt
+from chromadb.config import Settings
 
-from stores.errors import StoreClosedError, StoreError, ValueTooLargeError  # noqa: E402
+from stores.errors import StoreClosedError, StoreError, ValueTooLargeError
 
 MetadataValue = str | int | float | bool
 Metadata = Mapping[str, MetadataValue]

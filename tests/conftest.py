@@ -25,3 +25,13 @@ def make_replica(device_id: str, clock: ManualClock | None = None) -> Replica:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory):
+    """A 3-server JetStream cluster on loopback shared by the tests that do not stop its servers."""
+    from simulations.nats_cluster import NatsCluster
+
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+    yield cluster
+    cluster.stop()

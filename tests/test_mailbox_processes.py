@@ -2,27 +2,35 @@
 the relay stores nothing readable."""
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from simulations.nats_cluster import free_port
 from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_until
 
 
 class RunningRelay:
-    """An `aico-node relay` process on loopback."""
+    """An `aico-node relay` process on loopback; its mailbox in its folder, or on JetStream at `mailbox_store`."""
 
-    def __init__(self, data_dir, listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
+    def __init__(self, data_dir, listen: str = "/ip4/127.0.0.1/tcp/0", mailbox_store: str | None = None) -> None:
         command = [sys.executable, "-m", "cli", "relay", "--listen", listen, "--data", str(data_dir)]
+        if mailbox_store:
+            command += ["--mailbox-store", mailbox_store]
         self.data_dir = data_dir
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Its log goes to a file beside its folder, so a relay that dies can say why.
+        self.log = data_dir.parent / f"{data_dir.name}.log"
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.process.stdout.readline()
-        assert line, self.process.stderr.read()
+        assert line, self.log.read_text()
         self.address = json.loads(line)["addresses"][0]
 
-    def stop(self) -> None:
-        self.process.terminate()
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
         self.process.wait(timeout=30)
 
 
@@ -62,17 +70,7 @@ def test_offline_to_offline_devices_converge_through_the_mailbox_alone(relay, tm
     assert b"secret message" not in stored and b"written while b was away" not in stored
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_relay_restarted_mid_transfer_loses_nothing_and_applies_nothing_twice(tmp_path):
-    import signal
-
     port = free_port()
     relay = RunningRelay(tmp_path / "relay", listen=f"/ip4/127.0.0.1/tcp/{port}")
     assert cli(tmp_path / "a", "init").returncode == 0

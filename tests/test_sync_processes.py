@@ -133,7 +133,7 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
         wait_until(lambda: converged(*nodes), what="convergence after writes everywhere")
         for node in nodes:
             # The digest is of the replica, which runs ahead of the stores by the write in flight.
-            wait_until(lambda: stored_counts(node) == (3, 3, 0), what="3 messages, 3 memories, nothing to project")
+            wait_until(lambda node=node: stored_counts(node) == (3, 3, 0), what="3 messages, 3 memories, nothing to project")
             stores = node.call("status")["stores"]
             assert stores["analytics_rows"] == 3 and stores["vector_items"] == 3
         assert a.call("note.show", name="partner") == "Sam really likes hiking in autumn."

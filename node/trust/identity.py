@@ -128,14 +128,14 @@ def device_id_of(verify_key: bytes) -> str:
     return _base58btc(_MULTIHASH_IDENTITY + bytes([len(public_key)]) + public_key)
 
 
-def enrolment_record(signer: "DeviceIdentity", device_id: str, verify_key: bytes, name: str) -> dict[str, Any]:
+def enrolment_record(signer: DeviceIdentity, device_id: str, verify_key: bytes, name: str) -> dict[str, Any]:
     """Return a device-registry record enrolling a device, signed by `signer`."""
     record: dict[str, Any] = {"public_key": verify_key, "name": name, "signer": signer.device_id}
     record["signature"] = signer.sign(msgpack.packb([device_id, record], use_bin_type=True))
     return record
 
 
-def revocation_record(signer: "DeviceIdentity", device_id: str, reason: str) -> dict[str, Any]:
+def revocation_record(signer: DeviceIdentity, device_id: str, reason: str) -> dict[str, Any]:
     """Return a device-registry record revoking a device for good, signed by `signer`."""
     record: dict[str, Any] = {"revoked": True, "reason": reason, "signer": signer.device_id}
     record["signature"] = signer.sign(msgpack.packb([device_id, record], use_bin_type=True))

