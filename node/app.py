@@ -146,6 +146,8 @@ class Node:
         self._rotated_away: set[bytes] = set()  # keys this node already replaced for reaching a revoked device
         self.bus = Bus()
         self.projector = Projector(data)
+        # Sections that services started beside the node (its local page) add to `status`, by name.
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         self.handlers: dict[str, Handler] = {
             "status": self.status,
             "pref.set": self.pref_set,
@@ -383,6 +385,7 @@ class Node:
             "ops": data.replica.vector.total(),
             "ops_stored": data.ops_stored,
         }
+        status.update((name, section()) for name, section in self.status_sections.items())
         if params.get("stores", True):
             # Counting opens Chroma and loads DuckDB on first use: `stores=false` spares a caller polling progress.
             status["stores"] = await self._store_counts()

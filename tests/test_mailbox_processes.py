@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_until
+from tests.processes import RunningNode, cli, converged, pair, wait_until
 
 
 class RunningRelay:

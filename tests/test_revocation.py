@@ -14,7 +14,7 @@ from node.identity import load_group_keys, unlock_identity
 from node.keyring import KeyRing
 from node.rpc import RpcRemoteError
 from tests.test_mailbox_processes import RunningRelay
-from tests.test_sync_processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
+from tests.processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 
 
 @pytest.fixture
