@@ -4,6 +4,7 @@ buckets. Pure logic on a clock the caller passes in; node/gui/web.py applies it 
 import hashlib
 import hmac
 import secrets
+from collections import Counter
 
 import attrs
 
@@ -15,6 +16,8 @@ SESSIONS_MAX = 16
 COOKIE_PREFIX = "aico_session_"
 # Sec-Fetch-Site values a browser sends on a request the page itself made (absent from older browsers and curl).
 _SAME_ORIGIN_FETCH = (None, "same-origin")
+# ... and on one the user made (typing the address, a bookmark, the link `aico-node gui` printed).
+_OWN_FETCH = (*_SAME_ORIGIN_FETCH, "none")
 
 
 def _digest(secret: str) -> bytes:
@@ -43,6 +46,7 @@ class Gatekeeper:
         self.cookie_name = COOKIE_PREFIX + host.rsplit(":", 1)[1]
         self._login_tokens: dict[bytes, float] = {}  # token digest -> expiry
         self._sessions: dict[bytes, Session] = {}  # session id digest -> session
+        self.refused: Counter[str] = Counter()  # requests refused, by the rule that refused them
 
     def issue_login_token(self, now_s: float) -> str:
         """Return a new one-time login token, valid for LOGIN_TOKEN_TTL_S; the oldest is dropped beyond the bound."""
@@ -86,6 +90,12 @@ class Gatekeeper:
         """Whether the Host header names the bound address: a page reached under another name (DNS rebinding) is not
         served."""
         return host_header == self.host
+
+    @staticmethod
+    def fetch_allowed(method: str, fetch_site: str | None, fetch_mode: str | None) -> bool:
+        """Whether a browser may make this request from where it stands: another site (another local port is the
+        same site) may only navigate to the page, never fetch from it (a resource isolation policy)."""
+        return fetch_site in _OWN_FETCH or (method == "GET" and fetch_mode == "navigate")
 
     def same_origin(self, origin: str | None, fetch_site: str | None) -> bool:
         """Whether a state-changing request comes from the page itself (its Origin, and no cross-site fetch)."""

@@ -34,7 +34,7 @@ class GuiServer:
         return {"url": f"{self.url}login?token={self.gate.issue_login_token(self.clock())}"}
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.url, "sessions": self.gate.sessions}
+        return {"url": self.url, "sessions": self.gate.sessions, "refused": dict(self.gate.refused)}
 
 
 async def serve_gui(

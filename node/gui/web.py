@@ -29,6 +29,7 @@ QUERY_CHARS_MAX = 512
 REQUESTS_PER_S, REQUESTS_BURST = 20.0, 60
 FAILED_LOGINS_PER_S, FAILED_LOGINS_BURST = 0.5, 5
 SESSION_SCOPE_KEY = "aico.session"
+LOGIN_COMMAND = "`aico-node gui`"
 REVOKE_REASON = "revoked from the local page"
 SECURITY_HEADERS = [
     (
@@ -75,40 +76,48 @@ class Guard:
             return
         send = _with_security_headers(send)
         headers = Headers(scope=scope)
-        now_s = self.clock()
-        if not self.gate.host_allowed(headers.get("host")):
-            await _plain(send, 421, f"this page answers only at {self.gate.origin}/")
+        method, now_s = scope["method"], self.clock()
+        gate = self.gate
+        if not gate.host_allowed(headers.get("host")):
+            await self._refuse(send, "host", 421, f"this page answers only at {gate.origin}/")
             return
         if not self.requests.take(now_s):
-            await _plain(send, 429, "too many requests; wait a moment")
+            await self._refuse(send, "rate", 429, "too many requests; wait a moment")
+            return
+        if not gate.fetch_allowed(method, headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")):
+            await self._refuse(send, "origin", 403, "cross-origin request refused")
             return
         if scope["path"] == "/login":
             await self._log_in(scope, send, now_s)
             return
-        session_id = cookie_parser(headers.get("cookie", "")).get(self.gate.cookie_name)
-        session = self.gate.session(session_id, now_s)
+        session_id = cookie_parser(headers.get("cookie", "")).get(gate.cookie_name)
+        session = gate.session(session_id, now_s)
         if session is None:
-            await _plain(send, 401, "not logged in: open this page with the link `aico-node gui` prints")
+            await self._refuse(send, "session", 401, f"not logged in: open the link {LOGIN_COMMAND} prints")
             return
-        if scope["method"] not in ("GET", "HEAD"):
-            if not self.gate.same_origin(headers.get("origin"), headers.get("sec-fetch-site")):
-                await _plain(send, 403, "cross-origin request refused")
+        if method not in ("GET", "HEAD"):
+            if not gate.same_origin(headers.get("origin"), headers.get("sec-fetch-site")):
+                await self._refuse(send, "origin", 403, "cross-origin request refused")
                 return
-            if not self.gate.csrf_ok(session, headers.get("x-csrf-token")):
-                await _plain(send, 403, "missing or wrong CSRF token; reload the page")
+            if not gate.csrf_ok(session, headers.get("x-csrf-token")):
+                await self._refuse(send, "csrf", 403, "missing or wrong CSRF token; reload the page")
                 return
         await self.app({**scope, SESSION_SCOPE_KEY: (session_id, session)}, receive, send)
 
+    async def _refuse(self, send: Send, rule: str, status: int, text: str) -> None:
+        self.gate.refused[rule] += 1
+        await _plain(send, status, text)
+
     async def _log_in(self, scope: Scope, send: Send, now_s: float) -> None:
         if not self.failed_logins.available(now_s):
-            await _plain(send, 429, "too many failed logins; wait a minute")
+            await self._refuse(send, "rate", 429, "too many failed logins; wait a minute")
             return
         query = scope["query_string"].decode("latin-1")[:QUERY_CHARS_MAX]
         token = parse_qs(query).get("token", [""])[0]
         session_id = self.gate.log_in(token, now_s) if token else None
         if session_id is None:
             self.failed_logins.take(now_s)
-            await _plain(send, 401, "this login link is wrong, used or expired: get a new one with `aico-node gui`")
+            await self._refuse(send, "login", 401, f"this login link is wrong, used or expired: run {LOGIN_COMMAND}")
             return
         cookie = f"{self.gate.cookie_name}={session_id}; HttpOnly; SameSite=Strict; Path=/"
         await _plain(send, 303, "logged in", [(b"location", b"/"), (b"set-cookie", cookie.encode())])

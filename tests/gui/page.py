@@ -56,7 +56,7 @@ class Session:
     def get(self, path: str, **headers: str) -> Answer:
         return request(self.base + path.lstrip("/"), headers={"Cookie": self.cookie, **headers})
 
-    def post(self, path: str, payload: dict, *, origin: str | None = "same", csrf: str | None = "same", **headers) -> Answer:
+    def post(self, path: str, payload: dict, *, origin: str | None = "same", csrf: str | None = "same", **headers):
         sent = {"Cookie": self.cookie, "Content-Type": "application/json", **headers}
         if origin is not None:
             sent["Origin"] = self.base.rstrip("/") if origin == "same" else origin

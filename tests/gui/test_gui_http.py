@@ -46,8 +46,8 @@ def test_every_request_without_a_session_gets_401(node):
             answer = request(url + path, headers=headers)
             assert answer.status == 401, (path, headers, answer)
             assert b"<html" not in answer.body and b"device" not in answer.body
-    answer = request(url + "/api/revoke", "POST", headers={"Origin": url, "Content-Type": "application/json"}, body=b"{}")
-    assert answer.status == 401
+    headers = {"Origin": url, "Content-Type": "application/json"}
+    assert request(url + "/api/revoke", "POST", headers=headers, body=b"{}").status == 401
 
 
 def test_a_login_link_works_once(node):
@@ -78,6 +78,7 @@ def test_a_cross_origin_or_tokenless_post_is_refused_and_changes_nothing(node):
     session = log_in(node)
     other_port = urlsplit(session.base).port + 1
     before = node.call("devices.list")
+    refused = node.call("status")["gui"]["refused"]
     bad = [
         {"origin": "http://evil.example"},
         {"origin": f"http://127.0.0.1:{other_port}"},  # same site as the page, another origin
@@ -92,8 +93,14 @@ def test_a_cross_origin_or_tokenless_post_is_refused_and_changes_nothing(node):
         assert answer.status == 403, (case, answer)
     for path in ("/api/invite", "/api/logout"):
         assert session.post(path, {}, origin="http://evil.example").status == 403
+    # Another site (another local port is the same site) may navigate to the page but fetch nothing from it.
+    assert session.get("/api/session", **{"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}).status == 403
+    assert session.get("/", **{"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}).status == 403
+    assert session.get("/", **{"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}).status == 200
     assert node.call("devices.list") == before
-    assert "invite" not in json.dumps(node.call("status"))
+    now_refused = node.call("status")["gui"]["refused"]
+    assert now_refused["origin"] - refused.get("origin", 0) == 5 + 2 + 2
+    assert now_refused["csrf"] - refused.get("csrf", 0) == 2
     # The same request from the page's own origin with its token gets through to the node, which answers it.
     answer = session.post("/api/revoke", {"device": node.device_id})
     assert answer.status == 400 and "cannot revoke itself" in answer.json()["error"]
