@@ -193,11 +193,13 @@ async def _serve_until_signal(node, network, gui_address) -> None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(node.serve, network)
-        if gui_address is not None:
+        if gui_address is None:
+            node.status_sections["gui"] = lambda: None
+        else:
             await _start_gui(nursery, node, gui_address)
         ready = {"ready": True, "device_id": node.identity.device_id, "socket": str(socket_path(node.home))}
         ready["addresses"] = node.host.addresses if node.host else []
-        ready["gui"] = node.status_sections["gui"]() if gui_address is not None else None
+        ready["gui"] = node.status_sections["gui"]()
         # What start-up built (imports, the replica loaded from the store) lives as long as the node: frozen, no full
         # collection walks it again.
         gc.freeze()
