@@ -116,6 +116,7 @@ class LiveFeed:
         self._changed = trio.Event()
         self._dirty = trio.Event()
         self._watched = trio.Event()
+        self._last_error: str | None = None
         self.watchers = 0
 
     def poke(self) -> None:
@@ -148,8 +149,12 @@ class LiveFeed:
         try:
             state = to_json(await self._build())
         except Exception as error:  # the page must never take the node down: keep the last state and try again
-            log.warning("the page state could not be built: %s: %s", type(error).__name__, error)
+            message = f"{type(error).__name__}: {error}"
+            if message != self._last_error:  # once, not every second
+                log.warning("the page state could not be built: %s", message)
+            self._last_error = message
             return
+        self._last_error = None
         if state != self._state:
             self._state, self._version = state, self._version + 1
             self._changed.set()
@@ -193,13 +198,17 @@ class InviteSlot:
         """Open an invite on the node and follow it in the background; return what the page shows of it."""
         if self._scope is not None:
             raise GuiRequestError("an invite is already open: cancel it first", 409)
-        stream = await call(self._node, "pair.invite")
-        items = stream.items
+        self._scope = scope = trio.CancelScope()  # taken now: a second request meanwhile is refused, not run twice
         try:
-            with trio.fail_after(FIRST_UPDATE_TIMEOUT_S):
-                first = await anext(items)
+            items = (await call(self._node, "pair.invite")).items
+            try:
+                with trio.fail_after(FIRST_UPDATE_TIMEOUT_S):
+                    first = await anext(items)
+            except BaseException:
+                await items.aclose()
+                raise
         except BaseException:
-            await items.aclose()
+            self._scope = None
             raise
         payload = invite_payload(first["code"], first["addresses"])
         self.view = {
@@ -211,8 +220,7 @@ class InviteSlot:
             "attempts_left": None,
         }
         self.qr_svg = qr_svg(payload)
-        self._scope = trio.CancelScope()
-        self._nursery.start_soon(self._follow, items, self._scope)
+        self._nursery.start_soon(self._follow, items, scope)
         self._on_change()
         return self.view
 
@@ -233,6 +241,9 @@ class InviteSlot:
                             self._update(outcome="no attempts left")
                     elif update.get("expired"):
                         self._update(outcome="expired")
+        except Exception as error:  # the node's invite failed: say so on the page, and keep the node running
+            log.warning("the page's invite failed: %s: %s", type(error).__name__, error)
+            self._update(outcome=f"failed: {error}")
         finally:
             with trio.move_on_after(1.0, shield=True):
                 await items.aclose()  # closes the node's invite

@@ -15,6 +15,7 @@ from node.gui.guard import Gatekeeper
 from node.gui.live import InviteSlot, LiveFeed, NodeView, page_state
 from node.gui.web import make_app
 
+log = logging.getLogger(__name__)
 HEADER_BYTES_MAX = 16 * 1024
 KEEP_ALIVE_S = 5.0  # also how long a connection may take to send its request's headers
 BACKLOG = 32
@@ -56,9 +57,17 @@ async def serve_gui(
     config.accesslog = None
     config.errorlog = logging.getLogger("node.gui.http")
     config.loglevel = "WARNING"
-    async with trio.open_nursery() as nursery:
-        live = LiveFeed(node, lambda: page_state(node, invite.view))
-        invite = InviteSlot(node, nursery, live.poke)
-        await nursery.start(live.run)
-        await nursery.start(serve, make_app(node, gate, live, invite), config)
-        task_status.started(GuiServer(f"http://{host}/", gate))
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            live = LiveFeed(node, lambda: page_state(node, invite.view))
+            invite = InviteSlot(node, nursery, live.poke)
+            await nursery.start(live.run)
+            await nursery.start(serve, make_app(node, gate, live, invite), config)
+            task_status.started(GuiServer(f"http://{host}/", gate))
+            started = True
+    except* Exception as failure:
+        if not started:
+            raise
+        # A page that breaks must not take the node down with it.
+        log.error("the local page stopped", exc_info=failure)

@@ -107,6 +107,23 @@ def test_a_cross_origin_or_tokenless_post_is_refused_and_changes_nothing(node):
     assert node.call("devices.list") == before
 
 
+def test_one_invite_at_a_time_with_its_qr_code_until_cancelled(node):
+    session = log_in(node)
+    opened = session.post("/api/invite", {})
+    assert opened.status == 200, opened
+    invite = opened.json()
+    assert invite["outcome"] == "waiting" and len(invite["code"]) == 11 and invite["addresses"] == [node.address]
+    again = session.post("/api/invite", {})
+    assert again.status == 409 and "already open" in again.json()["error"]
+    qr = session.get("/api/invite.svg")
+    assert qr.status == 200 and qr.headers["content-type"] == "image/svg+xml" and qr.body.startswith(b"<svg")
+    assert session.post("/api/invite/cancel", {}).status == 204
+    wait_until(lambda: session.get("/api/invite.svg").status == 404, 10, "the invite to close")
+    reopened = session.post("/api/invite", {})
+    assert reopened.status == 200 and reopened.json()["code"] != invite["code"]
+    assert session.post("/api/invite/cancel", {}).status == 204
+
+
 def test_bodies_are_bounded_and_must_be_json(node):
     session = log_in(node)
     answer = session.post("/api/revoke", {"device": "x" * 5000})

@@ -165,7 +165,7 @@ function renderInvite(invite) {
   }
   qr.hidden = !open;
   $("invite-cancel").hidden = !open;
-  let [text, tone] = OUTCOMES[invite.outcome] || [invite.outcome, ""];
+  let [text, tone] = OUTCOMES[invite.outcome] || [`The invite ${invite.outcome}.`, "bad"];
   if (invite.outcome === "paired") text = `Paired with ${deviceName(invite.paired)}.`;
   if (open && invite.attempts_left !== null) text += ` A wrong code was tried; ${invite.attempts_left} attempts left.`;
   if (open) text += ` It expires in ${countdown(invite.expires)}.`;
