@@ -20,7 +20,9 @@ def env() -> dict:
 
 def cli(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "node", "--home", str(home), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env(), timeout=timeout_s, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env(), timeout=timeout_s, stdin=subprocess.DEVNULL
+    )
 
 
 class RunningNode:

@@ -12,9 +12,9 @@ import trio
 
 from node.gui.errors import GuiRequestError
 from node.pairing import invite_payload
+from node.rpc import Handler
 
 log = logging.getLogger(__name__)
-Handler = Callable[[dict], Awaitable[Any]]
 HANDLER_TIMEOUT_S = 30.0
 CONFLICTS_SHOWN = 50
 # Changes the bus does not announce (a device coming online, the projector's backlog) show within this.
@@ -27,17 +27,22 @@ QR_SCALE = 4
 QR_BORDER = 4  # modules of quiet zone, as the QR standard asks
 
 
-class EventSource(Protocol):
-    """Events as the node's bus delivers them."""
+class EventBus(Protocol):
+    """Events as the node's bus delivers them: any event is a change the page may show."""
 
     def subscribe(self, pattern: str) -> AbstractAsyncContextManager[AsyncIterator[Any]]: ...
 
 
 class NodeView(Protocol):
-    """All the page needs of a node: the handlers behind its local socket, and its bus."""
+    """All the page needs of a node: the handlers behind its local socket, and its bus.
+
+    It calls "status", "devices.list", "conflicts" and "devices.revoke" with the params and results `aico-node`'s
+    socket has (README.md), and "pair.invite", whose result's `items` yield the invite's progress: first
+    {"code", "addresses", "expires"}, then {"refused", "attempts_left"}, {"paired": device} or {"expired": true}.
+    """
 
     handlers: Mapping[str, Handler]
-    bus: EventSource
+    bus: EventBus
 
 
 async def call(node: NodeView, method: str, params: dict | None = None) -> Any:

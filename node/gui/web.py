@@ -31,12 +31,13 @@ FAILED_LOGINS_PER_S, FAILED_LOGINS_BURST = 0.5, 5
 SESSION_SCOPE_KEY = "aico.session"
 LOGIN_COMMAND = "`aico-node gui`"
 REVOKE_REASON = "revoked from the local page"
+# Everything the page loads comes from the page itself: no other origin, no inline script or style, no framing.
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-        b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    ),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
@@ -240,4 +241,3 @@ def _answers_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Calla
             return JSONResponse({"error": f"internal error: {type(error).__name__}"}, status_code=500)
 
     return answering
-

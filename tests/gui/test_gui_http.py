@@ -27,6 +27,14 @@ def node(tmp_path_factory):
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def spare_home(tmp_path_factory):
+    """A second home, for the tests that start (and stop) a node of their own, one at a time."""
+    home = tmp_path_factory.mktemp("spare") / "a"
+    assert cli(home, "init").returncode == 0
+    return home
+
+
 def test_the_ready_line_status_and_gui_command_name_the_page(node):
     url = gui_url(node)
     parts = urlsplit(url)
@@ -40,7 +48,7 @@ def test_the_ready_line_status_and_gui_command_name_the_page(node):
 
 def test_every_request_without_a_session_gets_401(node):
     url = gui_url(node).rstrip("/")
-    stranger = "aico_session_%d=made-up" % urlsplit(url).port
+    stranger = f"aico_session_{urlsplit(url).port}=made-up"
     for path in PAGE_PATHS:
         for headers in ({}, {"Cookie": stranger}):
             answer = request(url + path, headers=headers)
@@ -133,9 +141,8 @@ def test_bodies_are_bounded_and_must_be_json(node):
     assert session.post("/api/revoke", {"device": 7}).status == 400
 
 
-def test_the_live_stream_sends_the_state_and_a_stopping_node_ends_it(tmp_path):
-    home = tmp_path / "a"
-    assert cli(home, "init").returncode == 0
+def test_the_live_stream_sends_the_state_and_a_stopping_node_ends_it(spare_home):
+    home = spare_home
     node = RunningNode(home, gui="127.0.0.1:0")
     try:
         session = log_in(node)
@@ -167,9 +174,8 @@ def _warnings(node: RunningNode) -> list[str]:
     return [line for line in node.log.read_text().splitlines() if "warning" in line]
 
 
-def test_a_port_in_use_is_one_warning_and_the_node_runs_on_without_the_page(tmp_path):
-    home = tmp_path / "a"
-    assert cli(home, "init").returncode == 0
+def test_a_port_in_use_is_one_warning_and_the_node_runs_on_without_the_page(spare_home):
+    home = spare_home
     taken = _listening_socket()
     port = taken.getsockname()[1]
     try:
@@ -188,9 +194,8 @@ def test_a_port_in_use_is_one_warning_and_the_node_runs_on_without_the_page(tmp_
         taken.close()
 
 
-def test_no_gui_turns_the_page_off(tmp_path):
-    home = tmp_path / "a"
-    assert cli(home, "init").returncode == 0
+def test_no_gui_turns_the_page_off(spare_home):
+    home = spare_home
     node = RunningNode(home)  # the helper passes --no-gui
     try:
         assert node.ready["gui"] is None and node.call("status")["gui"] is None
@@ -200,9 +205,8 @@ def test_no_gui_turns_the_page_off(tmp_path):
         node.stop()
 
 
-def test_the_default_address_is_loopback_on_the_fixed_port(tmp_path):
-    home = tmp_path / "a"
-    assert cli(home, "init").returncode == 0
+def test_the_default_address_is_loopback_on_the_fixed_port(spare_home):
+    home = spare_home
     try:  # another program (or a node of this machine's user) may hold the port: then the warning is the answer
         _listening_socket(DEFAULT_PORT).close()
         free = True
@@ -228,9 +232,8 @@ def test_an_address_off_loopback_is_refused_before_anything_starts(tmp_path, add
     assert not (tmp_path / "a").exists()
 
 
-def test_gui_without_a_running_node_says_how_to_start_one(tmp_path):
-    home = tmp_path / "a"
-    assert cli(home, "init").returncode == 0
+def test_gui_without_a_running_node_says_how_to_start_one(spare_home):
+    home = spare_home
     done = cli(home, "gui")
     assert done.returncode == 1 and "aico-node run" in done.stderr
 
