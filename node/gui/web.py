@@ -154,7 +154,9 @@ async def _json_body(request: Request) -> dict:
     return value
 
 
-def make_app(node: NodeView, gate: Gatekeeper, live: LiveFeed, invite: InviteSlot) -> ASGIApp:
+def make_app(
+    node: NodeView, gate: Gatekeeper, live: LiveFeed, invite: InviteSlot, clock: Callable[[], float] = time.monotonic
+) -> ASGIApp:
     """The page: its HTML, scripts and styles from the package, its live state, and its few actions."""
 
     async def index(request: Request) -> Response:
@@ -165,6 +167,7 @@ def make_app(node: NodeView, gate: Gatekeeper, live: LiveFeed, invite: InviteSlo
         return JSONResponse({"csrf": _session(request)[1].csrf})
 
     async def events(request: Request) -> Response:
+        session_id = _session(request)[0]
         updates = live.watch()
         first = await anext(updates)  # refuses before the response starts when too many pages watch
 
@@ -172,6 +175,8 @@ def make_app(node: NodeView, gate: Gatekeeper, live: LiveFeed, invite: InviteSlo
             try:
                 yield _event(first)
                 async for state in updates:
+                    if gate.session(session_id, clock()) is None:  # logged out meanwhile (an open page keeps it)
+                        return
                     yield _event(state)
             finally:
                 await updates.aclose()
@@ -217,7 +222,7 @@ def make_app(node: NodeView, gate: Gatekeeper, live: LiveFeed, invite: InviteSlo
     ]
     routes = [Route(path, _answers_errors(endpoint), methods=methods) for path, endpoint, methods in endpoints]
     routes.append(Mount("/static", StaticFiles(packages=[("node.gui", "static")])))
-    return Guard(Starlette(routes=routes, max_body_size=BODY_BYTES_MAX), gate)
+    return Guard(Starlette(routes=routes, max_body_size=BODY_BYTES_MAX), gate, clock)
 
 
 def _event(state: str | None) -> bytes:

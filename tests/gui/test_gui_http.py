@@ -132,6 +132,23 @@ def test_one_invite_at_a_time_with_its_qr_code_until_cancelled(node):
     assert session.post("/api/invite/cancel", {}).status == 204
 
 
+def test_logging_out_ends_the_session_and_its_live_stream(node):
+    session = log_in(node)
+    parts = urlsplit(session.base)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request("GET", "/api/events", headers={"Cookie": session.cookie})
+        response = connection.getresponse()
+        assert response.readline() == b"event: state\n"
+        assert session.post("/api/logout", {}).status == 204
+        assert session.get("/api/session").status == 401
+        node.call("pref.set", key="after", value="logout")  # a change: the stream checks its session and ends
+        rest = response.read()  # returns, rather than waiting for the socket's timeout: the stream has ended
+        assert rest.startswith(b"data: {") and response.isclosed()
+    finally:
+        connection.close()
+
+
 def test_bodies_are_bounded_and_must_be_json(node):
     session = log_in(node)
     answer = session.post("/api/revoke", {"device": "x" * 5000})

@@ -7,6 +7,7 @@ let csrf = null;
 let state = null;
 let qrShownFor = null;  // the invite code whose QR code the image shows
 let revoking = null;  // the device the revoke dialog asks about
+let source = null;  // the node's stream of states
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -223,7 +224,7 @@ function askRevoke(device) {
 }
 
 function connect() {
-  const source = new EventSource("/api/events");
+  source = new EventSource("/api/events");
   source.addEventListener("state", (event) => {
     state = JSON.parse(event.data);
     render();
@@ -249,6 +250,7 @@ async function start() {
   }));
   $("logout").addEventListener("click", () => act(async () => {
     await post("/api/logout");
+    source.close();
     document.body.replaceChildren(el("p", { class: "error" }, "Logged out. Open the page again with `aico-node gui`."));
   }));
   const response = await fetch("/api/session", { credentials: "same-origin" });
