@@ -88,7 +88,8 @@ def test_add_a_device_shows_a_qr_code_that_pair_join_accepts_then_revoke_it(grou
     page.click("#invite-open")
     qr = page.locator("#invite-qr")
     expect(qr).to_be_visible()
-    page.wait_for_function("(qr => qr.complete && qr.naturalWidth > 0)(document.getElementById('invite-qr'))")
+    loaded = "() => { const qr = document.getElementById('invite-qr'); return qr.complete && qr.naturalWidth > 0; }"
+    page.wait_for_function(loaded)
     expect(page.locator("#invite-outcome")).to_contain_text("Waiting for the new device")
     page.screenshot(path=artifacts / "gui-invite-1280x800.png")
     picture = tmp_path / "qr.png"
