@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import trio
 import typer
+from rich.markup import escape
 
 from cli.common import app, console, default_home, fail, home_of, out, pair_app, passphrase, run_async
 
@@ -70,13 +71,18 @@ def _tune_interpreter() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
-async def _serve_until_signal(node: Any, network: Any) -> None:
+async def _serve_until_signal(node: Any, network: Any, gui_address: Any) -> None:
     from node.home import socket_path
 
     async with trio.open_nursery() as nursery:
         await nursery.start(node.serve, network)
+        if gui_address is None:
+            node.status_sections["gui"] = lambda: None
+        else:
+            await _start_gui(nursery, node, gui_address)
         ready = {"ready": True, "device_id": node.identity.device_id, "socket": str(socket_path(node.home))}
         ready["addresses"] = node.network.host.addresses if node.network else []
+        ready["gui"] = node.status_sections["gui"]()
         # What start-up built (imports, the replica loaded from the store) lives as long as the node: frozen, no full
         # collection walks it again.
         gc.freeze()
@@ -88,6 +94,40 @@ async def _serve_until_signal(node: Any, network: Any) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _start_gui(nursery: trio.Nursery, node: Any, address: Any) -> None:
+    """Serve the local page beside the node and add its `gui.login` handler and `gui` status; a port in use is
+    a one-line warning, and the node runs on without the page."""
+    from node.gui.errors import GuiError
+    from node.gui.server import serve_gui
+
+    try:
+        gui = await nursery.start(serve_gui, node, address)
+    except GuiError as error:
+        refusal = {"url": None, "error": str(error)}
+        message = f"[yellow]warning:[/yellow] the node runs without its local page: {escape(str(error))}"
+        console.print(message, soft_wrap=True)
+        node.status_sections["gui"] = lambda: refusal
+        return
+    node.handlers["gui.login"] = gui.login
+    node.status_sections["gui"] = gui.status
+
+
+GuiOption = Annotated[
+    str | None, typer.Option("--gui", help="Loopback HOST:PORT of the local page (default 127.0.0.1:8395).")
+]
+NoGuiOption = Annotated[bool, typer.Option("--no-gui", help="Do not serve the local page.")]
+
+
+def _import_in_background(*modules: str) -> None:
+    # libp2p takes ~0.7 s to import, the page's web stack ~0.15 s; doing it on another thread overlaps it with loading
+    # the stores, whose SQL reads release the GIL. The later imports wait for this one.
+    def imports() -> None:
+        for module in modules:
+            importlib.import_module(module)
+
+    threading.Thread(target=imports, daemon=True).start()
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -95,28 +135,62 @@ def run(
     peer: PeerOption = [],
     no_mdns: NoMdnsOption = False,
     relay: RelayOption = None,
+    gui: GuiOption = None,
+    no_gui: NoGuiOption = False,
 ) -> None:
     """Run the node until SIGINT or SIGTERM (a first run initialises the home)."""
     from node.app import Node
+    from node.gui.address import DEFAULT_ADDRESS, GuiAddress
+    from node.gui.errors import GuiError
     from node.home import init_home, is_initialised
     from stores.datalayer import StoreConfig
 
+    if gui is not None and no_gui:
+        raise typer.BadParameter("give --gui ADDR or --no-gui, not both")
+    try:
+        gui_address = None if no_gui else GuiAddress.parse(gui or DEFAULT_ADDRESS)
+    except GuiError as error:
+        raise typer.BadParameter(str(error)) from None
     home = home_of(ctx)
     fresh = not is_initialised(home)
     secret = passphrase(confirm=fresh)
     network = _network(listen, peer, no_mdns, relay)
     _tune_interpreter()
-    # libp2p takes ~0.7 s to import; doing it on another thread overlaps it with loading the stores, whose
-    # SQL reads release the GIL. The later import waits for this one.
-    threading.Thread(target=importlib.import_module, args=("node.net.network",), daemon=True).start()
+    _import_in_background("node.net.network", *(() if no_gui else ("node.gui.server",)))
 
     async def serve() -> None:
         if fresh:
             await init_home(home, secret, StoreConfig())
         async with Node.opened(home, secret) as node:
-            await _serve_until_signal(node, network)
+            await _serve_until_signal(node, network, gui_address)
 
     run_async(serve)
+
+
+@app.command("gui")
+def gui_command(
+    ctx: typer.Context,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+) -> None:
+    """Print the running node's local page address with a one-time login token (valid 2 minutes, used once)."""
+    import webbrowser
+
+    from node.api.rpc import UNKNOWN_METHOD, NodeNotRunning, RpcClient, RpcRemoteError
+    from node.home import socket_path
+
+    try:
+        with RpcClient.connect(socket_path(home_of(ctx))) as client:
+            url = client.call("gui.login")["url"]
+    except NodeNotRunning:
+        raise fail("the page is served by the running node: start it with `aico-node run`") from None
+    except RpcRemoteError as error:
+        if error.type == UNKNOWN_METHOD:
+            raise fail("the running node serves no page (started with --no-gui, or its port was taken: "
+                       "see `aico-node status`)") from None  # fmt: skip
+        raise fail(str(error)) from None
+    print(url, flush=True)
+    if open_browser and not webbrowser.open(url):
+        raise fail("no browser could be opened; open the address above by hand")
 
 
 @app.command("relay")
@@ -169,11 +243,12 @@ def pair_invite(
 def _show_invite(invite: dict) -> None:
     import segno
 
-    addresses = [a for a in invite["addresses"] if "/ip4/0.0.0.0/" not in a]
-    qr = segno.make(json.dumps({"code": invite["code"], "addresses": addresses}), error="l")
-    qr.terminal(compact=True)
+    from node.trust.pairing import invite_payload
+
+    payload = invite_payload(invite["code"], invite["addresses"])
+    segno.make(payload, error="l").terminal(compact=True)
     out.print(f"code: [bold]{invite['code']}[/bold]")
-    for address in addresses:
+    for address in json.loads(payload)["addresses"]:
         out.print(f"  aico-node pair join {invite['code']} --address {address}")
 
 

@@ -4,7 +4,7 @@ it runs, the network. The composition root: the parts live in node.trust, node.s
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,8 @@ class Node:
         self.projector = Projector(data)
         self.outgoing = Notifier()  # wakes sessions and the mailbox when there are ops to send
         self.network: Network | None = None  # while the network runs
+        # Sections that services started beside the node (its local page) add to `status`, by name.
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         self._nursery: trio.Nursery | None = None  # while serving
         self.data_handlers = DataHandlers(self)
         self.handlers: dict[str, Handler] = {**self.data_handlers.handlers(), **AdminHandlers(self).handlers()}

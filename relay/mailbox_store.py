@@ -6,14 +6,12 @@ JetStream stream that several relays share (relay/mailbox_jetstream.py). docs/sp
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import attrs
 import nacl.hash
 from nacl.encoding import RawEncoder
 
-from relay.errors import MailboxStoreError
 from relay.mailbox_protocol import BLOB_BYTES_MAX, MailboxItem
 
 EXPIRE_S = 30 * 86_400
@@ -72,18 +70,3 @@ def put_digest(mailbox_id: bytes, blob: bytes) -> bytes:
         len(mailbox_id).to_bytes(1, "big") + mailbox_id + blob,
         digest_size=PUT_DIGEST_BYTES, person=_DIGEST_PERSON, encoder=RawEncoder,
     )  # fmt: skip
-
-
-async def open_mailbox_store(location: str | None, data_dir: Path, limits: StoreLimits | None = None) -> MailboxStore:
-    """The store at `location`: None for SQLite in `data_dir`, else comma-separated nats:// URLs of one cluster."""
-    if location is None:
-        from relay.mailbox_sqlite import SqliteMailboxStore
-
-        return await SqliteMailboxStore.open(data_dir, limits)
-    urls = [url.strip() for url in location.split(",") if url.strip()]
-    if not urls or any(not url.startswith(("nats://", "tls://")) for url in urls):
-        raise MailboxStoreError(f"--mailbox-store takes nats:// URLs separated by commas, got {location!r}")
-    # Imported here: only a relay on JetStream needs the NATS client.
-    from relay.mailbox_jetstream import JetStreamMailboxStore
-
-    return await JetStreamMailboxStore.open(urls, limits)

@@ -9,12 +9,28 @@ from pathlib import Path
 import trio
 
 from relay.circuit import CircuitLimits, relay_host
+from relay.errors import MailboxStoreError
 from relay.key import load_or_create_seed
 from relay.mailbox_service import ServiceConfig, serve_mailbox, sweep_expired
-from relay.mailbox_store import StoreLimits, open_mailbox_store
+from relay.mailbox_store import MailboxStore, StoreLimits
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)  # `python -m relay`, for tests and benches
 RELAY_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)  # `aico-node relay`: a fixed port devices can be configured with
+
+
+async def open_mailbox_store(location: str | None, data_dir: Path, limits: StoreLimits | None = None) -> MailboxStore:
+    """The store at `location`: None for SQLite in `data_dir`, else comma-separated nats:// URLs of one cluster."""
+    if location is None:
+        from relay.mailbox_sqlite import SqliteMailboxStore
+
+        return await SqliteMailboxStore.open(data_dir, limits)
+    urls = [url.strip() for url in location.split(",") if url.strip()]
+    if not urls or any(not url.startswith(("nats://", "tls://")) for url in urls):
+        raise MailboxStoreError(f"--mailbox-store takes nats:// URLs separated by commas, got {location!r}")
+    # Imported here: only a relay on JetStream needs the NATS client.
+    from relay.mailbox_jetstream import JetStreamMailboxStore
+
+    return await JetStreamMailboxStore.open(urls, limits)
 
 
 async def run_relay(

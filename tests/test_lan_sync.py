@@ -10,7 +10,7 @@ import pytest
 
 from node.api.rpc import RpcClient
 from tests.netns import Lan, lan, unavailable_reason
-from tests.test_sync_processes import wait_until
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 PASSPHRASE = "lan test passphrase"

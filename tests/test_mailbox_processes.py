@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from simulations.nats_cluster import free_port
-from tests.test_sync_processes import RunningNode, cli, converged, pair, wait_until
+from tests.processes import RunningNode, cli, converged, pair, wait_until
 
 
 class RunningRelay:

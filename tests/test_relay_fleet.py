@@ -11,9 +11,9 @@ import trio
 from relay.errors import MailboxReason, MailboxRefused, RelayError
 from relay.mailbox_jetstream import JetStreamMailboxStore
 from simulations.nats_cluster import NatsCluster
+from tests.processes import RunningNode, cli, pair, wait_until
 from tests.relay.test_mailbox_service import KEYS, client, device
 from tests.test_mailbox_processes import RunningRelay
-from tests.test_sync_processes import RunningNode, cli, pair, wait_until
 
 RECOVERY_TIMEOUT_S = 30.0
 WRITERS = 4  # sessions putting at once, so puts are in flight when the relay dies

@@ -12,8 +12,8 @@ from node.api.rpc import RpcRemoteError
 from node.app import Node
 from node.trust.identity import load_group_keys, unlock_identity
 from node.trust.keyring import KeyRing
+from tests.processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 from tests.test_mailbox_processes import RunningRelay
-from tests.test_sync_processes import PASSPHRASE, RunningNode, cli, converged, pair, wait_until
 
 
 @pytest.fixture

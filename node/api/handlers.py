@@ -4,13 +4,13 @@ repositories and the running services only."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
-from node.api.rpc import StreamedReply
+from node.api.rpc import Handler, StreamedReply
 from node.bus import Bus
 from node.embed import default_embedder
 from node.errors import NodeError
@@ -25,9 +25,6 @@ from stores.repositories import DataError, UnitOfWork
 
 if TYPE_CHECKING:
     from node.net.network import Network
-
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
 
 class NetworkOff(NodeError):
     """A request that needs the node's network, made while it does not run."""
@@ -45,6 +42,7 @@ class NodeParts(Protocol):
     bus: Bus
     projector: Projector
     network: Network | None
+    status_sections: dict[str, Callable[[], Any]]
 
     def unit_of_work(self) -> UnitOfWork: ...
 
@@ -231,6 +229,7 @@ class AdminHandlers:
             "ops": data.replica.vector.total(),
             "ops_stored": data.ops_stored,
         }
+        status.update((name, section()) for name, section in node.status_sections.items())
         if params.get("stores", True):
             # Counting opens Chroma and loads DuckDB on first use: `stores=false` spares a caller polling progress.
             status["stores"] = await self._store_counts()
@@ -279,7 +278,7 @@ class AdminHandlers:
         outcomes = network.desk.open_invite(guard)
         desk, addresses = network.desk, network.host.addresses
 
-        async def progress() -> AsyncIterator[dict[str, Any]]:
+        async def progress() -> AsyncGenerator[dict[str, Any], None]:
             try:
                 invite = guard.invite
                 yield {"code": display_code(invite.code), "addresses": addresses, "expires": invite.expires_at_s}
@@ -307,7 +306,7 @@ class AdminHandlers:
         pattern = text_param(params, "pattern")
         bus = self.node.bus
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
             async with bus.subscribe(pattern) as subscription:
                 async for event in subscription:
                     yield {"topic": event.topic, "payload": event.payload}

@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -87,7 +87,7 @@ class RpcUserError(NodeError):
 class StreamedReply:
     """A handler result whose items are sent one frame each, followed by an end marker."""
 
-    items: AsyncIterator[Any]
+    items: AsyncGenerator[Any, None]
 
 
 class _MalformedRequest(Exception):

@@ -9,6 +9,7 @@ The normative description is docs/spec/pairing.md.
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -117,6 +118,12 @@ def display_code(code: str) -> str:
     """`code` in the form shown to the user: two groups of five characters ("7K3QX-M2V9T")."""
     half = CODE_CHARS // 2
     return f"{code[:half]}-{code[half:]}"
+
+
+def invite_payload(code: str, addresses: Sequence[str]) -> str:
+    """The text an invite's QR code carries: its code and the inviter's dialable addresses, as JSON."""
+    dialable = [address for address in addresses if "/ip4/0.0.0.0/" not in address]
+    return json.dumps({"code": code, "addresses": dialable})
 
 
 def _check_code(_instance: Any, _attribute: Any, code: str) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.netns import unavailable_reason
+from tests.processes import wait_until
 from tests.relay.test_circuit_netns import PEER_MODULE, RELAY_PORT, read_json_line, two_networks_joined_by_a_relay
 from tests.test_lan_sync import PASSPHRASE, _env, _node_argv
 from tests.test_lan_sync import _call as call
-from tests.test_sync_processes import wait_until
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 NODE_PORT = 4100
