@@ -47,7 +47,7 @@ RelayOption = Annotated[
 def _network(listen: list[str], peer: list[str], no_mdns: bool, relay: str | None = None) -> Any:
     from node.net.network import NetworkOptions
 
-    listen_addrs = tuple(listen) or NetworkOptions().listen
+    listen_addrs = tuple(listen) or None
     return NetworkOptions(listen=listen_addrs, peers=tuple(peer), mdns=not no_mdns, relay=relay)
 
 

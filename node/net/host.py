@@ -16,6 +16,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from framing import RemoteProtocolError
 from node.errors import NodeError
+from node.net.interfaces import dialable
 from node.trust.identity import DeviceIdentity
 from p2p import CLOSE_TIMEOUT_S, forget_dial_failure, reset_quietly, running_host
 
@@ -39,8 +40,9 @@ class P2pHost:
 
     @property
     def addresses(self) -> list[str]:
-        """The multiaddrs peers can dial, each ending in `/p2p/<peer id>`: direct ones first, then relayed ones."""
-        return [str(addr) for addr in self.libp2p_host.get_addrs()] + self.relayed_addresses
+        """The multiaddrs peers can dial, each ending in `/p2p/<peer id>`: direct ones first (a listener on every
+        interface shows each LAN address, never 0.0.0.0), then relayed ones."""
+        return dialable([str(addr) for addr in self.libp2p_host.get_addrs()]) + self.relayed_addresses
 
     def serve_sync(
         self, is_trusted: Callable[[str], bool], on_stream: Callable[[str, INetStream], Awaitable[None]]

@@ -8,7 +8,6 @@ import trio
 
 from discovery.mdns import MdnsDiscovery
 from node.net.sessions import SyncService
-from node.trust.identity import DeviceIdentity
 from node.trust.keyring import KeyRing
 
 log = logging.getLogger(__name__)
@@ -16,7 +15,6 @@ log = logging.getLogger(__name__)
 
 async def discover_devices(
     sync: SyncService,
-    identity: DeviceIdentity,
     keyring: KeyRing,
     addresses: list[str],
     *,
@@ -39,15 +37,9 @@ async def discover_devices(
     )
     async with discovery:
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            async for found in discovery:
-                # The hint is only a claim: Noise proves who answers, and untrusted peers are dropped.
-                peer = found.peer_hint
-                if not peer or not sync.is_trusted(peer):
-                    continue
+        async for found in discovery:
+            # The hint is only a claim: Noise proves who answers when the device's keeper dials these addresses.
+            peer = found.peer_hint
+            if peer and sync.is_trusted(peer):
                 sync.lan_devices.add(peer)
-                # Of two members that find each other, only the one with the lower id dials: one session each.
-                # A member that missed a key rotation cannot recognise this node's advert, so it is dialled.
-                if peer > identity.device_id or found.stale:
-                    for address in found.addresses:
-                        sync.dial(nursery, address)
+                await sync.book.learn(peer, found.addresses, "lan")

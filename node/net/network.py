@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import attrs
 import trio
 
 from node.net.host import P2pHost, p2p_host
+from node.net.keepers import DeviceKeepers
 from node.net.lan import discover_devices
 from node.net.mailbox import MailboxSync
 from node.net.pairing import InviteDesk
@@ -17,13 +19,20 @@ from node.sync.receiver import OpsReceiver
 from node.trust.identity import DeviceIdentity
 from node.trust.keyring import KeyRing
 from node.trust.pairing import InviterPaired
+from p2p import ListenError
+from p2p.host import check_port_free, parse_listen_addr
+
+DEFAULT_PORT = 4242
+PORTS_TRIED = 10  # the default port and the next ones, tried in turn before any free port
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
 class NetworkOptions:
-    """Where the node listens, which peers it always dials, whether it uses mDNS, and which relay."""
+    """Where the node listens (None: every interface on the default port), which peers it always dials, whether it
+    uses mDNS, and which relay."""
 
-    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    listen: tuple[str, ...] | None = None
     peers: tuple[str, ...] = ()
     mdns: bool = True
     relay: str | None = None
@@ -51,6 +60,21 @@ class Network:
         }
 
 
+def default_listen() -> tuple[str, ...]:
+    """Every interface on DEFAULT_PORT, or on the next free port after it (said once), or on any free port."""
+    for port in range(DEFAULT_PORT, DEFAULT_PORT + PORTS_TRIED):
+        address = f"/ip4/0.0.0.0/tcp/{port}"
+        try:
+            check_port_free(parse_listen_addr(address))
+        except ListenError:
+            continue
+        if port != DEFAULT_PORT:
+            log.warning("port %d is in use (another aico-node?): listening on port %d instead", DEFAULT_PORT, port)
+        return (address,)
+    log.warning("ports %d to %d are in use: listening on a free port", DEFAULT_PORT, DEFAULT_PORT + PORTS_TRIED - 1)
+    return ("/ip4/0.0.0.0/tcp/0",)
+
+
 async def run_network(
     options: NetworkOptions,
     identity: DeviceIdentity,
@@ -62,14 +86,14 @@ async def run_network(
     task_status: trio.TaskStatus[Network] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the host and every network service until cancelled; `started` hands over the Network."""
-    async with p2p_host(identity, options.listen) as host:
-        sync = SyncService(
-            receiver, identity, keyring, host, static_peers=options.peers, relay=options.relay,
-            bootstrap_peers=bootstrap_peers,
-        )  # fmt: skip
+    async with p2p_host(identity, options.listen or default_listen()) as host:
+        sync = SyncService(receiver, identity, keyring, host, relay=options.relay, bootstrap_peers=bootstrap_peers)
+        keepers = DeviceKeepers(sync)
         network = Network(host, sync, InviteDesk(identity, lambda: keyring.current, host, enrol_paired))
         async with trio.open_nursery() as nursery:
             await nursery.start(sync.run)
+            await keepers.give(options.peers)
+            await nursery.start(keepers.run)
             if options.relay:
 
                 def verify_key_of(device_id: str) -> bytes | None:
@@ -89,5 +113,5 @@ async def run_network(
                 )
                 await nursery.start(network.mailbox.run)
             if options.mdns:
-                await nursery.start(discover_devices, sync, identity, keyring, host.addresses)
+                await nursery.start(discover_devices, sync, keyring, host.addresses)
             task_status.started(network)

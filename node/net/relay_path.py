@@ -137,6 +137,40 @@ async def _end_relayed_connections(host: P2pHost, peer_id: str) -> None:
             await close_connection(connection)
 
 
+async def sync_once(
+    host: P2pHost,
+    direct_addrs: Sequence[str],
+    relay_addr: str | None,
+    peer_id: str,
+    connect: Callable[[str, INetStream], Awaitable[None]],
+    *,
+    dial_timeout_s: float = 5.0,
+    direct_head_start_s: float = 0.3,
+    direct_probe_every_s: float = 30.0,
+) -> bool:
+    """Open a sync stream to `peer_id`, direct or relayed (raced, direct first), and await `connect` on it (which owns
+    it); end a relayed session as soon as a direct connection opens. Return whether that direct connection waits."""
+    raced = await dial_sync_racing(
+        host, direct_addrs, relay_addr, peer_id, direct_head_start_s=direct_head_start_s, timeout_s=dial_timeout_s
+    )
+    logger.info("sync with %s over a %s path", peer_id, raced.path)
+    if raced.path == "direct" or not direct_addrs:
+        await connect(raced.peer_id, raced.stream)
+        return False
+    async with trio.open_nursery() as nursery:
+
+        async def run_session() -> None:
+            await connect(raced.peer_id, raced.stream)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run_session)
+        await _wait_for_direct_path(host, direct_addrs, peer_id, direct_probe_every_s, dial_timeout_s)
+        logger.info("a direct path to %s opened: ending the relayed session", peer_id)
+        nursery.cancel_scope.cancel()
+    await _end_relayed_connections(host, peer_id)
+    return connection_path(host, peer_id) == "direct"  # the direct connection is waiting: use it now
+
+
 async def keep_connected_with_relay(
     host: P2pHost,
     direct_addrs: Sequence[str],
@@ -150,29 +184,14 @@ async def keep_connected_with_relay(
     backoff_s_min: float = 0.5,
     backoff_s_max: float = 30.0,
 ) -> NoReturn:
-    """Like node.net.host.keep_connected, for one peer reachable at `direct_addrs` and through `relay_addr`: each sync
+    """Like node.net.dial.keep_connected, for one peer reachable at `direct_addrs` and through `relay_addr`: each sync
     stream is raced (direct first), and a relayed session is ended as soon as a direct connection opens, so the next
     one runs direct."""
 
     async def attempt() -> bool:
-        raced = await dial_sync_racing(
-            host, direct_addrs, relay_addr, peer_id, direct_head_start_s=direct_head_start_s, timeout_s=dial_timeout_s
-        )
-        logger.info("sync with %s over a %s path", peer_id, raced.path)
-        if raced.path == "direct" or not direct_addrs:
-            await connect(raced.peer_id, raced.stream)
-            return False
-        async with trio.open_nursery() as nursery:
-
-            async def run_session() -> None:
-                await connect(raced.peer_id, raced.stream)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(run_session)
-            await _wait_for_direct_path(host, direct_addrs, peer_id, direct_probe_every_s, dial_timeout_s)
-            logger.info("a direct path to %s opened: ending the relayed session", peer_id)
-            nursery.cancel_scope.cancel()
-        await _end_relayed_connections(host, peer_id)
-        return connection_path(host, peer_id) == "direct"  # the direct connection is waiting: use it now
+        return await sync_once(
+            host, direct_addrs, relay_addr, peer_id, connect, dial_timeout_s=dial_timeout_s,
+            direct_head_start_s=direct_head_start_s, direct_probe_every_s=direct_probe_every_s,
+        )  # fmt: skip
 
     await retry_with_backoff(attempt, peer_id, backoff_s_min=backoff_s_min, backoff_s_max=backoff_s_max)
