@@ -3,7 +3,9 @@
 import getpass
 import json
 import os
+import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -88,26 +90,58 @@ def passphrase(*, confirm: bool = False) -> str:
     return first
 
 
+NODE_START_WAIT_S = 60.0  # how long a command waits for a starting node's socket
+CALL_RETRIES = 2  # a call that timed out is sent again (with its key: it runs once) this many times
+RESPONSE_MARGIN_S = 5.0  # a client waits this much longer than the node lets the call run
+SOCKET_POLL_S = 0.1
+
+
 def call(home: Path, method: str, **params: Any) -> Any:
-    """Run a data command on the running node through its socket, or on the stores directly."""
-    from node.api.rpc import NodeNotRunning, RpcClient, RpcRemoteError
+    """Run a data command on the running node through its socket, or, with no node, on the stores directly; while a
+    node starts (it holds the home, its socket is not up yet) wait for its socket instead."""
+    from node.api.handlers import HANDLER_TIMEOUTS_S
+    from node.api.rpc import REQUEST_TIMEOUT_S, NodeNotRunning, RpcClient, RpcRemoteError, RpcTimeoutError
+    from node.home import NODE_HOLDER, HomeBusy, HomeLock, socket_path
+
+    deadline = time.monotonic() + NODE_START_WAIT_S
+    secret: str | None = None
+    key = secrets.token_hex(16)  # the same on every retry: the node runs the call once
+    timeout_s = HANDLER_TIMEOUTS_S.get(method, REQUEST_TIMEOUT_S) + RESPONSE_MARGIN_S
+    retries = CALL_RETRIES
+    while True:
+        try:
+            with RpcClient.connect(socket_path(home), timeout_s=timeout_s) as client:
+                return client.call_keyed(method, params, key)
+        except NodeNotRunning:
+            pass
+        except RpcTimeoutError as error:
+            if retries == 0:
+                raise fail(f"{error}; it may still finish") from None
+            retries -= 1
+            continue
+        except RpcRemoteError as error:
+            raise fail(str(error)) from None
+        lock = HomeLock(home)
+        holder = lock.holder()
+        if not lock.node_starting() and (holder is None or NODE_HOLDER not in holder):
+            secret = secret or passphrase()
+            try:
+                return trio.run(_call_directly, home, secret, method, params)
+            except HomeBusy as busy:
+                if not busy.by_node:
+                    raise fail(f"{busy}; try again when it is done") from None
+            except USER_FACING_ERRORS as error:
+                raise fail(str(error)) from None
+        if time.monotonic() > deadline:
+            raise fail(f"{home} is held by a node whose socket did not open within {NODE_START_WAIT_S:.0f} s")
+        time.sleep(SOCKET_POLL_S)
+
+
+async def _call_directly(home: Path, secret: str, method: str, params: dict[str, Any]) -> Any:
     from node.app import Node
-    from node.home import socket_path
 
-    try:
-        with RpcClient.connect(socket_path(home)) as client:
-            return client.call(method, **params)
-    except NodeNotRunning:
-        pass
-    except RpcRemoteError as error:
-        raise fail(str(error)) from None
-    secret = passphrase()
-
-    async def direct() -> Any:
-        async with Node.opened(home, secret) as node:
-            return await node.handlers[method](params)
-
-    return run_async(direct)
+    async with Node.opened(home, secret, f"aico-node {method}") as node:
+        return await node.handlers[method](params)
 
 
 def run_async(async_fn: Callable[[], Awaitable[T]]) -> T:

@@ -4,6 +4,7 @@ import gc
 import importlib
 import json
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -14,21 +15,26 @@ import typer
 from rich.markup import escape
 
 from cli.common import app, console, default_home, fail, home_of, out, pair_app, passphrase, run_async
+from framing import LocalProtocolError
 
 
 @app.command()
 def init(
     ctx: typer.Context,
     engine: Annotated[str, typer.Option(help="Primary SQL engine: sqlcipher or libsql.")] = "sqlcipher",
+    name: Annotated[
+        str | None, typer.Option("--name", help="This device's name, shown on every device (default: host name).")
+    ] = None,
 ) -> None:
     """Create this device's identity, keys and encrypted stores."""
     from node.home import init_home
     from stores.datalayer import StoreConfig
 
     home = home_of(ctx)
+    device_name = _device_name(name)
     secret = passphrase(confirm=True)
-    identity = run_async(lambda: init_home(home, secret, StoreConfig(engine=engine)))
-    out.print(f"initialised {home} for device {identity.device_id}")
+    identity = run_async(lambda: init_home(home, secret, StoreConfig(engine=engine), device_name))
+    out.print(f"initialised {home} for device {device_name} ({identity.device_id})", soft_wrap=True)
 
 
 ListenOption = Annotated[list[str], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
@@ -142,7 +148,7 @@ def run(
     from node.app import Node
     from node.gui.address import DEFAULT_ADDRESS, GuiAddress
     from node.gui.errors import GuiError
-    from node.home import init_home, is_initialised
+    from node.home import NODE_HOLDER, init_home, is_initialised
     from stores.datalayer import StoreConfig
 
     if gui is not None and no_gui:
@@ -160,8 +166,8 @@ def run(
 
     async def serve() -> None:
         if fresh:
-            await init_home(home, secret, StoreConfig())
-        async with Node.opened(home, secret) as node:
+            await init_home(home, secret, StoreConfig(), _device_name(None))
+        async with Node.opened(home, secret, NODE_HOLDER) as node:
             await _serve_until_signal(node, network, gui_address)
 
     run_async(serve)
@@ -255,8 +261,14 @@ def _show_invite(invite: dict) -> None:
 @pair_app.command("join")
 def pair_join(
     ctx: typer.Context,
-    code: str,
-    address: Annotated[str, typer.Option("--address", help="Multiaddr of the inviting device (from its invite).")],
+    code: Annotated[str, typer.Argument(help="The invite's code, or the text of its QR code.")],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Multiaddr of the inviting device (from its invite); found on the LAN if omitted."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="This device's name, shown on every device (default: host name).")
+    ] = None,
     listen: ListenOption = [],
     sync_timeout_s: Annotated[
         float, typer.Option("--sync-timeout", min=1, help="Seconds to wait for the first full sync.")
@@ -264,29 +276,44 @@ def pair_join(
 ) -> None:
     """Join this user's group: pair with the inviting device using CODE, then sync everything from it."""
     from node.app import Node
-    from node.home import identity_for_joining, init_joined_home
-    from node.net.host import p2p_host
-    from node.net.pairing import join
+    from node.home import NODE_HOLDER, HomeError, is_initialised
+    from node.net.joining import join_group
     from node.trust.identity import IDENTITY_FILE
-    from stores.datalayer import StoreConfig
+    from node.trust.pairing import PairingError, read_invite
 
     home = home_of(ctx)
+    try:
+        canonical, addresses = read_invite(code)
+    except PairingError as error:
+        raise typer.BadParameter(error.detail) from None
+    device_name = _device_name(name)
+    if is_initialised(home):
+        raise fail(str(HomeError(f"{home} already belongs to a group; a device joins once, with a fresh home")))
     secret = passphrase(confirm=not (home / IDENTITY_FILE).exists())
+    given = ([address] if address else []) + addresses
 
     async def pair_and_sync() -> None:
-        identity = identity_for_joining(home, secret)
-        async with p2p_host(identity, tuple(listen) or ("/ip4/127.0.0.1/tcp/0",)) as host:
-            paired = await join(host, identity, code, address)
-        await init_joined_home(home, identity, paired, StoreConfig())
-        console.print(f"[green]enrolled[/green] as {identity.device_id}; syncing from {paired.peer_device_id}")
-        network = _network(listen, [address], no_mdns=True)
-        async with Node.opened(home, secret) as node:
+        joined = await join_group(home, secret, canonical, given, device_name, console.print)
+        paired = joined.paired
+        console.print(f"[green]enrolled[/green] as {device_name}; syncing from {paired.peer_device_id}", soft_wrap=True)
+        network = _network(listen, [joined.address, *paired.inviter_addresses], no_mdns=True)
+        async with Node.opened(home, secret, NODE_HOLDER) as node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.serve, network)
                 await _first_sync(node, paired.peer_device_id, sync_timeout_s)
                 nursery.cancel_scope.cancel()
 
     run_async(pair_and_sync)
+
+
+def _device_name(name: str | None) -> str:
+    """`name` (default: this machine's host name) if it can name a device; a usage error otherwise."""
+    from node.trust.pairing import check_device_name
+
+    try:
+        return check_device_name(name or socket.gethostname() or "a device")
+    except LocalProtocolError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 async def _first_sync(node: Any, inviter: str, timeout_s: float) -> None:

@@ -83,7 +83,8 @@ async def _cleanup(call: Callable[[], object]) -> None:
 class MdnsDiscovery:
     """Advertise this node to its group on `interfaces` only, and report the group members found there as `Found`."""
 
-    # Use as `async with MdnsDiscovery(...) as discovery: async for found in discovery: ...`. Instance and host
+    # Use as `async with MdnsDiscovery(...) as discovery: async for found in discovery: ...`; with advertise=False it
+    # only looks (port and addresses are then unused). Instance and host
     # names are random and change with the time bucket and the group secret; the TXT record carries a rotating tag
     # and the sealed `addresses` only (docs/spec/discovery.md). A member may be reported again (a new bucket, an
     # updated record); `dropped` counts events and lookups lost to full buffers (the oldest event goes first), and
@@ -101,6 +102,7 @@ class MdnsDiscovery:
         refresh_s: float = REFRESH_S,
         buffer_max: int = FOUND_BUFFER,
         older_secrets_provider: Callable[[], Sequence[bytes]] = tuple,
+        advertise: bool = True,
     ) -> None:
         if isinstance(interfaces, str) or not interfaces:
             raise DiscoveryError("give a list of at least one interface address to bind mDNS to")
@@ -108,9 +110,11 @@ class MdnsDiscovery:
             self._interfaces = [str(ipaddress.ip_address(interface)) for interface in interfaces]
         except ValueError as error:
             raise DiscoveryError(f"interfaces are IP addresses of local interfaces: {error}") from None
-        if type(port) is not int or not 0 < port < 65536:
-            raise DiscoveryError(f"a port is 1 to 65535, got {port!r}")
-        check_addresses(addresses)
+        if advertise:
+            if type(port) is not int or not 0 < port < 65536:
+                raise DiscoveryError(f"a port is 1 to 65535, got {port!r}")
+            check_addresses(addresses)
+        self._advertises = advertise
         if not refresh_s > 0 or type(buffer_max) is not int or buffer_max < 1:
             raise DiscoveryError(f"refresh_s and buffer_max are positive, got {refresh_s!r} and {buffer_max!r}")
         time_bucket(0, bucket_s)  # validates bucket_s
@@ -155,8 +159,9 @@ class MdnsDiscovery:
             # Browse before advertising, so members already on the LAN are found while our own name is probed.
             browser = await _in_thread(lambda: ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]))
             stack.push_async_callback(_cleanup, browser.cancel)
-            await self._advertise()
-            nursery.start_soon(self._refresh_loop)
+            if self._advertises:
+                await self._advertise()
+                nursery.start_soon(self._refresh_loop)
             self._stack = stack.pop_all()
         return self
 

@@ -3,6 +3,7 @@ it runs, the network. The composition root: the parts live in node.trust, node.s
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -14,11 +15,11 @@ import trio
 
 from crdt import Collection, Op
 from node import bus as topics
-from node.api.handlers import AdminHandlers, DataHandlers, Handler
+from node.api.handlers import HANDLER_TIMEOUTS_S, AdminHandlers, DataHandlers, Handler
 from node.api.rpc import serve_rpc
 from node.bus import Bus
 from node.errors import NodeError
-from node.home import BOOTSTRAP_PEER, load_store_config, socket_path
+from node.home import BOOTSTRAP_PEER, HomeLock, load_store_config, socket_path
 from node.sync.receiver import Notifier, OpsReceiver
 from node.trust.identity import DeviceIdentity, registry_refusal, unlock_identity
 from node.trust.keyring import KeyRing
@@ -59,20 +60,22 @@ class Node:
 
     @classmethod
     @asynccontextmanager
-    async def opened(cls, home: Path, passphrase: str) -> AsyncIterator[Node]:
-        """Open a node's stores for the duration of the block; on exit drain the projector and close."""
+    async def opened(cls, home: Path, passphrase: str, holder: str) -> AsyncIterator[Node]:
+        """Hold the home (as `holder`, a command line) and open its stores for the duration of the block; on exit
+        drain the projector and close."""
         config = load_store_config(home)
         identity = unlock_identity(home, passphrase)
-        data = await DataLayer.open(home, identity.device_id, identity.store_key, config)
-        node = cls(home, identity, data)
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await node.projector.drain()
-                finally:
-                    await data.close()
+        async with HomeLock(home).held(holder):
+            data = await DataLayer.open(home, identity.device_id, identity.store_key, config)
+            node = cls(home, identity, data)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await node.projector.drain()
+                    finally:
+                        await data.close()
 
     def unit_of_work(self) -> UnitOfWork:
         """A unit of work whose commit projects, publishes and sends what it wrote."""
@@ -134,7 +137,9 @@ class Node:
                 await nursery.start(self._memory_store_service)
                 if network is not None:
                     self.network = await nursery.start(self._run_network, network)
-                await nursery.start(serve_rpc, socket_path(self.home), self.handlers)
+                await nursery.start(
+                    functools.partial(serve_rpc, timeouts_s=HANDLER_TIMEOUTS_S), socket_path(self.home), self.handlers
+                )
                 task_status.started()
         finally:
             self._nursery = self.network = None

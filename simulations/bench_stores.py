@@ -43,7 +43,7 @@ async def _open_node(home: Path) -> tuple[DeviceIdentity, DataLayer]:
     from stores.datalayer import StoreConfig
 
     if not (home / "config.json").exists():
-        await init_home(home, PASSPHRASE, StoreConfig())
+        await init_home(home, PASSPHRASE, StoreConfig(), "bench")
     identity = unlock_identity(home, PASSPHRASE)
     return identity, await DataLayer.open(home, identity.device_id, identity.store_key, load_store_config(home))
 
@@ -150,7 +150,7 @@ def _ready_s(home: Path) -> float:
     env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "run"],
+        [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -88,7 +88,7 @@ def _import(home: Path, count: int) -> list[bytes]:
     from stores.repositories import UnitOfWork
 
     async def write() -> list[bytes]:
-        async with Node.opened(home, PASSPHRASE) as node:
+        async with Node.opened(home, PASSPHRASE, "bench sync") as node:
             async with UnitOfWork(node.data) as uow:
                 for i in range(count):
                     uow.conversations.add_message(f"c{i % 50}", f"catch-up message {i}", sentiment=0.1, response_time_ms=200)

@@ -29,8 +29,8 @@ async def _apply_nothing(ops):
 )
 async def test_a_post_refused_for_want_of_space_pauses_posting_then_resumes(tmp_path, limits, reason, paused_for_s):
     now_s = [DAY * BUCKET_S + 100.0]
-    await init_home(tmp_path / "a", PASSPHRASE, StoreConfig(embedding_dims=8))
-    async with relay(tmp_path / "relay", **limits) as address, Node.opened(tmp_path / "a", PASSPHRASE) as node:
+    await init_home(tmp_path / "a", PASSPHRASE, StoreConfig(embedding_dims=8), "a")
+    async with relay(tmp_path / "relay", **limits) as address, Node.opened(tmp_path / "a", PASSPHRASE, "test") as node:
         async with node.unit_of_work() as uow:
             for i in range(3999):  # with the enrolment, two full batches of 2000 ops (about 280 KB sealed each)
                 uow.conversations.add_message("c", f"message {i}")

@@ -30,7 +30,7 @@ def cli(home: Path, *args: str, passphrase: str | None = PASSPHRASE, timeout_s: 
 def start_node(home: Path) -> subprocess.Popen:
     env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "run"],
+        [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     line = process.stdout.readline()
@@ -182,3 +182,30 @@ def test_text_memories_without_the_embed_extra_say_how_to_get_it(home):
     else:
         done = cli(home, "memory", "add", "likes green tea")
         assert done.returncode == 1 and "aico-node[embed]" in done.stderr
+
+
+def test_status_polled_while_the_node_starts_waits_for_it_and_never_stops_it(home):
+    env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
+    node = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    polls = []
+    try:
+        for _ in range(30):  # 30 calls in the node's first 3 s, each on its own, as scripts and people make them
+            polls.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cli", "--home", str(home), "status", "--json"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            )
+            time.sleep(0.1)
+        answers = [poll.communicate(timeout=180) for poll in polls]
+        assert all(poll.returncode == 0 for poll in polls), [err for _, err in answers if err]
+        assert {json.loads(out)["device_id"] for out, _ in answers} == {json.loads(node.stdout.readline())["device_id"]}
+        assert node.poll() is None  # still serving
+        with RpcClient.connect(home / "node.sock") as client:
+            assert client.call("status", stores=False)["device_id"]
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0, node.stderr.read()

@@ -56,7 +56,7 @@ def enrolment_for(device_id: str, verify_key: bytes) -> bytes:
 def make_inviter(
     guard: InviteGuard, now_s: float = 0.0, calls: list[tuple[str, bytes]] | None = None
 ) -> InviterSession:
-    def enrol(device_id: str, verify_key: bytes) -> bytes:
+    def enrol(device_id: str, verify_key: bytes, name: str) -> bytes:
         if calls is not None:
             calls.append((device_id, verify_key))
         return enrolment_for(device_id, verify_key)
@@ -82,7 +82,13 @@ def frame_type(data: bytes) -> int:
 
 
 def flip_last_byte(data: bytes) -> bytes:
-    return data[:-1] + bytes([data[-1] ^ 0x01])
+    return flip_byte(data, -1)
+
+
+def flip_byte(data: bytes, index: int) -> bytes:
+    flipped = bytearray(data)
+    flipped[index] ^= 0x01
+    return bytes(flipped)
 
 
 @attrs.define
@@ -327,8 +333,10 @@ def test_a_tampered_frame_at_each_step_is_refused(step: int, expected: set) -> N
     invite = new_invite(now_s=0.0)
     guard = InviteGuard(invite)
     inviter, joiner = make_inviter(guard), JoinerSession(invite.code, JOINER, now_s=0.0)
+    # A REPLY ends in the attempts left, a hint the joiner only shows; its confirmation MAC comes just before.
+    last_signed_byte = -2 if step == 1 else -1
     inviter_side, joiner_side = converse(
-        inviter, joiner, tamper=lambda index, data: flip_last_byte(data) if index == step else data
+        inviter, joiner, tamper=lambda index, data: flip_byte(data, last_signed_byte) if index == step else data
     )
     reasons = {side.error.reason for side in (inviter_side, joiner_side) if side.error is not None}
     # The side that detects the tampering names it; the other side only learns the run was aborted.
@@ -360,7 +368,7 @@ def test_a_frame_out_of_order_is_refused() -> None:
 def test_another_protocol_version_is_refused() -> None:
     invite = new_invite(now_s=0.0)
     genuine = msgpack.unpackb(next_frame(JoinerSession(invite.code, JOINER, now_s=0.0))[4:])
-    start = PakeStart(2, *genuine[2:])
+    start = PakeStart(3, *genuine[2:])
     with pytest.raises(RemoteProtocolError) as raised:
         make_inviter(InviteGuard(invite)).receive_data(to_wire(start), 1.0)
     assert raised.value.reason == EndReason.PROTOCOL_MISMATCH
@@ -599,3 +607,42 @@ def test_invalid_spake2_messages_are_malformed_frames() -> None:
             malformed += 1
     # The first two always fail; about 15 in 16 random strings are not points of the right group.
     assert malformed >= 3
+
+
+# -- protocol 2: the joiner's name, the attempts left ----------------------------------------------------------
+
+
+def test_the_joiner_names_itself_and_the_inviter_records_the_name() -> None:
+    invite = new_invite(now_s=0.0)
+    names: list[str] = []
+
+    def enrol(device_id: str, verify_key: bytes, name: str) -> bytes:
+        names.append(name)
+        return enrolment_for(device_id, verify_key)
+
+    inviter = InviterSession(InviteGuard(invite), INVITER, GROUP, enrol, 0.0, ADDRESSES)
+    inviter_side, _ = converse(inviter, JoinerSession(invite.code, JOINER, now_s=0.0, name="  Kim's laptop "))
+    [welcomed] = inviter_side.events
+    assert isinstance(welcomed, InviterPaired)
+    assert welcomed.name == names[0] == "Kim's laptop"
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "tab\there", 7])
+def test_a_name_that_cannot_name_a_device_is_refused_before_anything_is_sent(name: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        JoinerSession(new_invite(now_s=0.0).code, JOINER, now_s=0.0, name=name)  # type: ignore[arg-type]
+
+
+def test_a_wrong_code_says_how_many_attempts_the_invite_still_allows() -> None:
+    invite = new_invite(now_s=0.0, attempts_max=3)
+    _, joiner_side = converse(make_inviter(InviteGuard(invite)), JoinerSession(wrong(invite.code), JOINER, now_s=0.0))
+    assert joiner_side.error is not None and joiner_side.error.reason == PairingReason.WRONG_CODE
+    assert "2 more attempts" in joiner_side.error.detail
+
+
+def test_a_protocol_1_joiner_still_pairs_unnamed_and_gets_a_protocol_1_reply() -> None:
+    invite = new_invite(now_s=0.0)
+    inviter = make_inviter(InviteGuard(invite))
+    genuine = msgpack.unpackb(next_frame(JoinerSession(invite.code, JOINER, now_s=0.0))[4:])
+    inviter.receive_data(to_wire(PakeStart(1, *genuine[2:])), 1.0)
+    assert len(msgpack.unpackb(next_frame(inviter)[4:])) == 3  # [type, spake_msg, confirm]: no attempts left

@@ -113,7 +113,7 @@ def test_two_revocations_made_at_once_end_with_a_key_neither_revoked_device_hold
             node.stop()
 
     async def holders() -> tuple[bytes, set[str]]:
-        async with Node.opened(tmp_path / "a", PASSPHRASE) as node:
+        async with Node.opened(tmp_path / "a", PASSPHRASE, "test") as node:
             return node.keyring.current.key_id, node.keyring.holders_of_current(node.data.replica.settings)
 
     key_id, holding = trio.run(holders)

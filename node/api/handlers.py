@@ -26,6 +26,11 @@ from stores.repositories import DataError, UnitOfWork
 if TYPE_CHECKING:
     from node.net.network import Network
 
+# Methods that may take longer than the socket's default 30 s: a rebuild of every derived store, a text embedded while
+# the model is still loading, the first analytics query after a start.
+HANDLER_TIMEOUTS_S = {"rebuild": 1800.0, "memory.add": 120.0, "memory.search": 120.0, "analytics.daily": 120.0}
+
+
 class NetworkOff(NodeError):
     """A request that needs the node's network, made while it does not run."""
 
@@ -292,7 +297,7 @@ class AdminHandlers:
                             return
                 yield {"expired": True}
             finally:
-                desk.close_invite()
+                desk.close_invite(guard)
 
         return StreamedReply(progress())
 

@@ -7,6 +7,7 @@ one `{"id", "ok": true, "stream": item}` per item and a final `{"id", "ok": true
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ import socket
 import stat
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -22,12 +24,14 @@ import attrs
 import msgpack
 import trio
 
-from framing import LENGTH_PREFIX_BYTES, length_prefixed
+from framing import FrameBuffer, RemoteProtocolError, length_prefixed
 from node.errors import NodeError
 
 REQUEST_BYTES_MAX = 4 * 1024 * 1024
 RESPONSE_BYTES_MAX = 64 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
+REQUEST_KEY_CHARS_MAX = 64
+RECENT_ANSWERS_MAX = 1024  # keyed answers kept for retries; a retry comes within seconds
 IDLE_TIMEOUT_S = 300.0
 CONNECTIONS_MAX = 64
 CONNECT_TIMEOUT_S = 5.0
@@ -106,7 +110,7 @@ def _error_response(request_id: int | None, error_type: str, message: str) -> di
     return {"id": request_id, "ok": False, "error": {"type": error_type, "message": message}}
 
 
-def _parse_request(body: bytes) -> tuple[int, str, dict[str, Any]]:
+def _parse_request(body: bytes) -> tuple[int, str, dict[str, Any], str | None]:
     try:
         request = msgpack.unpackb(body, raw=False)
     except Exception:  # msgpack raises many exception types for bad input
@@ -118,7 +122,17 @@ def _parse_request(body: bytes) -> tuple[int, str, dict[str, Any]]:
         raise _MalformedRequest(None, "the request has no integer 'id'")
     if type(method) is not str or type(params) is not dict:
         raise _MalformedRequest(request_id, "the request needs a string 'method' and a map 'params'")
-    return request_id, method, params
+    key = request.get("key")
+    if key is not None and (type(key) is not str or not 0 < len(key) <= REQUEST_KEY_CHARS_MAX):
+        raise _MalformedRequest(request_id, f"a request 'key' is a string of 1 to {REQUEST_KEY_CHARS_MAX} characters")
+    return request_id, method, params, key
+
+
+class _Oversized(StrEnum):
+    """A frame too large for the RPC socket, by direction."""
+
+    REQUEST = REQUEST_TOO_LARGE
+    RESPONSE = "response_too_large"
 
 
 @attrs.frozen
@@ -131,36 +145,28 @@ class _Limits:
     request_bytes_max: int
 
 
-class _FrameReader:
-    """Reads length-prefixed frames from a trio stream, keeping bytes that arrive ahead of the frame being read."""
+class _Answer:
+    """The answer to a keyed request, once it is known."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
+    def __init__(self) -> None:
+        self.settled = trio.Event()
+        self.outcome: dict[str, Any] | None = None
 
-    async def fill(self, size: int) -> bool:
-        """Wait until `size` bytes are buffered; False if the client closed first."""
-        while len(self._buffer) < size:
-            chunk = await self._stream.receive_some(_RECEIVE_CHUNK_BYTES)
-            if not chunk:
-                return False
-            self._buffer += chunk
-        return True
-
-    def take(self, size: int) -> bytes:
-        """Remove and return the first `size` buffered bytes."""
-        taken = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return taken
+    def settle(self, outcome: dict[str, Any]) -> None:
+        self.outcome = outcome
+        self.settled.set()
 
 
 class _Server:
     """Answers requests on accepted connections with the registered handlers."""
 
-    def __init__(self, handlers: Mapping[str, Handler], limits: _Limits) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], limits: _Limits, timeouts_s: Mapping[str, float]) -> None:
         self._handlers = handlers
         self._limits = limits
+        self._timeouts_s = timeouts_s
         self._connections_open = 0
+        # Answers to requests that carried a key, so a client retrying after a timeout never runs a write twice.
+        self._recent: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
 
     async def accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
         """Accept connections and serve each in its own task, refusing those beyond the connection bound."""
@@ -189,50 +195,80 @@ class _Server:
         await stream.aclose()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        reader = _FrameReader(stream)
+        buffer = FrameBuffer(self._limits.request_bytes_max, _Oversized.REQUEST)
         try:
             async with stream:
-                while await self._serve_request(stream, reader):
+                while await self._serve_request(stream, buffer):
                     pass
         except trio.BrokenResourceError:
             pass  # the client reset the connection; nothing is owed to it
         finally:
             self._connections_open -= 1
 
-    async def _serve_request(self, stream: trio.SocketStream, reader: _FrameReader) -> bool:
+    async def _serve_request(self, stream: trio.SocketStream, buffer: FrameBuffer) -> bool:
         """Read, answer and send one request; whether the connection stays open."""
-        limits = self._limits
-        # A client that keeps the connection but sends nothing is dropped after the idle timeout.
-        prefix_complete = False
-        with trio.move_on_after(limits.idle_timeout_s):
-            prefix_complete = await reader.fill(LENGTH_PREFIX_BYTES)
-        if not prefix_complete:
+        try:
+            body = await self._next_body(stream, buffer)
+        except RemoteProtocolError as error:
+            await self._send(stream, _error_response(None, REQUEST_TOO_LARGE, f"a request: {error.detail}"))
             return False
-        length = int.from_bytes(reader.take(LENGTH_PREFIX_BYTES), "big")
-        if length > limits.request_bytes_max:
-            message = f"a request of {length} bytes exceeds the {limits.request_bytes_max}-byte limit"
-            await self._send(stream, _error_response(None, REQUEST_TOO_LARGE, message))
-            return False
-        body_complete = False
-        with trio.move_on_after(limits.request_timeout_s):
-            body_complete = await reader.fill(length)
-        if not body_complete:
+        if body is None:
             return False
         try:
-            request_id, method, params = _parse_request(reader.take(length))
+            request_id, method, params, key = _parse_request(body)
         except _MalformedRequest as error:
             await self._send(stream, _error_response(error.request_id, MALFORMED_REQUEST, str(error)))
             return False
-        outcome = await self._call(request_id, method, params)
+        outcome = await self._call_once(request_id, method, params, key)
         if isinstance(outcome, StreamedReply):
             return await self._send_stream(stream, request_id, method, outcome)
         return await self._send(stream, outcome)
+
+    async def _next_body(self, stream: trio.SocketStream, buffer: FrameBuffer) -> bytes | None:
+        """The next request's body; None when the client closes, stays idle past the idle timeout before a request,
+        or takes longer than the request timeout to send one (a client dripping bytes cannot hold a connection)."""
+        limits = self._limits
+        deadline = trio.current_time() + limits.idle_timeout_s
+        started = False
+        while (body := buffer.next_body()) is None:
+            if buffer.buffered_bytes and not started:
+                started, deadline = True, trio.current_time() + limits.request_timeout_s
+            chunk = b""
+            with trio.move_on_at(deadline):
+                chunk = await stream.receive_some(_RECEIVE_CHUNK_BYTES)
+            if not chunk:
+                return None
+            buffer.feed(chunk)
+        return body
+
+    async def _call_once(
+        self, request_id: int, method: str, params: dict[str, Any], key: str | None
+    ) -> dict[str, Any] | StreamedReply:
+        """Answer a request; one that repeats an earlier one's key gets the earlier answer (the call ran once)."""
+        if key is None:
+            return await self._call(request_id, method, params)
+        earlier = self._recent.get((method, key))
+        if earlier is None:
+            earlier = self._recent[(method, key)] = _Answer()
+            while len(self._recent) > RECENT_ANSWERS_MAX:
+                self._recent.popitem(last=False)
+            outcome = await self._call(request_id, method, params)
+            if isinstance(outcome, StreamedReply):  # a stream is answered once, to its own connection
+                self._recent.pop((method, key), None)
+                return outcome
+            earlier.settle(outcome)
+        with trio.move_on_after(self._timeouts_s.get(method, self._limits.request_timeout_s)):
+            await earlier.settled.wait()
+        answer = earlier.outcome
+        if answer is None:
+            return _error_response(request_id, TIMEOUT, f"{method} with this request key is still running")
+        return {**answer, "id": request_id}
 
     async def _call(self, request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any] | StreamedReply:
         handler = self._handlers.get(method)
         if handler is None:
             return _error_response(request_id, UNKNOWN_METHOD, f"the node has no method {method!r}")
-        timeout_s = self._limits.request_timeout_s
+        timeout_s = self._timeouts_s.get(method, self._limits.request_timeout_s)
         with trio.move_on_after(timeout_s) as scope:
             try:
                 result = await handler(params)
@@ -382,11 +418,14 @@ async def serve_rpc(
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     connections_max: int = CONNECTIONS_MAX,
     request_bytes_max: int = REQUEST_BYTES_MAX,
+    timeouts_s: Mapping[str, float] | None = None,
 ) -> NoReturn:
-    """Serve `handlers` on an owner-only Unix socket at `path` until cancelled, removing the socket file on exit."""
+    """Serve `handlers` on an owner-only Unix socket at `path` until cancelled, removing the socket file on exit;
+    a method's handler may take `timeouts_s[method]` instead of `request_timeout_s`."""
     if min(request_timeout_s, idle_timeout_s) <= 0 or connections_max < 1 or request_bytes_max < 1:
         raise RpcError("rpc timeouts, connections_max and request_bytes_max must be positive")
-    server = _Server(handlers, _Limits(request_timeout_s, idle_timeout_s, connections_max, request_bytes_max))
+    limits = _Limits(request_timeout_s, idle_timeout_s, connections_max, request_bytes_max)
+    server = _Server(handlers, limits, timeouts_s or {})
     sock = await _bind(path)
     bound = os.lstat(path)
     try:
@@ -403,7 +442,7 @@ class RpcClient:
     def __init__(self, sock: socket.socket, timeout_s: float, response_bytes_max: int = RESPONSE_BYTES_MAX) -> None:
         self._sock = sock
         self._timeout_s = timeout_s
-        self._response_bytes_max = response_bytes_max
+        self._buffer = FrameBuffer(response_bytes_max, _Oversized.RESPONSE)
         self._next_id = 1
         self._closed = False
 
@@ -427,7 +466,12 @@ class RpcClient:
 
     def call(self, method: str, /, **params: Any) -> Any:
         """Call `method` with `params` and return its result."""
-        request_id = self._send_request(method, params)
+        return self.call_keyed(method, params, None)
+
+    def call_keyed(self, method: str, params: dict[str, Any], key: str | None) -> Any:
+        """Call `method` with `params` and return its result; a call repeating `key` (of an earlier call, maybe on
+        another connection) runs once and answers like the first, so a retry after a timeout never writes twice."""
+        request_id = self._send_request(method, params, key)
         response = self._receive_response(request_id)
         if "result" not in response:
             self.close()
@@ -465,13 +509,16 @@ class RpcClient:
     ) -> None:
         self.close()
 
-    def _send_request(self, method: str, params: dict[str, Any]) -> int:
+    def _send_request(self, method: str, params: dict[str, Any], key: str | None = None) -> int:
         if self._closed:
             raise RpcError("the RPC client is closed")
         request_id = self._next_id
         self._next_id += 1
+        request: dict[str, Any] = {"id": request_id, "method": method, "params": params}
+        if key is not None:
+            request["key"] = key
         try:
-            frame = _frame({"id": request_id, "method": method, "params": params})
+            frame = _frame(request)
         except (TypeError, ValueError, OverflowError) as error:
             raise RpcError(f"the params of {method} cannot be encoded: {error}") from error
         try:
@@ -486,12 +533,7 @@ class RpcClient:
 
     def _receive_response(self, request_id: int) -> dict[str, Any]:
         """Read the next response to `request_id`, raising RpcRemoteError if it is an error."""
-        deadline = time.monotonic() + self._timeout_s
-        length = int.from_bytes(self._receive_exactly(LENGTH_PREFIX_BYTES, deadline), "big")
-        if length > self._response_bytes_max:
-            self.close()
-            raise RpcError(f"the node sent a response of {length} bytes, over {self._response_bytes_max} bytes")
-        body = self._receive_exactly(length, deadline)
+        body = self._receive_body(time.monotonic() + self._timeout_s)
         try:
             response = msgpack.unpackb(body, raw=False, strict_map_key=False)
         except Exception:  # msgpack raises many exception types for bad input
@@ -506,23 +548,26 @@ class RpcClient:
         self.close()
         raise RpcError(f"the node sent a malformed response to request {request_id}")
 
-    def _receive_exactly(self, size: int, deadline: float) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < size:  # bounded by `size` and the deadline
-            remaining_s = deadline - time.monotonic()
-            try:
+    def _receive_body(self, deadline: float) -> bytes:
+        """The next response frame's body, received by `deadline` (monotonic seconds)."""
+        try:
+            while (body := self._buffer.next_body()) is None:  # bounded by the frame size and the deadline
+                remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
                     raise TimeoutError
                 self._sock.settimeout(remaining_s)
-                chunk = self._sock.recv(min(size - len(chunks), _RECEIVE_CHUNK_BYTES))
-            except TimeoutError:
-                self.close()
-                raise RpcTimeoutError(f"the node did not answer within {self._timeout_s} s") from None
-            except OSError as error:
-                self.close()
-                raise RpcError(f"the connection to the node failed: {error}") from error
-            if not chunk:
-                self.close()
-                raise RpcError("the node closed the connection")
-            chunks += chunk
-        return bytes(chunks)
+                chunk = self._sock.recv(_RECEIVE_CHUNK_BYTES)
+                if not chunk:
+                    self.close()
+                    raise RpcError("the node closed the connection")
+                self._buffer.feed(chunk)
+        except RemoteProtocolError as error:
+            self.close()
+            raise RpcError(f"the node sent a response that is too large: {error.detail}") from None
+        except TimeoutError:
+            self.close()
+            raise RpcTimeoutError(f"the node did not answer within {self._timeout_s} s") from None
+        except OSError as error:
+            self.close()
+            raise RpcError(f"the connection to the node failed: {error}") from error
+        return body

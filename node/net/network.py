@@ -89,9 +89,11 @@ async def run_network(
     async with p2p_host(identity, options.listen or default_listen()) as host:
         sync = SyncService(receiver, identity, keyring, host, relay=options.relay, bootstrap_peers=bootstrap_peers)
         keepers = DeviceKeepers(sync)
-        network = Network(host, sync, InviteDesk(identity, lambda: keyring.current, host, enrol_paired))
+        desk = InviteDesk(identity, lambda: keyring.current, host, enrol_paired, advertise_on_lan=options.mdns)
+        network = Network(host, sync, desk)
         async with trio.open_nursery() as nursery:
             await nursery.start(sync.run)
+            await nursery.start(network.desk.run)
             await keepers.give(options.peers)
             await nursery.start(keepers.run)
             if options.relay:

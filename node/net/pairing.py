@@ -1,5 +1,6 @@
 """Pairing over libp2p (`/aico/pair/1`): the inviter's handler and the joiner's run, around node.trust.pairing."""
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,12 +11,15 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
+from discovery.errors import DiscoveryError
 from framing import RemoteProtocolError
 from node.net.dial import dial_protocol
 from node.net.host import P2pHost
+from node.net.invite_advert import advertise_invite
 from node.trust.identity import DeviceIdentity, GroupKey, enrolment_record
 from node.trust.pairing import (
     PROTOCOL_ID,
+    Error,
     InviteGuard,
     InviterPaired,
     InviterSession,
@@ -23,8 +27,9 @@ from node.trust.pairing import (
     JoinerSession,
     PairingError,
     PairingReason,
+    to_wire,
 )
-from p2p import CLOSE_TIMEOUT_S, StreamGone, close_quietly, read_chunk, reset_quietly, send_pending
+from p2p import CLOSE_TIMEOUT_S, StreamGone, close_quietly, read_chunk, send_pending, write_within
 
 log = logging.getLogger(__name__)
 PAIR_TIMEOUT_S = 120.0
@@ -65,7 +70,7 @@ async def pump_pairing(stream: INetStream, session: PairingSession) -> InviterPa
 
 
 class InviteDesk:
-    """Answers pairing streams for the one open invite of this node."""
+    """Answers pairing streams for the one open invite of this node, and advertises it on the LAN while it is open."""
 
     def __init__(
         self,
@@ -73,31 +78,69 @@ class InviteDesk:
         group_key: Callable[[], GroupKey],
         host: P2pHost,
         enrol: Callable[[InviterPaired], Awaitable[None]],
+        advertise_on_lan: bool = True,
     ) -> None:
         self.identity = identity
         self.group_key = group_key
         self.host = host
         self._enrol = enrol
+        self.advertise_on_lan = advertise_on_lan
         self._open: tuple[InviteGuard, trio.MemorySendChannel] | None = None
+        self._closed: InviteGuard | None = None  # the last invite closed: its refusal says why (used, expired...)
+        self._advert: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         host.libp2p_host.set_stream_handler(TProtocol(PROTOCOL_ID), self._serve)
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the open invite's LAN advert runs in, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
     def open_invite(self, guard: InviteGuard) -> trio.MemoryReceiveChannel:
-        """Make `guard`'s invite the open one; the returned channel yields the joined device id or a PairingError."""
+        """Make `guard`'s invite the open one, advertised on the LAN; the returned channel yields the joined device id
+        or a PairingError."""
         send, receive = trio.open_memory_channel(4)
+        self.close_invite()
         self._open = (guard, send)
+        if self._nursery is not None and self.advertise_on_lan:
+            self._advert = trio.CancelScope()
+            self._nursery.start_soon(self._advertise, guard, self._advert)
         return receive
 
-    def close_invite(self) -> None:
-        self._open = None
+    async def _advertise(self, guard: InviteGuard, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await advertise_invite(guard.invite.code, self.host.addresses)
+            except DiscoveryError as error:
+                log.warning("the invite is not advertised on the LAN (give the joiner its address): %s", error)
+
+    def close_invite(self, guard: InviteGuard | None = None) -> None:
+        """Close the open invite (only if it is `guard`'s, when given) and withdraw its advert."""
+        if self._open is None or (guard is not None and self._open[0] is not guard):
+            return
+        self._closed, self._open = self._open[0], None
+        self._closed.withdraw()
+        if self._advert is not None:
+            self._advert.cancel()
+            self._advert = None
 
     async def _serve(self, stream: INetStream) -> None:
-        if self._open is None:
-            await reset_quietly(stream)
+        if self._open is None and self._closed is None:
+            # Said, not just reset, so the joiner can tell the user what to do.
+            refusal = Error(PairingReason.UNKNOWN_INVITE, "no invite is open there: run `aico-node pair invite` on it")
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                with contextlib.suppress(StreamGone):
+                    await write_within(stream, to_wire(refusal), CLOSE_TIMEOUT_S)
+            await close_quietly(stream)
             return
-        guard, report = self._open
+        # With no invite open, the last one answers: its refusal says why it is closed.
+        guard, report = self._open if self._open is not None else (self._closed, None)
+        assert guard is not None  # one of the two is set (above)
 
-        def enrolment_for(device_id: str, verify_key: bytes) -> bytes:
-            record = enrolment_record(self.identity, device_id, verify_key, "paired device")
+        def enrolment_for(device_id: str, verify_key: bytes, name: str) -> bytes:
+            record = enrolment_record(self.identity, device_id, verify_key, name)
             return msgpack.packb(record, use_bin_type=True)
 
         session = InviterSession(
@@ -119,17 +162,20 @@ class InviteDesk:
             await close_quietly(stream)
 
 
-def _report(channel: trio.MemorySendChannel, outcome: object) -> None:
+def _report(channel: trio.MemorySendChannel | None, outcome: object) -> None:
+    if channel is None:
+        return  # a closed invite: nobody waits for its outcome
     try:
         channel.send_nowait(outcome)
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # nobody is waiting for this invite any more
 
 
-async def join(host: P2pHost, identity: DeviceIdentity, code: str, address: str) -> JoinerPaired:
-    """Pair with the inviting device at `address` using `code`; return what the inviter handed over."""
+async def join(host: P2pHost, identity: DeviceIdentity, code: str, address: str, name: str) -> JoinerPaired:
+    """Pair, as `name`, with the inviting device at `address` using `code`; return what the inviter handed over."""
+    session = JoinerSession(code, identity, time.time(), name=name)  # a malformed code fails before any dial
     _, stream = await dial_protocol(host, address, PROTOCOL_ID, timeout_s=DIAL_TIMEOUT_S)
     try:
-        return await pump_pairing(stream, JoinerSession(code, identity, time.time()))
+        return await pump_pairing(stream, session)
     finally:
         await close_quietly(stream)

@@ -103,9 +103,12 @@ def seen_listening_at(host: IHost, stream: INetStream) -> list[str]:
     peer_id: ID = stream.muxed_conn.peer_id
     # yamux connections know their remote address; the interface does not promise it.
     remote = getattr(stream.muxed_conn, "get_remote_address", lambda: None)()
+    remote_is_loopback = remote is not None and _is_ipv4(remote[0]) and ipaddress.ip_address(remote[0]).is_loopback
     addresses = []
     for addr in host.get_peerstore().addrs(peer_id):
         text = str(addr)
+        if text.startswith("/ip4/127.") and not remote_is_loopback:
+            continue  # its loopback is not this machine's
         if text.startswith(UNSPECIFIED_PREFIX):
             if remote is None or not _is_ipv4(remote[0]):
                 continue

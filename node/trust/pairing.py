@@ -20,6 +20,7 @@ import attrs
 import msgpack
 import nacl.exceptions
 import nacl.hash
+import nacl.pwhash
 import nacl.secret
 from nacl.encoding import RawEncoder
 from spake2 import SPAKE2_A, SPAKE2_B, SPAKEError
@@ -31,7 +32,10 @@ from node.errors import EndReason, NodeError
 from node.trust.identity import GROUP_SECRET_BYTES, DeviceIdentity, GroupKey, device_id_of, verify
 
 PROTOCOL_ID = "/aico/pair/1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PAKE_REPLY says the attempts left, the joiner's card carries its name
+PROTOCOL_VERSIONS = (1, 2)  # what an inviter answers
+DEVICE_NAME_CHARS_MAX = 64
+UNNAMED_DEVICE = "a new device"  # the name of a joiner that sent none (protocol 1)
 
 # Crockford base32: digits and capitals without I, L, O, U, so nothing reads as anything else.
 CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -71,6 +75,9 @@ class FrameType(IntEnum):
 
 
 _JOINER_STATEMENT_TAG = "aico-pair/1 joiner device key"
+_INVITE_ADVERT_SALT = b"aico-invite-adv1"  # 16 bytes, Argon2id's salt size
+INVITE_ADVERT_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
+INVITE_ADVERT_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
 _TRANSCRIPT_PERSON = b"aico-pair1-th"
 
 
@@ -79,6 +86,7 @@ class PairingReason(StrEnum):
 
     WRONG_CODE = "wrong_code"
     EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     INVITE_USED = "invite_used"
     UNKNOWN_INVITE = "unknown_invite"
@@ -114,6 +122,15 @@ def parse_code(text: str) -> str:
     return code
 
 
+def invite_advert_secret(code: str) -> bytes:
+    """The 32-byte secret an invite's LAN advert is tagged and sealed with (docs/spec/pairing.md, section 11), from
+    its code: memory-hard, so an observer cannot search the code's 50 bits from the advert within the invite's life."""
+    canonical = parse_code(code).encode()
+    return nacl.pwhash.argon2id.kdf(
+        32, canonical, _INVITE_ADVERT_SALT, opslimit=INVITE_ADVERT_OPSLIMIT, memlimit=INVITE_ADVERT_MEMLIMIT
+    )
+
+
 def display_code(code: str) -> str:
     """`code` in the form shown to the user: two groups of five characters ("7K3QX-M2V9T")."""
     half = CODE_CHARS // 2
@@ -123,7 +140,23 @@ def display_code(code: str) -> str:
 def invite_payload(code: str, addresses: Sequence[str]) -> str:
     """The text an invite's QR code carries: its code and the inviter's dialable addresses, as JSON."""
     dialable = [address for address in addresses if "/ip4/0.0.0.0/" not in address]
-    return json.dumps({"code": code, "addresses": dialable})
+    return json.dumps({"code": code, "addresses": dialable[:ADDRESSES_MAX]})
+
+
+def read_invite(text: str) -> tuple[str, list[str]]:
+    """The canonical code and the addresses in what a joiner was given: a typed code, or an invite's QR text."""
+    if not text.lstrip().startswith("{"):
+        return parse_code(text), []
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    match payload:
+        case {"code": str() as code, "addresses": list() as addresses} if len(addresses) <= ADDRESSES_MAX and all(
+            type(a) is str and len(a) <= ADDRESS_CHARS_MAX for a in addresses
+        ):
+            return parse_code(code), addresses
+    raise PairingError(PairingReason.MALFORMED_CODE, "this is not an invite: give its code, or its QR code's text")
 
 
 def _check_code(_instance: Any, _attribute: Any, code: str) -> None:
@@ -162,6 +195,7 @@ class InviteGuard:
         self.invite = invite
         self.attempts = 0
         self.used = False
+        self.withdrawn = False
 
     @property
     def attempts_left(self) -> int:
@@ -174,20 +208,30 @@ class InviteGuard:
         if now_s >= self.invite.expires_at_s:
             raise PairingError(PairingReason.EXPIRED, "the invite has expired; make a new one")
 
+    def _check_not_withdrawn(self) -> None:
+        if self.withdrawn:
+            raise PairingError(PairingReason.WITHDRAWN, "the invite was closed on the inviting device; make a new one")
+
     def check(self, now_s: float) -> None:
         """Refuse a new run if the invite is used, expired or out of attempts."""
         self._check_open(now_s)
         if self.attempts >= self.invite.attempts_max:
             raise PairingError(PairingReason.TOO_MANY_ATTEMPTS, "too many attempts; make a new invite")
+        self._check_not_withdrawn()
 
     def admit(self, now_s: float) -> None:
         """Count one run, or refuse it as `check` does."""
         self.check(now_s)
         self.attempts += 1
 
+    def withdraw(self) -> None:
+        """Close the invite before it expires: later runs are refused as withdrawn."""
+        self.withdrawn = True
+
     def consume(self, now_s: float) -> None:
-        """Mark the invite used by a successful run, unless it is already used or expired."""
+        """Mark the invite used by a successful run, unless it is already used, expired or withdrawn."""
         self._check_open(now_s)
+        self._check_not_withdrawn()
         self.used = True
 
 
@@ -205,10 +249,12 @@ class PakeStart:
 
 @attrs.frozen
 class PakeReply:
-    """Inviter to joiner: the inviter's SPAKE2 message and its key confirmation."""
+    """Inviter to joiner: the inviter's SPAKE2 message, its key confirmation, and (protocol 2) the attempts the invite
+    allows after this one."""
 
     spake_msg: bytes
     confirm: bytes
+    attempts_left: int | None = None
 
 
 @attrs.frozen
@@ -251,6 +297,8 @@ def to_wire(frame: Frame) -> bytes:
             body: list[Any] = [FrameType.PAKE_START, frame.version, frame.invite_id, frame.spake_msg]
         case PakeReply():
             body = [FrameType.PAKE_REPLY, frame.spake_msg, frame.confirm]
+            if frame.attempts_left is not None:
+                body.append(frame.attempts_left)
         case JoinerHello():
             body = [FrameType.JOINER_HELLO, frame.confirm, frame.sealed]
         case Welcome():
@@ -293,6 +341,10 @@ def from_wire(body: bytes) -> Frame:
             len(spake_msg) == SPAKE_MSG_BYTES and len(confirm) == MAC_BYTES
         ):
             return PakeReply(spake_msg, confirm)
+        case [FrameType.PAKE_REPLY, bytes() as spake_msg, bytes() as confirm, int() as attempts_left] if (
+            len(spake_msg) == SPAKE_MSG_BYTES and len(confirm) == MAC_BYTES and 0 <= attempts_left <= ATTEMPTS_LIMIT
+        ):
+            return PakeReply(spake_msg, confirm, attempts_left)
         case [FrameType.JOINER_HELLO, bytes() as confirm, bytes() as sealed] if len(confirm) == MAC_BYTES:
             return JoinerHello(confirm, sealed)
         case [FrameType.WELCOME, bytes() as sealed]:
@@ -377,6 +429,7 @@ class InviterPaired(Paired):
     signature: bytes
     transcript: bytes
     enrolment_record: bytes
+    name: str = UNNAMED_DEVICE  # the name the joiner gave itself
 
 
 @attrs.frozen
@@ -401,11 +454,24 @@ def _finish(spake: SPAKE2_A | SPAKE2_B, peer_msg: bytes) -> bytes:
         ) from None
 
 
-def _read_card(fields: Any, keys: _RunKeys) -> tuple[str, bytes, bytes]:
+def check_device_name(name: Any) -> str:
+    """`name` if it can name a device (1 to 64 printable characters, trimmed), else LocalProtocolError."""
+    if type(name) is not str or not 0 < len(name.strip()) <= DEVICE_NAME_CHARS_MAX or not name.isprintable():
+        raise LocalProtocolError(f"a device name is 1 to {DEVICE_NAME_CHARS_MAX} printable characters, not {name!r:.80}")
+    return name.strip()
+
+
+def _read_card(fields: Any, keys: _RunKeys) -> tuple[str, bytes, bytes, str]:
     match fields:
-        case [str() as device_id, bytes() as verify_key, bytes() as signature] if _is_device_key(device_id, verify_key):
+        case [str() as device_id, bytes() as verify_key, bytes() as signature, *rest] if (
+            _is_device_key(device_id, verify_key) and len(rest) <= 1
+        ):
+            try:
+                name = check_device_name(rest[0]) if rest else UNNAMED_DEVICE
+            except LocalProtocolError as error:
+                raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"JOINER_HELLO: {error}") from None
             if verify(verify_key, joiner_statement(keys.transcript, device_id, verify_key), signature):
-                return device_id, verify_key, signature
+                return device_id, verify_key, signature, name
     raise RemoteProtocolError(EndReason.MALFORMED_FRAME, "JOINER_HELLO does not hold a device key that signed this run")
 
 
@@ -509,7 +575,7 @@ class InviterSession(_Side):
         guard: InviteGuard,
         identity: DeviceIdentity,
         group_key: GroupKey,
-        enrolment_for: Callable[[str, bytes], bytes],
+        enrolment_for: Callable[[str, bytes, str], bytes],
         now_s: float,
         addresses: Sequence[str] = (),
         run_ttl_s: float = RUN_TTL_S,
@@ -523,6 +589,7 @@ class InviterSession(_Side):
         self._enrolment_for = enrolment_for
         self._addresses = list(addresses)
         self._keys: _RunKeys | None = None
+        self._version = PROTOCOL_VERSION  # the joiner's, once it has said
         self._welcome_sealed = b""
         self._outcome: InviterPaired | None = None  # known once WELCOME is sent, reported once DONE confirms it
 
@@ -539,11 +606,12 @@ class InviterSession(_Side):
         raise self._unexpected(frame)
 
     def _on_start(self, start: PakeStart, now_s: float) -> None:
-        if start.version != PROTOCOL_VERSION:
+        if start.version not in PROTOCOL_VERSIONS:
             raise RemoteProtocolError(
                 EndReason.PROTOCOL_MISMATCH,
-                f"peer speaks pairing protocol {start.version}, this node speaks {PROTOCOL_VERSION}",
+                f"peer speaks pairing protocol {start.version}, this node speaks {PROTOCOL_VERSIONS}",
             )
+        self._version = start.version
         invite = self.guard.invite
         if start.invite_id != invite.invite_id:
             raise PairingError(PairingReason.UNKNOWN_INVITE, "this code is not for the invite this device shows")
@@ -555,7 +623,8 @@ class InviterSession(_Side):
         # The reply lets the peer test one guess whether or not it answers, so it is counted now.
         self.guard.admit(now_s)
         self._keys = _RunKeys(pake_key, transcript_hash(invite.invite_id, start.spake_msg, reply_msg))
-        self._outbound.append(PakeReply(reply_msg, self._keys.mac(b"confirm-inviter")))
+        attempts_left = self.guard.attempts_left if self._version >= 2 else None
+        self._outbound.append(PakeReply(reply_msg, self._keys.mac(b"confirm-inviter"), attempts_left))
         self.state = PairingState.EXPECT_HELLO
 
     def _on_hello(self, hello: JoinerHello, now_s: float) -> None:
@@ -563,9 +632,9 @@ class InviterSession(_Side):
         if not hmac.compare_digest(hello.confirm, keys.mac(b"confirm-joiner")):
             raise PairingError(PairingReason.WRONG_CODE, _WRONG_CODE_DETAIL)
         card = _open(keys.box(b"seal-joiner"), hello.sealed, "JOINER_HELLO")
-        device_id, verify_key, signature = _read_card(card, keys)
+        device_id, verify_key, signature, name = _read_card(card, keys)
         self.guard.consume(now_s)
-        record = self._enrolment_for(device_id, verify_key)
+        record = self._enrolment_for(device_id, verify_key, name)
         if type(record) is not bytes or len(record) > ENROLMENT_RECORD_BYTES_MAX:
             raise LocalProtocolError(f"an enrolment record is bytes of at most {ENROLMENT_RECORD_BYTES_MAX}")
         content = [
@@ -577,7 +646,7 @@ class InviterSession(_Side):
             record,
         ]
         self._welcome_sealed = bytes(keys.box(b"seal-inviter").encrypt(msgpack.packb(content, use_bin_type=True)))
-        self._outcome = InviterPaired(device_id, verify_key, signature, keys.transcript, record)
+        self._outcome = InviterPaired(device_id, verify_key, signature, keys.transcript, record, name)
         self._outbound.append(Welcome(self._welcome_sealed))
         self.state = PairingState.EXPECT_DONE
 
@@ -597,8 +666,11 @@ class InviterSession(_Side):
 class JoinerSession(_Side):
     """The joining device's side of one pairing run; its first frame is ready from `generate` at once."""
 
-    def __init__(self, code: str, identity: DeviceIdentity, now_s: float, run_ttl_s: float = RUN_TTL_S) -> None:
+    def __init__(
+        self, code: str, identity: DeviceIdentity, now_s: float, run_ttl_s: float = RUN_TTL_S, name: str = UNNAMED_DEVICE
+    ) -> None:
         super().__init__(PairingState.EXPECT_REPLY, now_s, run_ttl_s)
+        self._name = check_device_name(name)
         canonical = parse_code(code)
         self._invite_id = canonical[:INVITE_ID_CHARS]
         self._identity = identity
@@ -620,11 +692,12 @@ class JoinerSession(_Side):
         pake_key = _finish(self._spake, reply.spake_msg)
         keys = _RunKeys(pake_key, transcript_hash(self._invite_id, self._start_msg, reply.spake_msg))
         if not hmac.compare_digest(reply.confirm, keys.mac(b"confirm-inviter")):
-            raise PairingError(PairingReason.WRONG_CODE, _WRONG_CODE_DETAIL)
+            left = "" if reply.attempts_left is None else f"; the invite allows {reply.attempts_left} more attempts"
+            raise PairingError(PairingReason.WRONG_CODE, _WRONG_CODE_DETAIL + left)
         identity = self._identity
         device_id, verify_key = identity.device_id, identity.verify_key_bytes
         signature = identity.sign(joiner_statement(keys.transcript, device_id, verify_key))
-        card = msgpack.packb([device_id, verify_key, signature], use_bin_type=True)
+        card = msgpack.packb([device_id, verify_key, signature, self._name], use_bin_type=True)
         self._keys = keys
         sealed = bytes(keys.box(b"seal-joiner").encrypt(card))
         self._outbound.append(JoinerHello(keys.mac(b"confirm-joiner"), sealed))

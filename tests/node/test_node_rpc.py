@@ -387,3 +387,57 @@ async def test_a_result_that_cannot_be_encoded_is_an_internal_error(socket_path:
         error = await in_thread(partial(remote_error, socket_path, "unencodable"))
         assert error.type == "internal" and "cannot be encoded" in error.message
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_request_retried_with_its_key_runs_once_and_gets_the_first_answer(socket_path: Path) -> None:
+    runs: list[int] = []
+    release = trio.Event()
+
+    async def write(params: dict[str, Any]) -> int:
+        runs.append(params["value"])
+        await release.wait()  # slow enough that the first caller gives up before it is done
+        return len(runs)
+
+    async with trio.open_nursery() as nursery:
+        await start_server(nursery, socket_path, {**HANDLERS, "write": write})
+
+        def impatient() -> None:
+            with pytest.raises(RpcTimeoutError), RpcClient.connect(socket_path, timeout_s=0.5) as client:
+                client.call_keyed("write", {"value": 1}, "k-1")
+
+        await in_thread(impatient)
+
+        def retry() -> Any:
+            with RpcClient.connect(socket_path, timeout_s=TIMEOUT_S) as client:
+                return client.call_keyed("write", {"value": 1}, "k-1")
+
+        answers: list[Any] = []
+        answered = trio.Event()
+
+        async def retry_while_it_runs() -> None:
+            answers.append(await in_thread(retry))
+            answered.set()
+
+        nursery.start_soon(retry_while_it_runs)
+        release.set()  # the retry arrives while the first run is still going, or just after: one answer either way
+        with trio.fail_after(TIMEOUT_S):
+            await answered.wait()
+        assert answers == [1]
+        assert await in_thread(retry) == 1  # answered again from memory, on another connection
+        with RpcClient.connect(socket_path, timeout_s=TIMEOUT_S) as client:
+            assert await in_thread(lambda: client.call_keyed("write", {"value": 2}, "k-2")) == 2
+        assert runs == [1, 2]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_method_may_run_past_the_default_request_timeout_when_allowed(socket_path: Path) -> None:
+    async def slow(params: dict[str, Any]) -> str:
+        await trio.sleep(0.3)
+        return "done"
+
+    async with trio.open_nursery() as nursery:
+        await start_server(nursery, socket_path, {"slow": slow}, request_timeout_s=0.1, timeouts_s={"slow": 5.0})
+        assert await in_thread(lambda: call(socket_path, "slow")) == "done"
+        nursery.cancel_scope.cancel()

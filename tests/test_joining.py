@@ -1,0 +1,117 @@
+"""`pair join` as a person meets it on loopback: each way a join is refused is named with what to do, and a refused
+join leaves nothing in the new device's home."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+
+from node.api.rpc import RpcClient
+from node.net.host import p2p_host
+from node.net.pairing import join
+from node.trust.identity import DeviceIdentity
+from node.trust.pairing import ATTEMPTS_MAX, CODE_ALPHABET, PairingError, display_code, parse_code
+from tests.processes import RunningNode, cli, env
+
+
+@pytest.fixture
+def inviter(tmp_path) -> Iterator[RunningNode]:
+    assert cli(tmp_path / "a", "init", "--name", "inviter").returncode == 0
+    node = RunningNode(tmp_path / "a")
+    yield node
+    node.stop()
+
+
+@contextmanager
+def invite(node: RunningNode) -> Iterator[tuple[str, subprocess.Popen]]:
+    """An open invite on `node`, as `pair invite --json` makes it: its code, and the process holding it open."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--home", str(node.home), "pair", "invite", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield json.loads(process.stdout.readline())["code"], process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def joining(home, code: str, address: str) -> subprocess.CompletedProcess:
+    return cli(home, "pair", "join", code, "--address", address, "--name", "joiner")
+
+
+def wrong(code: str) -> str:
+    canonical = parse_code(code)
+    last = CODE_ALPHABET[(CODE_ALPHABET.index(canonical[-1]) + 1) % len(CODE_ALPHABET)]
+    return display_code(canonical[:-1] + last)
+
+
+def assert_refused(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "Traceback" not in done.stderr, done.stderr
+    assert all(word in done.stderr for word in words), done.stderr
+
+
+def test_a_wrong_code_says_so_and_how_many_attempts_are_left_and_leaves_no_home(inviter, tmp_path):
+    with invite(inviter) as (code, _):
+        done = joining(tmp_path / "b", wrong(code), inviter.address)
+    assert_refused(done, "wrong", f"{ATTEMPTS_MAX - 1} more attempts")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_device_with_no_open_invite_says_so(inviter, tmp_path):
+    done = joining(tmp_path / "b", "00000-00000", inviter.address)
+    assert_refused(done, "no invite is open", "pair invite")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_closed_invite_says_it_was_closed_even_for_the_right_code(inviter, tmp_path):
+    with invite(inviter) as (code, process):
+        process.terminate()
+        process.wait(timeout=30)
+        done = joining(tmp_path / "b", code, inviter.address)
+    assert_refused(done, "closed on the inviting device", "make a new one")
+
+
+def test_an_invite_out_of_attempts_refuses_even_the_right_code(inviter, tmp_path):
+    async def spend_attempts(code: str) -> None:
+        async with p2p_host(DeviceIdentity(os.urandom(32))) as host:
+            for _ in range(ATTEMPTS_MAX):
+                with pytest.raises(PairingError, match="wrong"):
+                    await join(host, DeviceIdentity(os.urandom(32)), wrong(code), inviter.address, "guesser")
+
+    with invite(inviter) as (code, _):
+        trio.run(spend_attempts, code)
+        done = joining(tmp_path / "b", code, inviter.address)
+    assert_refused(done, "no more attempts", "make a new one")
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_expired_invite_says_it_expired(inviter, tmp_path):
+    with RpcClient.connect(inviter.home / "node.sock", timeout_s=30) as client:
+        updates = client.stream("pair.invite", ttl_s=1.0)
+        code = next(updates)["code"]
+        assert next(updates) == {"expired": True}
+        updates.close()
+    done = joining(tmp_path / "b", code, inviter.address)
+    assert_refused(done, "expired", "make a new one")
+
+
+def test_an_inviter_that_cannot_be_reached_is_named(tmp_path):
+    nobody = DeviceIdentity(os.urandom(32)).device_id
+    done = joining(tmp_path / "b", "00000-00000", f"/ip4/127.0.0.1/tcp/9/p2p/{nobody}")
+    assert_refused(done, "cannot reach the inviting device")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_joined_device_is_known_by_its_name_everywhere(inviter, tmp_path):
+    with invite(inviter) as (code, _):
+        assert joining(tmp_path / "b", code, inviter.address).returncode == 0
+    names = {device["name"] for device in inviter.call("devices.list")}
+    assert names == {"inviter", "joiner"}
