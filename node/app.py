@@ -15,7 +15,7 @@ import trio
 from crdt import Collection, Kind, Op
 from node import bus as topics
 from node.bus import Bus
-from node.embed import default_embedder
+from node.embed import default_embedder, load_in_background
 from node.errors import NodeError
 from node.identity import (
     IDENTITY_FILE,
@@ -255,6 +255,7 @@ class Node:
         """Run the projector, the bus services, sync (if `network`) and the local socket until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(load_in_background)  # so that the first text memory does not wait for the model
             self._rotate_if_current_key_reached_a_revoked_device()  # a rotation a crash cut short
             await nursery.start(self.projector.run)
             await nursery.start(self._memory_store_service)
