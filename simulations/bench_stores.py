@@ -222,27 +222,28 @@ def _bench_embed(root: Path) -> list[Metric]:
     embedder = TextEmbedder()
     embedder.embed([EMBED_SENTENCE])
     first_s = time.perf_counter() - started
-    latencies = []
+    [sentence_pieces] = embedder.word_pieces([EMBED_SENTENCE])
+    # Each run times the embedder and its floor back to back, so that both meet the same load on the machine.
+    latencies, floors = [], []
     for _ in range(EMBED_RUNS):
         started = time.perf_counter()
         embedder.embed([EMBED_SENTENCE])
         latencies.append(time.perf_counter() - started)
-    [sentence_pieces] = embedder.word_pieces([EMBED_SENTENCE])
-    floor_s = float(np.median([_matrix_products_s(sentence_pieces) for _ in range(EMBED_RUNS)]))
+        floors.append(_matrix_products_s(sentence_pieces))
     texts = _varied_texts(EMBED_BATCH)
-    chunks = [texts[start : start + TEXTS_MAX] for start in range(0, len(texts), TEXTS_MAX)]
-    started = time.perf_counter()
-    for chunk in chunks:
+    batch_s = floor_s = 0.0
+    for start in range(0, len(texts), TEXTS_MAX):
+        chunk = texts[start : start + TEXTS_MAX]
+        started = time.perf_counter()
         embedder.embed(chunk)
-    batch_rate = len(texts) / (time.perf_counter() - started)
-    pieces = sum(sum(embedder.word_pieces(chunk)) for chunk in chunks)
-    floor_rate = len(texts) / _matrix_products_s(pieces)
+        batch_s += time.perf_counter() - started
+        floor_s += _matrix_products_s(sum(embedder.word_pieces(chunk)))
     first_add_s, second_add_s = _first_memory_add_s(root / "writes")
-    p50_ms = float(np.median(latencies)) * 1000
+    p50_ms, floor_p50_ms = float(np.median(latencies)) * 1000, float(np.median(floors)) * 1000
     return [
-        metric("embed_one_20_words_p50_ms", p50_ms, "ms", floor_s * 1000, "<= 50 ms", p50_ms <= 50),
-        metric("embed_1000_texts_per_s", batch_rate, "texts/s", floor_rate, "reported", True),
-        metric("embed_load_to_first_vector_s", first_s, "s", float(np.median(latencies)), "reported", True),
+        metric("embed_one_20_words_p50_ms", p50_ms, "ms", floor_p50_ms, "<= 50 ms", p50_ms <= 50),
+        metric("embed_1000_texts_per_s", len(texts) / batch_s, "texts/s", len(texts) / floor_s, "reported", True),
+        metric("embed_load_to_first_vector_s", first_s, "s", p50_ms / 1000, "reported", True),
         metric("first_memory_add_after_ready_s", first_add_s, "s", second_add_s, "<= 1 s", first_add_s <= 1.0),
     ]
 

@@ -1,6 +1,7 @@
 """The optional text embedder: its install hint without the extra; with it, sentence-transformers' vectors, no torch."""
 
 import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
+import node.embed as embed_module
 from node.embed import (
     EMBEDDING_DIMS,
     EmbedderUnavailable,
@@ -118,7 +121,10 @@ def test_embedding_is_deterministic() -> None:
 
 
 @needs_extra
-def test_load_is_once_and_threads_share_it() -> None:
+def test_load_is_once_and_threads_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = []
+    real_load = embed_module._MiniLM.load
+    monkeypatch.setattr(embed_module._MiniLM, "load", classmethod(lambda cls: loads.append(1) or real_load()))
     embedder = TextEmbedder()
     texts = [f"thread {i} writes about the weather in spring" for i in range(8)]
     results: dict[int, np.ndarray] = {}
@@ -132,10 +138,28 @@ def test_load_is_once_and_threads_share_it() -> None:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    model = embedder._model
     embedder.load()
-    assert embedder._model is model is not None
+    assert len(loads) == 1
     np.testing.assert_allclose(np.stack([results[i] for i in range(len(texts))]), embedder.embed(texts), atol=1e-5)
+
+
+@needs_extra
+def test_a_damaged_model_is_refused_clearly_and_the_background_load_only_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    package = tmp_path / "damaged_minilm"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shipped = Path(importlib.util.find_spec(embed_module._MODEL_PACKAGE).origin).with_name("model.zip").read_bytes()
+    middle = len(shipped) // 2  # inside the weights, which are most of the zip
+    (package / "model.zip").write_bytes(shipped[:middle] + bytes([shipped[middle] ^ 0xFF]) + shipped[middle + 1 :])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(embed_module, "_MODEL_PACKAGE", "damaged_minilm")
+    with pytest.raises(EmbedderUnavailable, match="unreadable model .*model.safetensors"):
+        TextEmbedder().embed(["x"])
+    monkeypatch.setattr(embed_module, "_DEFAULT", TextEmbedder())
+    trio.run(embed_module.load_in_background)
+    assert "unreadable model" in caplog.text
 
 
 @needs_extra
