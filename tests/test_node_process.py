@@ -88,10 +88,12 @@ def test_kill_9_during_a_stream_of_writes_loses_no_acknowledged_write(home):
     writer = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(home / "node.sock")], stdout=subprocess.PIPE, text=True
     )
-    time.sleep(random.uniform(0.5, 1.0))
+    first = writer.stdout.readline()  # the writer has started (on a busy machine that can take over a second)
+    time.sleep(random.uniform(0.0, 0.5))
     node.send_signal(signal.SIGKILL)
     node.wait(timeout=30)
-    acknowledged_messages += [line.strip() for line in writer.communicate(timeout=60)[0].splitlines() if line.strip()]
+    written = [first, *writer.communicate(timeout=60)[0].splitlines()]
+    acknowledged_messages += [line.strip() for line in written if line.strip()]
     assert len(acknowledged_messages) > 60, "the writer acknowledged nothing before the kill"
 
     node = start_node(home)
