@@ -18,6 +18,7 @@ from node import bus as topics
 from node.api.handlers import HANDLER_TIMEOUTS_S, AdminHandlers, DataHandlers, Handler
 from node.api.rpc import serve_rpc
 from node.bus import Bus
+from node.embed import load_in_background
 from node.errors import NodeError
 from node.home import BOOTSTRAP_PEER, HomeLock, load_store_config, socket_path
 from node.sync.receiver import Notifier, OpsReceiver
@@ -140,6 +141,8 @@ class Node:
                 await nursery.start(
                     functools.partial(serve_rpc, timeouts_s=HANDLER_TIMEOUTS_S), socket_path(self.home), self.handlers
                 )
+                # Once serving, so that it delays no start: the first text memory then waits for the model at most.
+                nursery.start_soon(load_in_background)
                 task_status.started()
         finally:
             self._nursery = self.network = None

@@ -1,11 +1,12 @@
 """`bench stores`: the data layer on the real engines, each figure beside a same-run baseline."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,12 @@ IMPORT_MESSAGES = 100_000
 SEARCH_SIZES = (10_000, 100_000)
 SEARCH_QUERIES = 50
 DIMS = 384
+# all-MiniLM-L6-v2: 6 encoder layers, each with these weight matrices (inputs, outputs) applied to every word piece.
+ENCODER_LAYERS = 6
+ENCODER_MATRICES = ((DIMS, 3 * DIMS), (DIMS, DIMS), (DIMS, 4 * DIMS), (4 * DIMS, DIMS))
+EMBED_SENTENCE = "Yesterday my sister and I walked along the river to the old mill and talked about her new job there"
+EMBED_RUNS = 50
+EMBED_BATCH = 1000
 
 
 def _message_fields(i: int, now_ms: int) -> dict:
@@ -145,10 +152,10 @@ def _best_of(times: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def _ready_s(home: Path) -> float:
-    """Seconds from starting `aico-node run` to its ready line."""
+@contextlib.contextmanager
+def _running_node(home: Path) -> Iterator[float]:
+    """Run `aico-node run` on loopback for the block; yield when its ready line arrived (perf_counter seconds)."""
     env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
-    started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, stdin=subprocess.DEVNULL,
@@ -156,13 +163,20 @@ def _ready_s(home: Path) -> float:
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
-        ready_s = time.perf_counter() - started
+        ready = time.perf_counter()
         if '"ready": true' not in line:
             raise RuntimeError(f"node did not become ready: {line!r}")
+        yield ready
     finally:
         process.terminate()
         process.wait(timeout=60)
-    return ready_s
+
+
+def _ready_s(home: Path) -> float:
+    """Seconds from starting `aico-node run` to its ready line."""
+    started = time.perf_counter()
+    with _running_node(home) as ready:
+        return ready - started
 
 
 async def _bench_search(root: Path) -> list[Metric]:
@@ -210,11 +224,94 @@ async def _search_metrics(
     ]
 
 
+def _bench_embed(root: Path) -> list[Metric]:
+    """The text embedder. Speed is set beside the encoder's weight matrix products alone on the same word pieces (the
+    arithmetic no implementation of the model avoids, on this machine in this run); loading beside a warm embedding."""
+    from node.embed import TEXTS_MAX, TextEmbedder, embedder_available
+
+    if not embedder_available():
+        return []
+    started = time.perf_counter()
+    embedder = TextEmbedder()
+    embedder.embed([EMBED_SENTENCE])
+    first_s = time.perf_counter() - started
+    [sentence_pieces] = embedder.word_pieces([EMBED_SENTENCE])
+    # Each run times the embedder and its floor back to back, so that both meet the same load on the machine.
+    latencies, floors = [], []
+    for _ in range(EMBED_RUNS):
+        started = time.perf_counter()
+        embedder.embed([EMBED_SENTENCE])
+        latencies.append(time.perf_counter() - started)
+        floors.append(_matrix_products_s(sentence_pieces))
+    texts = _varied_texts(EMBED_BATCH)
+    batch_s = floor_s = 0.0
+    for start in range(0, len(texts), TEXTS_MAX):
+        chunk = texts[start : start + TEXTS_MAX]
+        started = time.perf_counter()
+        embedder.embed(chunk)
+        batch_s += time.perf_counter() - started
+        floor_s += _matrix_products_s(sum(embedder.word_pieces(chunk)))
+    first_add_s, second_add_s = _first_memory_add_s(root / "writes")
+    p50_ms, floor_p50_ms = float(np.median(latencies)) * 1000, float(np.median(floors)) * 1000
+    return [
+        metric("embed_one_20_words_p50_ms", p50_ms, "ms", floor_p50_ms, "<= 50 ms", p50_ms <= 50),
+        metric("embed_1000_texts_per_s", len(texts) / batch_s, "texts/s", len(texts) / floor_s, "reported", True),
+        metric("embed_load_to_first_vector_s", first_s, "s", p50_ms / 1000, "reported", True),
+        metric("first_memory_add_after_ready_s", first_add_s, "s", second_add_s, "<= 1 s", first_add_s <= 1.0),
+    ]
+
+
+def _matrix_products_s(pieces: int) -> float:
+    """Seconds for the encoder's weight matrix products on `pieces` word pieces, without anything between them, on
+    as many BLAS threads as the embedder uses."""
+    from threadpoolctl import threadpool_limits
+
+    from node.embed import BLAS_THREADS
+
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((pieces, DIMS), dtype=np.float32)
+    weights = [rng.standard_normal(shape, dtype=np.float32) for shape in ENCODER_MATRICES]
+    wide = np.empty((pieces, 4 * DIMS), dtype=np.float32)
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        started = time.perf_counter()
+        for _ in range(ENCODER_LAYERS):
+            hidden @ weights[0]
+            hidden @ weights[1]
+            np.matmul(hidden, weights[2], out=wide)
+            wide @ weights[3]
+        return time.perf_counter() - started
+
+
+def _varied_texts(count: int) -> list[str]:
+    """Memory-like texts of 3 to 40 words."""
+    rng = np.random.default_rng(11)
+    words = [*EMBED_SENTENCE.lower().split(), "tea", "mountains", "violin", "birthday", "doctor", "garden", "winter"]
+    return [" ".join(rng.choice(words, int(rng.integers(3, 41)))) for _ in range(count)]
+
+
+def _first_memory_add_s(home: Path) -> tuple[float, float]:
+    """Seconds from `aico-node run`'s ready line (on an initialised home) to the answer of a first text `memory.add`,
+    and of a second."""
+    from node.api.rpc import RpcClient
+
+    with _running_node(home) as ready, RpcClient.connect(home / "node.sock", timeout_s=60) as client:
+        client.call("memory.add", text=EMBED_SENTENCE)
+        first_s = time.perf_counter() - ready
+        started = time.perf_counter()
+        client.call("memory.add", text="I went hiking in the Alps")
+        return first_s, time.perf_counter() - started
+
+
 def bench_stores() -> list[Metric]:
     with tempfile.TemporaryDirectory(prefix="aico-bench-") as folder:
         root = Path(folder)
 
         async def run_all() -> list[Metric]:
-            return [*await _bench_writes(root), *await _bench_import(root), *await _bench_search(root)]
+            return [
+                *await _bench_writes(root),
+                *await _bench_import(root),
+                *await _bench_search(root),
+                *_bench_embed(root),
+            ]
 
         return trio.run(run_all)

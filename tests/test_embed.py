@@ -1,12 +1,18 @@
-"""The optional text embedder: its install hint without the extra, real MiniLM vectors with it."""
+"""The optional text embedder: its install hint without the extra; with it, sentence-transformers' vectors, no torch."""
 
+import importlib.metadata
+import importlib.util
+import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
+import node.embed as embed_module
 from node.embed import (
     EMBEDDING_DIMS,
     EmbedderUnavailable,
@@ -15,8 +21,11 @@ from node.embed import (
     default_embedder,
     embedder_available,
 )
+from tests.test_sync_processes import RunningNode, cli
 
 REPO = Path(__file__).resolve().parents[1]
+# Written once by tests/fixtures/make_minilm_reference.py with sentence-transformers on torch.
+REFERENCE = Path(__file__).with_name("fixtures") / "minilm_reference.npz"
 needs_extra = pytest.mark.skipif(
     not embedder_available(), reason="embed extra not installed: pip install 'aico-node[embed]'"
 )
@@ -30,9 +39,10 @@ def test_without_extra_embed_names_the_install_command() -> None:
     assert caught.value.rpc_error_type == "embedder_unavailable"
 
 
-def test_import_does_not_import_torch() -> None:
-    probe = "import sys, node.embed; sys.exit('torch' in sys.modules or 'sentence_transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO).returncode == 0
+def test_import_loads_no_model_library() -> None:
+    heavy = ("torch", "sentence_transformers", "tokenizers", "safetensors", "all_minilm_l6_v2")
+    probe = f"import sys, node.embed; sys.exit(any(name in sys.modules for name in {heavy!r}))"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=False).returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -50,6 +60,34 @@ def test_out_of_bounds_input_is_refused_before_loading(texts: object, message: s
         embedder.embed(texts)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
     assert embedder._model is None
+
+
+@needs_extra
+def test_the_extra_brings_no_torch_and_no_cuda() -> None:
+    names = {dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()}
+    assert not {name for name in names if name == "torch" or name.startswith("nvidia-")}
+
+
+@needs_extra
+def test_vectors_match_sentence_transformers() -> None:
+    reference = np.load(REFERENCE)
+    sentences = [str(text) for text in reference["sentences"]]
+    assert len(sentences) == 30
+    vectors = default_embedder().embed(sentences)
+    cosines = np.sum(vectors * reference["embeddings"], axis=1)
+    worst = int(np.argmin(cosines))
+    assert cosines[worst] >= 0.999, f"cosine {cosines[worst]:.6f} for {sentences[worst][:60]!r}"
+
+
+@needs_extra
+def test_a_text_is_read_up_to_256_word_pieces() -> None:
+    walk = "I walked up the hill. "  # 6 word pieces
+    tail = "My favourite food is spicy Thai curry with rice."
+    texts = [walk * 35, walk * 35 + tail, walk * 45, walk * 45 + tail]
+    assert default_embedder().word_pieces(texts) == [212, 222, 256, 256]
+    within, within_tail, past, past_tail = default_embedder().embed(texts)
+    assert float(within @ within_tail) < 0.99  # read (tokenizer.json's own cut at 128 would drop it)
+    np.testing.assert_allclose(past, past_tail, atol=1e-6)  # ignored
 
 
 @needs_extra
@@ -80,3 +118,68 @@ def test_embedding_is_deterministic() -> None:
     np.testing.assert_allclose(default_embedder().embed(texts), first, atol=1e-6)
     # Batched with other texts, a text gets the same vector as on its own.
     np.testing.assert_allclose(default_embedder().embed(texts[:1])[0], first[0], atol=1e-5)
+
+
+@needs_extra
+def test_load_is_once_and_threads_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = []
+    real_load = embed_module._MiniLM.load
+    monkeypatch.setattr(embed_module._MiniLM, "load", classmethod(lambda cls: loads.append(1) or real_load()))
+    embedder = TextEmbedder()
+    texts = [f"thread {i} writes about the weather in spring" for i in range(8)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(index: int) -> None:
+        embedder.load()
+        results[index] = embedder.embed(texts[index : index + 1])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    embedder.load()
+    assert len(loads) == 1
+    np.testing.assert_allclose(np.stack([results[i] for i in range(len(texts))]), embedder.embed(texts), atol=1e-5)
+
+
+@needs_extra
+def test_a_damaged_model_is_refused_clearly_and_the_background_load_only_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    package = tmp_path / "damaged_minilm"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shipped = Path(importlib.util.find_spec(embed_module._MODEL_PACKAGE).origin).with_name("model.zip").read_bytes()
+    middle = len(shipped) // 2  # inside the weights, which are most of the zip
+    (package / "model.zip").write_bytes(shipped[:middle] + bytes([shipped[middle] ^ 0xFF]) + shipped[middle + 1 :])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(embed_module, "_MODEL_PACKAGE", "damaged_minilm")
+    with pytest.raises(EmbedderUnavailable, match="unreadable model .*model.safetensors"):
+        TextEmbedder().embed(["x"])
+    monkeypatch.setattr(embed_module, "_DEFAULT", TextEmbedder())
+    trio.run(embed_module.load_in_background)
+    assert "unreadable model" in caplog.text
+
+
+@needs_extra
+def test_a_running_node_finds_memories_by_meaning(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert cli(home, "init").returncode == 0
+    node = RunningNode(home)
+    try:
+        for text in (
+            "My sister's birthday is on the fourth of June",
+            "I went hiking in the Alps",
+            "I prefer tea to coffee in the morning",
+            "The car needs new tyres before winter",
+            "I am learning to play the violin",
+        ):
+            node.call("memory.add", text=text)
+        done = cli(home, "memory", "search", "a trip to the mountains", "-k", "3")  # through the node's socket
+        assert done.returncode == 0, done.stderr
+        found = json.loads(done.stdout)
+        assert found[0]["text"] == "I went hiking in the Alps", found
+        assert found[0]["distance"] < found[1]["distance"] - 0.1
+    finally:
+        node.stop()
