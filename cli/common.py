@@ -4,16 +4,18 @@ import getpass
 import json
 import os
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
+import attrs
 import trio
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cli.logs import LOG_ENV, LogLevelError, configure_logging, level_from
 from discovery.errors import DiscoveryError
 from framing import ProtocolError
 from node.errors import NodeError
@@ -21,26 +23,29 @@ from p2p.errors import P2pError
 from relay.errors import RelayError
 from stores.errors import StoreError
 
-app = typer.Typer(
-    name="aico-node",
-    help="A local-first sync node: encrypted local stores, CRDT sync between a user's devices.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-pref_app = typer.Typer(help="Preferences: last writer wins per key.", no_args_is_help=True)
-msg_app = typer.Typer(help="Conversation messages.", no_args_is_help=True)
-memory_app = typer.Typer(help="Memories and semantic search.", no_args_is_help=True)
-note_app = typer.Typer(help="Relationship notes and profile texts.", no_args_is_help=True)
-analytics_app = typer.Typer(help="Analytics over conversations.", no_args_is_help=True)
-devices_app = typer.Typer(help="This user's devices.", invoke_without_command=True)
-pair_app = typer.Typer(help="Pair a new device with this user's group.", no_args_is_help=True)
+
+def _typer(help: str, **settings: Any) -> typer.Typer:
+    # Plain click help: typer's rich panels show flags as `<bool>` and lists as `<list[str]>`, the help option too.
+    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **settings)
+
+
+app = _typer("A local-first sync node: encrypted local stores, CRDT sync between a user's devices.", no_args_is_help=True)
+pref_app = _typer("Preferences: last writer wins per key.", no_args_is_help=True)
+msg_app = _typer("Conversation messages.", no_args_is_help=True)
+memory_app = _typer("Memories and semantic search.", no_args_is_help=True)
+note_app = _typer("Relationship notes and profile texts.", no_args_is_help=True)
+analytics_app = _typer("Analytics over conversations.", no_args_is_help=True)
+devices_app = _typer("This user's devices.", invoke_without_command=True)
+pair_app = _typer("Pair a new device with this user's group.", no_args_is_help=True)
 for sub_app, name in (
     (pref_app, "pref"), (msg_app, "msg"), (memory_app, "memory"), (note_app, "note"),
     (analytics_app, "analytics"), (devices_app, "devices"), (pair_app, "pair"),
 ):  # fmt: skip
     app.add_typer(sub_app, name=name)
-console = Console(stderr=True)
-out = Console()
+# Soft wrapping: rich otherwise breaks lines at the terminal's width, or at 80 columns when not in a terminal, which
+# splits multiaddrs and ids; a terminal wraps a long line by itself and copying it gives it back whole.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 T = TypeVar("T")
 PASSPHRASE_ENV = "AICO_PASSPHRASE"
 # The roots of the errors that explain themselves: shown as one line, never as a traceback.
@@ -56,14 +61,41 @@ def default_home() -> Path:
     return Path(data_home) / "aico-node"
 
 
+@attrs.define
+class Settings:
+    """What the global options set for this run of the command line."""
+
+    debug: bool = False
+
+
+settings = Settings()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
     home: Annotated[
-        Path | None, typer.Option("--home", help="Node home folder (default: AICO_HOME or the user data folder).")
+        Path | None,
+        typer.Option("--home", metavar="DIR", help="Node home folder (default: AICO_HOME or the user data folder)."),
     ] = None,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            show_default=False,
+            help=f"Log more: -v info, -vv debug (default: {LOG_ENV} or warnings only).",
+        ),
+    ] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     """A local-first sync node: encrypted local stores, CRDT sync between a user's devices."""
+    settings.debug = debug
+    try:
+        configure_logging(level_from(verbose, os.environ.get(LOG_ENV)))
+    except LogLevelError as error:
+        raise typer.BadParameter(str(error)) from None
     ctx.obj = home or default_home()
 
 
@@ -72,8 +104,16 @@ def home_of(ctx: typer.Context) -> Path:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `message` as an error and return the exit to raise (1: the operation was refused)."""
+    if settings.debug and sys.exc_info()[1] is not None:
+        traceback.print_exc()
     console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
+
+
+def print_lines(lines: list[str]) -> None:
+    """Print lines of human output as they are: no markup, no highlighting, no wrapping."""
+    print("\n".join(lines), flush=True)
 
 
 def passphrase(*, confirm: bool = False) -> str:
@@ -90,17 +130,36 @@ def passphrase(*, confirm: bool = False) -> str:
 
 def call(home: Path, method: str, **params: Any) -> Any:
     """Run a data command on the running node through its socket, or on the stores directly."""
-    from node.api.rpc import NodeNotRunning, RpcClient, RpcRemoteError
-    from node.app import Node
+    from node.api.rpc import NodeNotRunning
+
+    try:
+        return call_running(home, method, **params)
+    except NodeNotRunning:
+        return call_stores(home, method, **params)
+
+
+def call_running(home: Path, method: str, **params: Any) -> Any:
+    """Run a data command on the running node through its socket; NodeNotRunning when none runs."""
+    from node.api.rpc import INTERNAL, NodeNotRunning, RpcClient, RpcError, RpcRemoteError
     from node.home import socket_path
 
     try:
         with RpcClient.connect(socket_path(home)) as client:
             return client.call(method, **params)
     except NodeNotRunning:
-        pass
+        raise
     except RpcRemoteError as error:
+        if error.type == INTERNAL:
+            raise fail(f"the node failed: {error.message} (its log has the traceback)") from None
+        raise fail(error.message) from None
+    except RpcError as error:
         raise fail(str(error)) from None
+
+
+def call_stores(home: Path, method: str, **params: Any) -> Any:
+    """Run a data command on the stores directly (no node runs); needs the passphrase."""
+    from node.app import Node
+
     secret = passphrase()
 
     async def direct() -> Any:
@@ -116,6 +175,24 @@ def run_async(async_fn: Callable[[], Awaitable[T]]) -> T:
         return trio.run(async_fn)
     except USER_FACING_ERRORS as error:
         raise fail(str(error)) from None
+    except BaseExceptionGroup as group:
+        # An error inside a nursery arrives in a group, beside the cancellations it caused: act on the first one.
+        if (exit_ := first_of(group, (typer.Exit,))) is not None:
+            raise exit_ from None
+        if (explained := first_of(group, USER_FACING_ERRORS)) is not None:
+            raise fail(str(explained)) from None
+        raise
+
+
+def first_of(error: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `types` that is `error` or is in it (a group, possibly nested), or None."""
+    if isinstance(error, types):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := first_of(inner, types)) is not None:
+                return found
+    return None
 
 
 def json_value(text: str) -> Any:
@@ -126,17 +203,6 @@ def json_value(text: str) -> Any:
         return text
 
 
-def embedding_file(path: Path | None) -> list[float] | None:
-    if path is None:
-        return None
-    try:
-        return np.load(path, allow_pickle=False).astype(float).reshape(-1).tolist()
-    except (OSError, ValueError) as error:
-        raise fail(f"cannot read embedding {path}: {error}") from None
-
-
 def print_json(value: Any) -> None:
-    print(json.dumps(value, default=str))
+    print(json.dumps(value, default=str), flush=True)
 
-
-# -- node lifecycle ---------------------------------------------------------------------------------
