@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from cli import data, lifecycle, tools  # noqa: F401  (each registers its commands on the app)
-from cli.common import USER_FACING_ERRORS, app, console, first_of, settings
+from cli.common import app, console, first_of, settings, user_facing_errors
 
 PROG_NAME = "aico-node"
 USAGE_EXIT = 2
@@ -27,7 +27,10 @@ def run(args: list[str]) -> int:
     try:
         result = command.main(args, prog_name=PROG_NAME, standalone_mode=False)
     except typer.TyperException as error:  # click's usage errors (exit code 2) and its other refusals
-        _say(error.format_message(), _usage_hint(error) if error.exit_code == USAGE_EXIT else None)
+        if type(error).__name__ == "NoArgsIsHelpError":  # a command group given no command: its help is the answer
+            console.print(error.format_message(), markup=False, highlight=False)
+        else:
+            _say(error.format_message(), _usage_hint(error) if error.exit_code == USAGE_EXIT else None)
         return error.exit_code
     except typer.Abort:
         _say("aborted")
@@ -35,9 +38,11 @@ def run(args: list[str]) -> int:
     except Exception as error:
         if settings.debug:
             traceback.print_exc()
-        explained = first_of(error, USER_FACING_ERRORS)
+        explained = first_of(error, user_facing_errors())
         if explained is not None:
             _say(str(explained))
+        elif isinstance(error, OSError):  # the machine refused: a full disk, a permission, a missing folder
+            _say(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
         else:
             _say(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)")
         return REFUSED_EXIT

@@ -16,12 +16,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli.logs import LOG_ENV, LogLevelError, configure_logging, level_from
-from discovery.errors import DiscoveryError
-from framing import ProtocolError
-from node.errors import NodeError
-from p2p.errors import P2pError
-from relay.errors import RelayError
-from stores.errors import StoreError
 
 
 def _typer(help: str, **settings: Any) -> typer.Typer:
@@ -48,8 +42,6 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 T = TypeVar("T")
 PASSPHRASE_ENV = "AICO_PASSPHRASE"
-# The roots of the errors that explain themselves: shown as one line, never as a traceback.
-USER_FACING_ERRORS = (NodeError, StoreError, ProtocolError, RelayError, P2pError, DiscoveryError)
 HOME_ENV = "AICO_HOME"
 
 
@@ -169,17 +161,33 @@ def call_stores(home: Path, method: str, **params: Any) -> Any:
     return run_async(direct)
 
 
+def user_facing_errors() -> tuple[type[Exception], ...]:
+    """The roots of the errors that explain themselves: shown as one line, never as a traceback.
+
+    Imported when an error is handled: the packages that define them import libp2p, the stores and zeroconf, a
+    second of start-up every command would pay, a usage error included.
+    """
+    from discovery.errors import DiscoveryError
+    from framing import ProtocolError
+    from node.errors import NodeError
+    from p2p.errors import P2pError
+    from relay.errors import RelayError
+    from stores.errors import StoreError
+
+    return (NodeError, StoreError, ProtocolError, RelayError, P2pError, DiscoveryError)
+
+
 def run_async(async_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async function, turning the node's and the stores' errors into clear messages."""
     try:
         return trio.run(async_fn)
-    except USER_FACING_ERRORS as error:
+    except user_facing_errors() as error:
         raise fail(str(error)) from None
     except BaseExceptionGroup as group:
         # An error inside a nursery arrives in a group, beside the cancellations it caused: act on the first one.
         if (exit_ := first_of(group, (typer.Exit,))) is not None:
             raise exit_ from None
-        if (explained := first_of(group, USER_FACING_ERRORS)) is not None:
+        if (explained := first_of(group, user_facing_errors())) is not None:
             raise fail(str(explained)) from None
         raise
 
