@@ -18,9 +18,9 @@ from rich.markup import escape
 from cli.logs import LOG_ENV, LogLevelError, configure_logging, level_from
 
 
-def _typer(help: str, **settings: Any) -> typer.Typer:
+def _typer(help: str, **options: Any) -> typer.Typer:
     # Plain click help: typer's rich panels show flags as `<bool>` and lists as `<list[str]>`, the help option too.
-    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **settings)
+    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **options)
 
 
 app = _typer("A local-first sync node: encrypted local stores, CRDT sync between a user's devices.", no_args_is_help=True)

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from cli import checks, show
+import cli.checks as checks
+import cli.show as show
 from cli.common import (
     analytics_app,
     app,

@@ -13,7 +13,7 @@ import trio
 import typer
 from rich.markup import escape
 
-from cli import checks
+import cli.checks as checks
 from cli.common import app, console, default_home, fail, home_of, out, pair_app, passphrase, run_async
 
 
