@@ -93,7 +93,7 @@ def status_lines(status: dict[str, Any], *, running: bool, now_s: float | None =
         lines += labelled("Node", ["not running (read from the stores); `aico-node run` starts it"])
     lines += labelled("Devices", _peer_lines(status["peers"], now_s, running))
     if status.get("relay") is not None:
-        lines += labelled("Relay", _relay_lines(status["relay"], now_s))
+        lines += labelled("Relay", _relay_lines(status["relay"], status["addresses"], now_s))
     lines += labelled("Data", _store_lines(status))
     if "gui" in status:
         lines += labelled("Page", [_gui_line(status["gui"])])
@@ -125,8 +125,7 @@ def _lag(behind_in: int, behind_out: int) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _relay_lines(relay: dict[str, Any], now_s: float) -> list[str]:
-    lines = [relay["address"]]
+def _relay_lines(relay: dict[str, Any], addresses: list[str], now_s: float) -> list[str]:
     if relay.get("last_ok") is not None:
         mailbox = f"mailbox reached {ago(relay['last_ok'], now_s)}"
     else:
@@ -134,15 +133,15 @@ def _relay_lines(relay: dict[str, Any], now_s: float) -> list[str]:
     if relay.get("posted_seq"):
         mailbox += f", posted up to change #{relay['posted_seq']:,}"
     if relay.get("posts_paused_until") is not None:
-        mailbox += f"; posts paused (it is full) until {until(relay['posts_paused_until'], now_s)}"
-    lines.append(mailbox)
+        mailbox += f", posts paused (it is full) until {until(relay['posts_paused_until'], now_s)}"
     if relay.get("circuit_address"):
         expires = relay.get("reservation_expires_at")
-        renews = f", renewed before it expires {until(expires, now_s)}" if expires is not None else ""
-        lines.append(f"slot held{renews}: others reach this device at")
-        lines.append(f"  {relay['circuit_address']}")
+        slot = "slot held" + (f", renewed before it expires {until(expires, now_s)}" if expires is not None else "")
     else:
-        lines.append("no slot on the relay yet")
+        slot = "no slot on the relay yet"
+    lines = [relay["address"], f"{mailbox}; {slot}"]
+    if relay.get("circuit_address") and relay["circuit_address"] not in addresses:
+        lines.append(f"reached through it at {relay['circuit_address']}")
     if relay.get("last_error"):
         lines.append(f"last error: {relay['last_error']}")
     return lines
