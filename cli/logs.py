@@ -1,8 +1,9 @@
 """Logging for the command line: one short line per record on stderr, at the level `-v` or AICO_LOG asks for.
 
 py-libp2p 0.8.1 sets its `libp2p` logger to WARNING, without handlers and not propagating, when it is imported, so its
-records reach `logging.lastResort`, which printed their tracebacks as multi-line blocks. The handler here takes that
-place: every record, the library's included, is one line unless the level is DEBUG.
+records reach `logging.lastResort`, which printed them whole: its host logs a 7-line message for every stream it fails
+to open, its identify service one with a traceback inside. The handler here takes lastResort's place: every record,
+the library's included, is one line unless the level is DEBUG.
 """
 
 import logging

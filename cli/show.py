@@ -101,11 +101,13 @@ def status_lines(status: dict[str, Any], *, running: bool, now_s: float | None =
 
 
 def _peer_lines(peers: list[dict[str, Any]], now_s: float, running: bool) -> list[str]:
+    if not running:
+        return ["their state is known only while the node runs; `aico-node devices` lists them"]
     if not peers:
         return ["none paired yet; `aico-node pair invite` adds one"]
     rows = []
     for peer in peers:
-        state = ("online" if peer["online"] else "offline") if running else "unknown"
+        state = "online" if peer["online"] else "offline"
         rows.append(
             [
                 device_label(peer.get("name"), peer["device_id"]),
