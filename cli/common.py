@@ -1,52 +1,50 @@
 """What every `aico-node` command shares: the typer apps, the home, the passphrase, calls to the node, output."""
 
+import functools
 import getpass
 import json
 import os
 import secrets
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
+import attrs
 import trio
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from discovery.errors import DiscoveryError
-from framing import ProtocolError
-from node.errors import NodeError
-from p2p.errors import P2pError
-from relay.errors import RelayError
-from stores.errors import StoreError
+from cli.logs import LOG_ENV, LogLevelError, configure_logging, level_from
 
-app = typer.Typer(
-    name="aico-node",
-    help="A local-first sync node: encrypted local stores, CRDT sync between a user's devices.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-pref_app = typer.Typer(help="Preferences: last writer wins per key.", no_args_is_help=True)
-msg_app = typer.Typer(help="Conversation messages.", no_args_is_help=True)
-memory_app = typer.Typer(help="Memories and semantic search.", no_args_is_help=True)
-note_app = typer.Typer(help="Relationship notes and profile texts.", no_args_is_help=True)
-analytics_app = typer.Typer(help="Analytics over conversations.", no_args_is_help=True)
-devices_app = typer.Typer(help="This user's devices.", invoke_without_command=True)
-pair_app = typer.Typer(help="Pair a new device with this user's group.", no_args_is_help=True)
+
+def _typer(help: str, **options: Any) -> typer.Typer:
+    # Plain click help: typer's rich panels show flags as `<bool>` and lists as `<list[str]>`, the help option too.
+    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **options)
+
+
+app = _typer("A local-first sync node: encrypted local stores, CRDT sync between a user's devices.", no_args_is_help=True)
+pref_app = _typer("Preferences: last writer wins per key.", no_args_is_help=True)
+msg_app = _typer("Conversation messages.", no_args_is_help=True)
+memory_app = _typer("Memories and semantic search.", no_args_is_help=True)
+note_app = _typer("Relationship notes and profile texts.", no_args_is_help=True)
+analytics_app = _typer("Analytics over conversations.", no_args_is_help=True)
+devices_app = _typer("This user's devices.", invoke_without_command=True)
+pair_app = _typer("Pair a new device with this user's group.", no_args_is_help=True)
 for sub_app, name in (
     (pref_app, "pref"), (msg_app, "msg"), (memory_app, "memory"), (note_app, "note"),
     (analytics_app, "analytics"), (devices_app, "devices"), (pair_app, "pair"),
 ):  # fmt: skip
     app.add_typer(sub_app, name=name)
-console = Console(stderr=True)
-out = Console()
+# Soft wrapping: rich otherwise breaks lines at the terminal's width, or at 80 columns when not in a terminal, which
+# splits multiaddrs and ids; a terminal wraps a long line by itself and copying it gives it back whole.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 T = TypeVar("T")
 PASSPHRASE_ENV = "AICO_PASSPHRASE"
-# The roots of the errors that explain themselves: shown as one line, never as a traceback.
-USER_FACING_ERRORS = (NodeError, StoreError, ProtocolError, RelayError, P2pError, DiscoveryError)
 HOME_ENV = "AICO_HOME"
 
 
@@ -58,14 +56,41 @@ def default_home() -> Path:
     return Path(data_home) / "aico-node"
 
 
+@attrs.define
+class Settings:
+    """What the global options set for this run of the command line."""
+
+    debug: bool = False
+
+
+settings = Settings()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
     home: Annotated[
-        Path | None, typer.Option("--home", help="Node home folder (default: AICO_HOME or the user data folder).")
+        Path | None,
+        typer.Option("--home", metavar="DIR", help="Node home folder (default: AICO_HOME or the user data folder)."),
     ] = None,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            show_default=False,
+            help=f"Log more: -v info, -vv debug (default: {LOG_ENV} or warnings only).",
+        ),
+    ] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     """A local-first sync node: encrypted local stores, CRDT sync between a user's devices."""
+    settings.debug = debug
+    try:
+        configure_logging(level_from(verbose, os.environ.get(LOG_ENV)))
+    except LogLevelError as error:
+        raise typer.BadParameter(str(error)) from None
     ctx.obj = home or default_home()
 
 
@@ -74,8 +99,16 @@ def home_of(ctx: typer.Context) -> Path:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `message` as an error and return the exit to raise (1: the operation was refused)."""
+    if settings.debug and sys.exc_info()[1] is not None:
+        traceback.print_exc()
     console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
+
+
+def print_lines(lines: list[str]) -> None:
+    """Print lines of human output as they are: no markup, no highlighting, no wrapping."""
+    print("\n".join(lines), flush=True)
 
 
 def passphrase(*, confirm: bool = False) -> str:
@@ -97,11 +130,24 @@ SOCKET_POLL_S = 0.1
 
 
 def call(home: Path, method: str, **params: Any) -> Any:
-    """Run a data command on the running node through its socket, or, with no node, on the stores directly; while a
-    node starts (it holds the home, its socket is not up yet) wait for its socket instead."""
+    """Run a data command on the running node through its socket, or, with no node, on the stores directly."""
+    return call_where(home, method, **params)[0]
+
+
+def call_where(home: Path, method: str, **params: Any) -> tuple[Any, bool]:
+    """Run a data command as `call` does; also say whether a running node answered (else the stores did). While a
+    node starts (it holds the home, its socket is not up yet) wait for its socket instead of opening the stores."""
     from node.api.handlers import HANDLER_TIMEOUTS_S
-    from node.api.rpc import REQUEST_TIMEOUT_S, NodeNotRunning, RpcClient, RpcRemoteError, RpcTimeoutError
-    from node.home import NODE_HOLDER, HomeBusy, HomeLock, socket_path
+    from node.api.rpc import (
+        INTERNAL,
+        REQUEST_TIMEOUT_S,
+        NodeNotRunning,
+        RpcClient,
+        RpcError,
+        RpcRemoteError,
+        RpcTimeoutError,
+    )
+    from node.home import NODE_HOLDER, HomeLock, socket_path
 
     deadline = time.monotonic() + NODE_START_WAIT_S
     secret: str | None = None
@@ -111,7 +157,7 @@ def call(home: Path, method: str, **params: Any) -> Any:
     while True:
         try:
             with RpcClient.connect(socket_path(home), timeout_s=timeout_s) as client:
-                return client.call_keyed(method, params, key)
+                return client.call_keyed(method, params, key), True
         except NodeNotRunning:
             pass
         except RpcTimeoutError as error:
@@ -120,36 +166,77 @@ def call(home: Path, method: str, **params: Any) -> Any:
             retries -= 1
             continue
         except RpcRemoteError as error:
+            if error.type == INTERNAL:
+                raise fail(f"the node failed: {error.message} (its log has the traceback)") from None
+            raise fail(error.message) from None
+        except RpcError as error:
             raise fail(str(error)) from None
         lock = HomeLock(home)
         holder = lock.holder()
         if not lock.node_starting() and (holder is None or NODE_HOLDER not in holder):
             secret = secret or passphrase()
-            try:
-                return trio.run(_call_directly, home, secret, method, params)
-            except HomeBusy as busy:
-                if not busy.by_node:
-                    raise fail(f"{busy}; try again when it is done") from None
-            except USER_FACING_ERRORS as error:
-                raise fail(str(error)) from None
+            done, result = run_async(functools.partial(_call_directly, home, secret, method, params))
+            if done:
+                return result, False
         if time.monotonic() > deadline:
             raise fail(f"{home} is held by a node whose socket did not open within {NODE_START_WAIT_S:.0f} s")
         time.sleep(SOCKET_POLL_S)
 
 
-async def _call_directly(home: Path, secret: str, method: str, params: dict[str, Any]) -> Any:
+async def _call_directly(home: Path, secret: str, method: str, params: dict[str, Any]) -> tuple[bool, Any]:
+    """(True, the result) of a data command run on the stores; (False, None) if a node took the home meanwhile."""
     from node.app import Node
+    from node.home import HomeBusy
 
-    async with Node.opened(home, secret, f"aico-node {method}") as node:
-        return await node.handlers[method](params)
+    try:
+        async with Node.opened(home, secret, f"aico-node {method}") as node:
+            return True, await node.handlers[method](params)
+    except HomeBusy as busy:
+        if busy.by_node:
+            return False, None
+        raise HomeBusy(home, f"{busy.holder}; try again when it is done") from None
+
+
+def user_facing_errors() -> tuple[type[Exception], ...]:
+    """The roots of the errors that explain themselves: shown as one line, never as a traceback.
+
+    Imported when an error is handled: the packages that define them import libp2p, the stores and zeroconf, a
+    second of start-up every command would pay, a usage error included.
+    """
+    from discovery.errors import DiscoveryError
+    from framing import ProtocolError
+    from node.errors import NodeError
+    from p2p.errors import P2pError
+    from relay.errors import RelayError
+    from stores.errors import StoreError
+
+    return (NodeError, StoreError, ProtocolError, RelayError, P2pError, DiscoveryError)
 
 
 def run_async(async_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async function, turning the node's and the stores' errors into clear messages."""
     try:
         return trio.run(async_fn)
-    except USER_FACING_ERRORS as error:
+    except user_facing_errors() as error:
         raise fail(str(error)) from None
+    except BaseExceptionGroup as group:
+        # An error inside a nursery arrives in a group, beside the cancellations it caused: act on the first one.
+        if (exit_ := first_of(group, (typer.Exit,))) is not None:
+            raise exit_ from None
+        if (explained := first_of(group, user_facing_errors())) is not None:
+            raise fail(str(explained)) from None
+        raise
+
+
+def first_of(error: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `types` that is `error` or is in it (a group, possibly nested), or None."""
+    if isinstance(error, types):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := first_of(inner, types)) is not None:
+                return found
+    return None
 
 
 def json_value(text: str) -> Any:
@@ -160,17 +247,6 @@ def json_value(text: str) -> Any:
         return text
 
 
-def embedding_file(path: Path | None) -> list[float] | None:
-    if path is None:
-        return None
-    try:
-        return np.load(path, allow_pickle=False).astype(float).reshape(-1).tolist()
-    except (OSError, ValueError) as error:
-        raise fail(f"cannot read embedding {path}: {error}") from None
-
-
 def print_json(value: Any) -> None:
-    print(json.dumps(value, default=str))
+    print(json.dumps(value, default=str), flush=True)
 
-
-# -- node lifecycle ---------------------------------------------------------------------------------

@@ -1,59 +1,76 @@
-"""Commands that read and write the node's data, through the running node or the stores directly."""
+"""Commands that read and write the node's data, through the running node or the stores directly.
+
+Every command that prints data takes `--json`. `status`, `conflicts` and the `list` commands print for people unless
+given it; the others have always printed JSON, which scripts rely on, and keep printing it.
+"""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+import cli.checks as checks
+import cli.show as show
 from cli.common import (
     analytics_app,
     app,
     call,
+    call_where,
     devices_app,
-    embedding_file,
     fail,
     home_of,
     json_value,
     memory_app,
     msg_app,
     note_app,
-    out,
     pref_app,
     print_json,
+    print_lines,
 )
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of lines for people.")]
+JsonAlwaysOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (this command always does; the flag is for scripts that ask).")
+]
+LimitOption = Annotated[int, typer.Option(metavar="N", min=1, max=10_000, help="Show at most this many, newest first.")]
+EmbeddingOption = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, metavar="FILE.npy", help="A .npy file holding one embedding row."),
+]
 
 
 @app.command()
-def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show this device, its stores and its peers."""
-    result = call(home_of(ctx), "status")
+def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Show this device, its addresses, the group's devices (online, path, last sync, lag), the relay and the stores."""
+    result, running = call_where(home_of(ctx), "status")
     if as_json:
         print_json(result)
     else:
-        for key, value in result.items():
-            out.print(f"{key}: {value}")
+        print_lines(show.status_lines(result, running=running))
 
 
 @app.command()
-def digest(ctx: typer.Context) -> None:
+def digest(ctx: typer.Context, as_json: JsonAlwaysOption = False) -> None:
     """Print the sha256 and counts of the synced state (equal on two devices exactly when they agree)."""
     print_json(call(home_of(ctx), "digest"))
 
 
 @app.command()
-def conflicts(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100) -> None:
+def conflicts(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(metavar="N", min=1, max=100_000, help="Show at most this many, newest first.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
     """List concurrent values that lost a last-writer-wins merge, newest first."""
     rows = call(home_of(ctx), "conflicts", limit=limit)
-    table = Table("collection", "key", "field", "kept", "lost", "lost from")
-    for row in rows:
-        table.add_row(row["collection"], row["key"], str(row["field"] or ""), repr(row["winner_value"]),
-                      repr(row["loser_value"]), f"{row['loser_device'][:16]}:{row['loser_seq']}")  # fmt: skip
-    out.print(table if rows else "no conflicts")
+    if as_json:
+        print_json(rows)
+    else:
+        print_lines(show.conflict_lines(rows))
 
 
 @app.command()
-def rebuild(ctx: typer.Context) -> None:
+def rebuild(ctx: typer.Context, as_json: JsonAlwaysOption = False) -> None:
     """Regenerate every derived store (DuckDB, Chroma, cache) from the primary store."""
     print_json(call(home_of(ctx), "rebuild"))
 
@@ -61,93 +78,181 @@ def rebuild(ctx: typer.Context) -> None:
 @app.command()
 def forget(
     ctx: typer.Context,
-    kind: Annotated[str, typer.Argument(help="message or memory")],
-    item_id: Annotated[str, typer.Argument(metavar="ID")],
+    kind: Annotated[str, typer.Argument(metavar="message|memory", help="What to forget: message or memory.")],
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="Its id, as `msg list` or `memory list` show it.")],
+    as_json: JsonAlwaysOption = False,
 ) -> None:
     """Delete a message or memory from every store and every device."""
     if kind not in ("message", "memory"):
-        raise typer.BadParameter("kind must be message or memory")
-    print_json(call(home_of(ctx), "forget", kind=kind, id=item_id))
+        raise typer.BadParameter(f"can forget a message or a memory, not {kind!r}")
+    print_json(call(home_of(ctx), "forget", kind=kind, id=checks.name(item_id, "the id")))
 
 
 @pref_app.command("set")
-def pref_set(ctx: typer.Context, key: str, value: str) -> None:
+def pref_set(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The preference's name, e.g. theme.")],
+    value: Annotated[
+        str, typer.Argument(metavar="VALUE", help='Its value: JSON when it is JSON (7, true, "dark"), else text.')
+    ],
+    as_json: JsonAlwaysOption = False,
+) -> None:
     """Set a preference (VALUE is parsed as JSON when it is JSON)."""
-    print_json(call(home_of(ctx), "pref.set", key=key, value=json_value(value)))
+    print_json(call(home_of(ctx), "pref.set", key=checks.name(key, "the key"), value=json_value(value)))
 
 
 @pref_app.command("get")
-def pref_get(ctx: typer.Context, key: str) -> None:
+def pref_get(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(metavar="KEY", help="The preference's name.")],
+    as_json: JsonAlwaysOption = False,
+) -> None:
     """Print a preference as JSON (null when unset)."""
-    print_json(call(home_of(ctx), "pref.get", key=key))
+    print_json(call(home_of(ctx), "pref.get", key=checks.name(key, "the key")))
+
+
+@pref_app.command("list")
+def pref_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List every preference and its value."""
+    preferences = call(home_of(ctx), "pref.list")
+    if as_json:
+        print_json(preferences)
+    else:
+        print_lines(show.preference_lines(preferences))
 
 
 @msg_app.command("add")
 def msg_add(
     ctx: typer.Context,
-    conversation: str,
-    text: str,
-    role: Annotated[str, typer.Option()] = "user",
-    sentiment: Annotated[float | None, typer.Option(min=-1.0, max=1.0)] = None,
-    response_time_ms: Annotated[float | None, typer.Option(min=0)] = None,
+    conversation: Annotated[str, typer.Argument(metavar="CONVERSATION", help="The conversation's name.")],
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="The message.")],
+    role: Annotated[str, typer.Option(metavar="ROLE", help="Who said it: user, assistant, ...")] = "user",
+    sentiment: Annotated[float | None, typer.Option(metavar="NUMBER", min=-1.0, max=1.0, help="Sentiment from -1 to 1.")] = None,
+    response_time_ms: Annotated[
+        float | None, typer.Option(metavar="MS", min=0, help="How long the answer took, in milliseconds.")
+    ] = None,
+    as_json: JsonAlwaysOption = False,
 ) -> None:
     """Add a message to a conversation and print its id."""
-    print_json(call(home_of(ctx), "msg.add", conversation=conversation, text=text, role=role,
-                     sentiment=sentiment, response_time_ms=response_time_ms))  # fmt: skip
+    print_json(call(home_of(ctx), "msg.add", conversation=checks.name(conversation, "the conversation"),
+                     text=checks.text(text, "the message"), role=checks.name(role, "--role"), sentiment=sentiment,
+                     response_time_ms=response_time_ms))  # fmt: skip
+
+
+@msg_app.command("list")
+def msg_list(
+    ctx: typer.Context,
+    conversation: Annotated[str, typer.Argument(metavar="CONVERSATION", help="The conversation's name.")],
+    limit: LimitOption = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List a conversation's messages, newest first."""
+    messages = call(home_of(ctx), "msg.list", conversation=checks.name(conversation, "the conversation"), limit=limit)
+    if as_json:
+        print_json(messages)
+    else:
+        print_lines(show.message_lines(messages))
 
 
 @memory_app.command("add")
 def memory_add(
     ctx: typer.Context,
-    text: str,
-    embedding: Annotated[Path | None, typer.Option(help="A .npy file with the memory's embedding.")] = None,
-    metadata: Annotated[str | None, typer.Option(help="Metadata as a JSON object.")] = None,
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="The memory.")],
+    embedding: EmbeddingOption = None,
+    metadata: Annotated[
+        str | None, typer.Option(metavar="JSON", help='Short tags as a JSON object, e.g. \'{"topic": "tea"}\'.')
+    ] = None,
+    as_json: JsonAlwaysOption = False,
 ) -> None:
-    """Store a memory and print its id."""
-    meta = json_value(metadata) if metadata else {}
-    if not isinstance(meta, dict):
-        raise typer.BadParameter("metadata must be a JSON object")
-    print_json(call(home_of(ctx), "memory.add", text=text, embedding=embedding_file(embedding), metadata=meta))
+    """Store a memory and print its id (embedded from its text unless --embedding is given)."""
+    home = home_of(ctx)
+    print_json(call(home, "memory.add", text=checks.text(text, "the memory"),
+                    embedding=checks.embedding_file(embedding, home) if embedding else None,
+                    metadata=checks.metadata_json(metadata, "--metadata") if metadata else {}))  # fmt: skip
 
 
 @memory_app.command("search")
 def memory_search(
     ctx: typer.Context,
-    text: Annotated[str | None, typer.Argument()] = None,
-    embedding: Annotated[Path | None, typer.Option(help="A .npy file with the query embedding.")] = None,
-    k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 5,
-    where: Annotated[str | None, typer.Option(help="Metadata filter as a JSON object.")] = None,
+    text: Annotated[
+        str | None, typer.Argument(metavar="TEXT", help="What to look for (or give --embedding).")
+    ] = None,
+    embedding: EmbeddingOption = None,
+    k: Annotated[int, typer.Option("-k", metavar="N", min=1, max=1000, help="How many memories to return.")] = 5,
+    where: Annotated[
+        str | None, typer.Option(metavar="JSON", help='Only memories with these tags, e.g. \'{"topic": "tea"}\'.')
+    ] = None,
+    as_json: JsonAlwaysOption = False,
 ) -> None:
     """Print the memories nearest a text or an embedding, one per near-duplicate group."""
     if (text is None) == (embedding is None):
         raise typer.BadParameter("give either TEXT or --embedding")
-    print_json(call(home_of(ctx), "memory.search", text=text, embedding=embedding_file(embedding), k=k,
-                     where=json_value(where) if where else None))  # fmt: skip
+    home = home_of(ctx)
+    print_json(call(home, "memory.search", text=checks.text(text, "the search text") if text is not None else None,
+                    embedding=checks.embedding_file(embedding, home) if embedding else None, k=k,
+                    where=checks.metadata_json(where, "--where") if where else None))  # fmt: skip
+
+
+@memory_app.command("list")
+def memory_list(ctx: typer.Context, limit: LimitOption = 50, as_json: JsonOption = False) -> None:
+    """List memories, newest first, with their ids and tags."""
+    memories = call(home_of(ctx), "memory.list", limit=limit)
+    if as_json:
+        print_json(memories)
+    else:
+        print_lines(show.memory_lines(memories))
 
 
 @note_app.command("edit")
-def note_edit(ctx: typer.Context, name: str, text: str) -> None:
+def note_edit(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The note's name.")],
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="Its whole new text.")],
+    as_json: JsonAlwaysOption = False,
+) -> None:
     """Set a note's text (merged character-wise with edits made elsewhere)."""
-    print_json(call(home_of(ctx), "note.edit", name=name, text=text))
+    print_json(call(home_of(ctx), "note.edit", name=checks.name(name, "the note's name"),
+                    text=checks.text(text, "the note", empty_ok=True)))  # fmt: skip
 
 
 @note_app.command("show")
-def note_show(ctx: typer.Context, name: str) -> None:
+def note_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The note's name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the text as a JSON string.")] = False,
+) -> None:
     """Print a note's text."""
-    text = call(home_of(ctx), "note.show", name=name)
+    text = call(home_of(ctx), "note.show", name=checks.name(name, "the note's name"))
     if text is None:
-        raise fail(f"no note named {name}")
-    print(text)
+        raise fail(f"no note named {name}; `aico-node note list` lists them")
+    if as_json:
+        print_json(text)
+    else:
+        print(text)
+
+
+@note_app.command("list")
+def note_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the names of the notes."""
+    names = call(home_of(ctx), "note.list")
+    if as_json:
+        print_json(names)
+    else:
+        print_lines(names or ["no notes"])
 
 
 @analytics_app.command("daily")
-def analytics_daily(ctx: typer.Context, days: Annotated[int, typer.Option(min=1, max=3660)] = 30) -> None:
+def analytics_daily(
+    ctx: typer.Context,
+    days: Annotated[int, typer.Option(metavar="N", min=1, max=3660, help="How many days back.")] = 30,
+    as_json: JsonAlwaysOption = False,
+) -> None:
     """Per day: message count, average sentiment, p95 response time (newest first)."""
     print_json(call(home_of(ctx), "analytics.daily", days=days))
 
 
 @devices_app.callback()
-def devices(ctx: typer.Context) -> None:
+def devices(ctx: typer.Context, as_json: JsonAlwaysOption = False) -> None:
     """List this user's devices."""
     if ctx.invoked_subcommand is None:
         print_json(call(home_of(ctx), "devices.list"))
@@ -156,8 +261,9 @@ def devices(ctx: typer.Context) -> None:
 @devices_app.command("revoke")
 def devices_revoke(
     ctx: typer.Context,
-    device: Annotated[str, typer.Argument(help="The device id to cut off for good.")],
-    reason: Annotated[str, typer.Option(help="Why, kept in the registry.")] = "",
+    device: Annotated[str, typer.Argument(metavar="DEVICE", help="The device id to cut off for good.")],
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, kept in the registry.")] = "",
+    as_json: JsonAlwaysOption = False,
 ) -> None:
     """Revoke a device for good and rotate the group key so it reads nothing written from now on."""
-    print_json(call(home_of(ctx), "devices.revoke", device=device, reason=reason))
+    print_json(call(home_of(ctx), "devices.revoke", device=checks.name(device, "the device id"), reason=reason))

@@ -14,6 +14,7 @@ import trio
 import typer
 from rich.markup import escape
 
+import cli.checks as checks
 from cli.common import app, console, default_home, fail, home_of, out, pair_app, passphrase, run_async
 from framing import LocalProtocolError
 
@@ -21,9 +22,12 @@ from framing import LocalProtocolError
 @app.command()
 def init(
     ctx: typer.Context,
-    engine: Annotated[str, typer.Option(help="Primary SQL engine: sqlcipher or libsql.")] = "sqlcipher",
+    engine: Annotated[
+        str, typer.Option(parser=checks.sql_engine, metavar="sqlcipher|libsql", help="Primary SQL engine.")
+    ] = "sqlcipher",
     name: Annotated[
-        str | None, typer.Option("--name", help="This device's name, shown on every device (default: host name).")
+        str | None,
+        typer.Option("--name", metavar="NAME", help="This device's name, shown on every device (default: host name)."),
     ] = None,
 ) -> None:
     """Create this device's identity, keys and encrypted stores."""
@@ -37,15 +41,29 @@ def init(
     out.print(f"initialised {home} for device {device_name} ({identity.device_id})", soft_wrap=True)
 
 
-ListenOption = Annotated[list[str], typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
+ListenOption = Annotated[
+    list[str],
+    typer.Option(
+        "--listen", parser=checks.listen_address, metavar="MADDR", help="TCP multiaddr to listen on (repeatable)."
+    ),
+]
 PeerOption = Annotated[
-    list[str], typer.Option("--peer", help="Multiaddr of a device to keep syncing with (repeatable).")
+    list[str],
+    typer.Option(
+        "--peer",
+        parser=checks.peer_address,
+        metavar="MADDR",
+        help="Multiaddr, ending in /p2p/<peer id>, of a device to keep syncing with (repeatable).",
+    ),
 ]
 NoMdnsOption = Annotated[bool, typer.Option("--no-mdns", help="Do not look for devices on the LAN with mDNS.")]
 RelayOption = Annotated[
     str | None,
     typer.Option(
-        "--relay", help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox."
+        "--relay",
+        parser=checks.relay_address,
+        metavar="MADDR",
+        help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox.",
     ),
 ]
 
@@ -119,7 +137,8 @@ async def _start_gui(nursery: trio.Nursery, node: Any, address: Any) -> None:
 
 
 GuiOption = Annotated[
-    str | None, typer.Option("--gui", help="Loopback HOST:PORT of the local page (default 127.0.0.1:8395).")
+    str | None,
+    typer.Option("--gui", metavar="HOST:PORT", help="Loopback address of the local page (default 127.0.0.1:8395)."),
 ]
 NoGuiOption = Annotated[bool, typer.Option("--no-gui", help="Do not serve the local page.")]
 
@@ -202,10 +221,13 @@ def gui_command(
 @app.command("relay")
 def relay_command(
     listen: ListenOption = [],
-    data: Annotated[Path | None, typer.Option(help="Folder for the relay's key and mailbox store.")] = None,
+    data: Annotated[Path | None, typer.Option(metavar="DIR", help="Folder for the relay's key and mailbox store.")] = None,
     mailbox_store: Annotated[
         str | None,
-        typer.Option(help="nats:// URLs, comma-separated, of a JetStream cluster for the mailbox (default: SQLite)."),
+        typer.Option(
+            metavar="URLS",
+            help="nats:// URLs, comma-separated, of a JetStream cluster for the mailbox (default: SQLite).",
+        ),
     ] = None,
 ) -> None:
     """Run a relay: circuits between devices that cannot dial each other, and a mailbox of sealed batches."""
@@ -221,7 +243,7 @@ def pair_invite(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of the code and a QR code.")
     ] = False,
-    ttl_s: Annotated[float, typer.Option("--ttl", min=30, max=3600, help="Seconds the invite stays open.")] = 600,
+    ttl_s: Annotated[float, typer.Option("--ttl", metavar="SECONDS", min=30, max=3600, help="Seconds the invite stays open.")] = 600,
 ) -> None:
     """Open a one-time invite on the running node, print its code, and wait for the new device to join."""
     from node.api.rpc import NodeNotRunning, RpcClient, RpcRemoteError
@@ -261,17 +283,25 @@ def _show_invite(invite: dict) -> None:
 @pair_app.command("join")
 def pair_join(
     ctx: typer.Context,
-    code: Annotated[str, typer.Argument(help="The invite's code, or the text of its QR code.")],
+    code: Annotated[
+        str, typer.Argument(metavar="CODE", help="The invite's code (`pair invite` shows it), or its QR code's text.")
+    ],
     address: Annotated[
         str | None,
-        typer.Option("--address", help="Multiaddr of the inviting device (from its invite); found on the LAN if omitted."),
+        typer.Option(
+            "--address",
+            parser=checks.peer_address,
+            metavar="MADDR",
+            help="Multiaddr of the inviting device (from its invite); found on the LAN if omitted.",
+        ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option("--name", help="This device's name, shown on every device (default: host name).")
+        str | None,
+        typer.Option("--name", metavar="NAME", help="This device's name, shown on every device (default: host name)."),
     ] = None,
     listen: ListenOption = [],
     sync_timeout_s: Annotated[
-        float, typer.Option("--sync-timeout", min=1, help="Seconds to wait for the first full sync.")
+        float, typer.Option("--sync-timeout", metavar="SECONDS", min=1, help="Seconds to wait for the first full sync.")
     ] = 600,
 ) -> None:
     """Join this user's group: pair with the inviting device using CODE, then sync everything from it."""

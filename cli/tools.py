@@ -6,10 +6,9 @@ import random
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import app, console
+from cli.common import app, console, out
 
 
 def _parse_faults(faults: str) -> frozenset[str]:
@@ -24,11 +23,11 @@ def _parse_faults(faults: str) -> frozenset[str]:
 
 @app.command()
 def simulate(
-    nodes: Annotated[int, typer.Option(min=2, max=64, help="Number of simulated devices.")] = 4,
-    ops: Annotated[int, typer.Option(min=0, max=1_000_000, help="Local writes in total, over all devices.")] = 1000,
-    seed: Annotated[int | None, typer.Option(help="RNG seed; default SIM_SEED or a random one.")] = None,
+    nodes: Annotated[int, typer.Option(metavar="N", min=2, max=64, help="Number of simulated devices.")] = 4,
+    ops: Annotated[int, typer.Option(metavar="N", min=0, max=1_000_000, help="Local writes in total, over all devices.")] = 1000,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="RNG seed; default SIM_SEED or a random one.")] = None,
     faults: Annotated[
-        str, typer.Option(help="Comma-separated: partition,drop,dup,reorder,delay,restart,oneway,hold.")
+        str, typer.Option(metavar="LIST", help="Comma-separated: partition,drop,dup,reorder,delay,restart,oneway,hold.")
     ] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
@@ -49,7 +48,7 @@ def simulate(
             if key != "digests":
                 table.add_row(key, str(value))
         table.add_row("distinct digests", str(len(set(report.digests))))
-        Console().print(table)
+        out.print(table)
     if not report.converged:
         console.print(f"[red]did not converge[/red]; replay with SIM_SEED={seed} or --seed {seed}")
         raise typer.Exit(1)
@@ -57,7 +56,7 @@ def simulate(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Which benchmark: crdt, stores, sync or relay.")],
+    name: Annotated[str, typer.Argument(metavar="crdt|stores|sync|relay", help="Which benchmark.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Run a benchmark; every figure is printed beside a baseline measured in the same run."""
@@ -75,4 +74,4 @@ def bench(
         table.add_column(column)
     for row in report["metrics"]:
         table.add_row(*(str(row[c]) for c in ("name", "value", "unit", "baseline", "ratio", "target", "met")))
-    Console().print(table)
+    out.print(table)

@@ -52,6 +52,12 @@ class DeviceRegistry:
             return None
         return {**register.value, "revoked": device in self.revocations}
 
+    def name(self, device: str) -> str | None:
+        """The name a device's enrolment gives it, or None for a device not (yet) enrolled."""
+        register = self.enrolments.get(device)
+        name = register.value.get("name") if register is not None else None
+        return name if isinstance(name, str) else None
+
     def to_state(self) -> dict:
         return {
             "enrolments": {d: list(r) for d, r in self.enrolments.items()},

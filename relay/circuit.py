@@ -75,6 +75,9 @@ class LimitedHop(CircuitV2Protocol):
         self.circuits_by_peer: Counter[ID] = Counter()
         self.circuits_open = 0
         self.circuits_refused = 0
+        # Why each open circuit ended, keyed by its source's HOP stream: the first direction to end says it, and
+        # `_handle_connect` logs it as the circuit's one line.
+        self._end_reasons: dict[INetStream, str | None] = {}
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         remote = stream.muxed_conn.peer_id
@@ -108,6 +111,8 @@ class LimitedHop(CircuitV2Protocol):
         self.circuits_open += 1
         self.circuits_by_peer[source] += 1
         self.circuits_by_peer[destination] += 1
+        self._end_reasons[stream] = None
+        started_s = time.monotonic()
         try:
             await super()._handle_connect(stream, msg)
         finally:
@@ -117,6 +122,14 @@ class LimitedHop(CircuitV2Protocol):
             # Entries the library keeps per peer id for its own cleanup, which this class's forwarding never uses.
             self._active_relays.pop(source, None)
             self._active_relays.pop(destination, None)
+            reason = self._end_reasons.pop(stream, None) or "not opened: the destination did not take it"
+            logger.info("circuit %s -> %s ended after %.1f s: %s", source, destination, time.monotonic() - started_s, reason)
+
+    def _circuit_ended(self, streams: tuple[INetStream, INetStream], reason: str) -> None:
+        """Keep the first reason either direction gives for the circuit these streams belong to."""
+        for stream in streams:
+            if stream in self._end_reasons and self._end_reasons[stream] is None:
+                self._end_reasons[stream] = reason
 
     async def _relay_data(
         self,
@@ -130,21 +143,23 @@ class LimitedHop(CircuitV2Protocol):
         # `deadline` is on time.monotonic(); the library only checks it when a chunk arrives, this scope also when idle.
         seconds_left = float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
         ended_cleanly = False
+        streams = (src_stream, dst_stream)
         with trio.move_on_after(seconds_left) as lifetime:
             try:
                 while data := await read_chunk(src_stream, FORWARD_READ_BYTES):
                     if circuit_data_limit is not None:
                         if len(data) > circuit_data_limit[0]:
-                            logger.info("circuit with %s reached its byte limit: reset", peer_id)
+                            self._circuit_ended(streams, "reached its byte limit: reset")
                             break
                         circuit_data_limit[0] -= len(data)
                     await write_within(dst_stream, data, WRITE_TIMEOUT_S)
                 else:
                     ended_cleanly = True
+                    self._circuit_ended(streams, f"closed by {peer_id}")
             except StreamGone as error:
-                logger.debug("circuit with %s ended: %s", peer_id, error)
+                self._circuit_ended(streams, f"the stream of {peer_id} ended ({error})")
         if lifetime.cancelled_caught:
-            logger.info("circuit with %s reached its duration limit: reset", peer_id)
+            self._circuit_ended(streams, "reached its duration limit: reset")
         # Ending both streams also ends the other direction's read, so the circuit ends as one.
         for stream in (src_stream, dst_stream):
             if ended_cleanly:

@@ -46,7 +46,10 @@ def _open_rdict(path: Path) -> rocksdict.Rdict:
         return rocksdict.Rdict(str(path), options)
     except Exception as error:  # rocksdict raises bare Exception carrying RocksDB's status text
         if "lock" in str(error).lower():
-            raise StoreError(f"cache {path} is in use by another process or another open SealedKv") from error
+            raise StoreError(
+                f"the cache {path} is in use by another process (a node or a command on the same home); "
+                "try again once it has finished"
+            ) from error
         raise StoreError(f"cannot open cache {path}: {error}") from error
 
 

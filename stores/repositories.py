@@ -197,6 +197,11 @@ class MemoryRepository(_Repository):
         rows = {row[0]: row for row in await self._data.sql.run(primary.rows_by_id, "memories", "id, text, metadata", chosen)}
         return [Memory(i, rows[i][1], primary.unpack(rows[i][2]), best[i]) for i in chosen if i in rows]
 
+    async def list(self, limit: int = 50) -> list[Memory]:
+        """Return up to `limit` memories, newest first (ids sort by creation time)."""
+        rows = await self._data.sql.query("SELECT id, text, metadata FROM memories ORDER BY id DESC LIMIT ?", (limit,))
+        return [Memory(memory_id, text, primary.unpack(metadata)) for memory_id, text, metadata in rows]
+
 
 class NoteRepository(_Repository):
     """Relationship notes and profile texts, merged character-wise."""
@@ -207,6 +212,10 @@ class NoteRepository(_Repository):
     async def get(self, name: str) -> str | None:
         row = await self._data.sql.query_one("SELECT text FROM notes WHERE name = ?", (name,))
         return None if row is None else row[0]
+
+    async def names(self) -> list[str]:
+        """Return the name of every note, in order."""
+        return [name for (name,) in await self._data.sql.query("SELECT name FROM notes ORDER BY name")]
 
 
 class CounterRepository(_Repository):

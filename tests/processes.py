@@ -18,11 +18,12 @@ def env() -> dict:
     return {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
 
 
-def cli(home: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+def cli(home: Path, *args: str, timeout_s: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "cli", "--home", str(home), *args]
     return subprocess.run(
-        command, capture_output=True, text=True, env=env(), timeout=timeout_s, stdin=subprocess.DEVNULL
-    )
+        command, capture_output=True, text=True, env={**env(), **(extra_env or {})}, timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 class RunningNode:

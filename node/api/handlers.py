@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
+from node.api.params import ParamError, checked_metadata, checked_name, checked_text
 from node.api.rpc import Handler, StreamedReply
 from node.bus import Bus
 from node.embed import default_embedder
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 # Methods that may take longer than the socket's default 30 s: a rebuild of every derived store, a text embedded while
 # the model is still loading, the first analytics query after a start.
 HANDLER_TIMEOUTS_S = {"rebuild": 1800.0, "memory.add": 120.0, "memory.search": 120.0, "analytics.daily": 120.0}
+LIST_LIMIT = 50  # items msg.list and memory.list return unless asked for another number
+LIST_LIMIT_MAX = 10_000
+SEARCH_K_MAX = 1000
 
 
 class NetworkOff(NodeError):
@@ -52,12 +56,22 @@ class NodeParts(Protocol):
     def unit_of_work(self) -> UnitOfWork: ...
 
 
+def name_param(params: dict[str, Any], name: str) -> str:
+    """The parameter `name` as a short label (a key, an id, a conversation or note name); ParamError otherwise."""
+    return checked_name(params.get(name), name)
+
+
 def text_param(params: dict[str, Any], name: str, *, empty_ok: bool = False) -> str:
-    """The string parameter `name`, refused (DataError) unless it is a (non-empty) string."""
-    value = params.get(name)
-    if not isinstance(value, str) or (not value and not empty_ok):
-        raise DataError(f"{name} must be a non-empty string")
-    return value
+    """The parameter `name` as a (non-empty unless `empty_ok`) text within the size limit; ParamError otherwise."""
+    return checked_text(params.get(name), name, empty_ok=empty_ok)
+
+
+def limit_param(params: dict[str, Any], default: int, most: int) -> int:
+    """The `limit` parameter: an integer from 1 to `most`, `default` when absent; ParamError otherwise."""
+    limit = params.get("limit", default)
+    if type(limit) is not int or not 1 <= limit <= most:
+        raise ParamError(f"limit must be an integer from 1 to {most}")
+    return limit
 
 
 class DataHandlers:
@@ -71,12 +85,16 @@ class DataHandlers:
         return {
             "pref.set": self.pref_set,
             "pref.get": self.pref_get,
+            "pref.list": self.pref_list,
             "msg.add": self.msg_add,
             "msg.get": self.msg_get,
+            "msg.list": self.msg_list,
             "memory.add": self.memory_add,
             "memory.search": self.memory_search,
+            "memory.list": self.memory_list,
             "note.edit": self.note_edit,
             "note.show": self.note_show,
+            "note.list": self.note_list,
             "counter.add": self.counter_add,
             "counter.get": self.counter_get,
             "session.set": self.session_set,
@@ -90,18 +108,22 @@ class DataHandlers:
 
     async def pref_set(self, params: dict[str, Any]) -> dict[str, Any]:
         async with self.node.unit_of_work() as uow:
-            uow.preferences.set(text_param(params, "key"), params.get("value"))
+            uow.preferences.set(name_param(params, "key"), params.get("value"))
             await uow.commit()
         return {"key": params["key"], "value": params.get("value")}
 
     async def pref_get(self, params: dict[str, Any]) -> Any:
         async with self.node.unit_of_work() as uow:
-            return await uow.preferences.get(text_param(params, "key"))
+            return await uow.preferences.get(name_param(params, "key"))
+
+    async def pref_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        async with self.node.unit_of_work() as uow:
+            return await uow.preferences.all()
 
     async def msg_add(self, params: dict[str, Any]) -> dict[str, Any]:
         async with self.node.unit_of_work() as uow:
             message_id = uow.conversations.add_message(
-                text_param(params, "conversation"),
+                name_param(params, "conversation"),
                 text_param(params, "text"),
                 role=params.get("role") or "user",
                 sentiment=params.get("sentiment"),
@@ -110,9 +132,16 @@ class DataHandlers:
             await uow.commit()
         return {"id": message_id}
 
+    async def msg_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        conversation = name_param(params, "conversation")
+        limit = limit_param(params, LIST_LIMIT, LIST_LIMIT_MAX)
+        async with self.node.unit_of_work() as uow:
+            messages = await uow.conversations.messages(conversation, limit)
+        return [attrs.asdict(message) for message in messages]
+
     async def msg_get(self, params: dict[str, Any]) -> dict[str, Any] | None:
         async with self.node.unit_of_work() as uow:
-            message = await uow.conversations.get(text_param(params, "id"))
+            message = await uow.conversations.get(name_param(params, "id"))
         return None if message is None else attrs.asdict(message)
 
     async def embedding_of(self, params: dict[str, Any]) -> Any:
@@ -126,56 +155,72 @@ class DataHandlers:
     async def memory_add(self, params: dict[str, Any]) -> dict[str, Any]:
         embedding = await self.embedding_of(params)
         async with self.node.unit_of_work() as uow:
-            memory_id = uow.memories.save_memory(text_param(params, "text"), embedding, params.get("metadata"))
+            metadata = checked_metadata(params.get("metadata") or {}, "metadata")
+            memory_id = uow.memories.save_memory(text_param(params, "text"), embedding, metadata)
             await uow.commit()
         return {"id": memory_id}
 
     async def memory_search(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        where = params.get("where")
+        where = None if where is None else checked_metadata(where, "where")
+        k = params.get("k", 5)
+        if type(k) is not int or not 1 <= k <= SEARCH_K_MAX:
+            raise ParamError(f"k must be an integer from 1 to {SEARCH_K_MAX}")
         embedding = await self.embedding_of(params)
         await self.node.projector.drain()  # so a memory stored just before is found
         async with self.node.unit_of_work() as uow:
-            found = await uow.memories.get_memories_by_context(embedding, int(params.get("k", 5)), params.get("where"))
+            found = await uow.memories.get_memories_by_context(embedding, k, where)
         return [attrs.asdict(memory) for memory in found]
+
+    async def memory_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = limit_param(params, LIST_LIMIT, LIST_LIMIT_MAX)
+        async with self.node.unit_of_work() as uow:
+            memories = await uow.memories.list(limit)
+        return [{"id": memory.id, "text": memory.text, "metadata": memory.metadata} for memory in memories]
 
     async def note_edit(self, params: dict[str, Any]) -> dict[str, Any]:
         async with self.node.unit_of_work() as uow:
-            uow.notes.edit(text_param(params, "name"), text_param(params, "text", empty_ok=True))
+            uow.notes.edit(name_param(params, "name"), text_param(params, "text", empty_ok=True))
             await uow.commit()
         return {"name": params["name"]}
 
     async def note_show(self, params: dict[str, Any]) -> str | None:
         async with self.node.unit_of_work() as uow:
-            return await uow.notes.get(text_param(params, "name"))
+            return await uow.notes.get(name_param(params, "name"))
+
+    async def note_list(self, params: dict[str, Any]) -> list[str]:
+        async with self.node.unit_of_work() as uow:
+            return await uow.notes.names()
 
     async def counter_add(self, params: dict[str, Any]) -> dict[str, Any]:
         delta = params.get("delta", 1)
         if type(delta) is not int or abs(delta) > 1 << 40:
             raise DataError("delta must be an integer")
         async with self.node.unit_of_work() as uow:
-            uow.counters.increment(text_param(params, "name"), delta)
+            uow.counters.increment(name_param(params, "name"), delta)
             await uow.commit()
         return {"name": params["name"]}
 
     async def counter_get(self, params: dict[str, Any]) -> int:
         async with self.node.unit_of_work() as uow:
-            return await uow.counters.get(text_param(params, "name"))
+            return await uow.counters.get(name_param(params, "name"))
 
     async def session_set(self, params: dict[str, Any]) -> dict[str, Any]:
         async with self.node.unit_of_work() as uow:
-            uow.session.set(text_param(params, "key"), params.get("value"), params.get("ttl_s", 3600.0))
+            uow.session.set(name_param(params, "key"), params.get("value"), params.get("ttl_s", 3600.0))
         return {"key": params["key"]}
 
     async def session_get(self, params: dict[str, Any]) -> Any:
         async with self.node.unit_of_work() as uow:
-            return uow.session.get(text_param(params, "key"))
+            return uow.session.get(name_param(params, "key"))
 
     async def forget(self, params: dict[str, Any]) -> dict[str, Any]:
         kind = params.get("kind")
         async with self.node.unit_of_work() as uow:
             if kind == "message":
-                uow.conversations.forget(text_param(params, "id"))
+                uow.conversations.forget(name_param(params, "id"))
             elif kind == "memory":
-                uow.memories.forget(text_param(params, "id"))
+                uow.memories.forget(name_param(params, "id"))
             else:
                 raise DataError(f"can forget a message or a memory, not {kind!r}")
             await uow.commit()
@@ -223,12 +268,14 @@ class AdminHandlers:
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
         node, network = self.node, self.node.network
         data = node.data
+        peers = network.sync.status(network.mailbox) if network else []
         status = {
             "device_id": node.identity.device_id,
+            "name": data.replica.devices.name(node.identity.device_id),
             "group_epoch": node.keyring.current.epoch,
             "revoked": data.replica.devices.revoked_at(node.identity.device_id) is not None,
             "addresses": network.host.addresses if network else [],
-            "peers": network.sync.status(network.mailbox) if network else [],
+            "peers": peers,
             "relay": network.relay_status() if network else None,
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
@@ -305,10 +352,10 @@ class AdminHandlers:
         payload = params.get("payload") or {}
         if not isinstance(payload, dict):
             raise DataError("bus payload must be a map")
-        return {"delivered": self.node.bus.publish(text_param(params, "topic"), payload)}
+        return {"delivered": self.node.bus.publish(name_param(params, "topic"), payload)}
 
     async def bus_subscribe(self, params: dict[str, Any]) -> StreamedReply:
-        pattern = text_param(params, "pattern")
+        pattern = name_param(params, "pattern")
         bus = self.node.bus
 
         async def events() -> AsyncGenerator[dict[str, Any], None]:

@@ -140,11 +140,10 @@ class SyncService:
                 continue
             peer = self.book.peers.get(device_id) or PeerState(device_id)
             ahead_in, ahead_out = peer.behind(replica)
-            record = replica.devices.get(device_id)
             rows.append(
                 {
                     "device_id": device_id,
-                    "name": record.get("name") if record else None,
+                    "name": replica.devices.name(device_id),
                     "online": peer.online,
                     "path": self._path(peer, mailbox),
                     "last_sync": peer.last_sync_s,

@@ -1,6 +1,7 @@
 """Circuit relay v2 on loopback: reserve, dial through the relay, sync end to end, the relay's limits, the
 direct-versus-relay race and the move back to a direct path."""
 
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -180,13 +181,18 @@ async def test_a_circuit_beyond_its_byte_limit_is_cut_and_the_relay_keeps_servin
 
 
 @pytest.mark.trio
-async def test_an_idle_circuit_is_cut_at_its_duration_limit():
+async def test_an_idle_circuit_is_cut_at_its_duration_limit(caplog):
+    caplog.set_level(logging.INFO, logger="relay.circuit")
     async with relay_and_hosts(2, CircuitLimits(duration_per_circuit_s=1)) as (relay, (a, b)):
         await reserve(b, relay.addresses[0], timeout_s=5)
         _, stream = await dial_protocol(a, circuit_addr(relay.addresses[0], b.peer_id), ECHO, timeout_s=5)
         assert await round_trip(stream, b"before") == b"before"
         # No byte crosses the circuit meanwhile: the relay ends it at its deadline all the same.
         await eventually(lambda: relay.hop.circuits_open == 0, 5)
+        # One line for the circuit, though both of its directions were cut.
+        ended = [record.getMessage() for record in caplog.records if record.name == "relay.circuit"]
+        assert len(ended) == 1 and f"{a.peer_id} -> {b.peer_id}" in ended[0], ended
+        assert "reached its duration limit" in ended[0], ended
         with trio.fail_after(5), pytest.raises(StreamError):
             await round_trip(stream, b"after")
 
