@@ -62,7 +62,9 @@ class RunningNode:
             self.process.wait(timeout=30)
 
 
-def pair(inviter: RunningNode, joiner_home: Path, code_override: str | None = None) -> subprocess.CompletedProcess:
+def pair(
+    inviter: RunningNode, joiner_home: Path, code_override: str | None = None, name: str = "paired device"
+) -> subprocess.CompletedProcess:
     invite = subprocess.Popen(
         [sys.executable, "-m", "cli", "--home", str(inviter.home), "pair", "invite", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), stdin=subprocess.DEVNULL,
@@ -70,7 +72,7 @@ def pair(inviter: RunningNode, joiner_home: Path, code_override: str | None = No
     try:
         offer = json.loads(invite.stdout.readline())
         assert offer["addresses"] and "expires" in offer
-        return cli(joiner_home, "pair", "join", code_override or offer["code"], "--address", inviter.address)
+        return cli(joiner_home, "pair", "join", code_override or offer["code"], "--address", inviter.address, "--name", name)
     finally:
         invite.terminate()
         invite.wait(timeout=30)

@@ -48,11 +48,13 @@ class DeviceKeepers:
         self._relay_of: dict[str, str] = {}  # devices given as a circuit address: the relay to reach them through
 
     async def give(self, addresses: Sequence[str]) -> None:
-        """Remember the addresses given on the command line (`--peer`), each under the device it names."""
+        """Remember the addresses given on the command line (`--peer`), each under the device it names, the likeliest
+        first."""
         for address in addresses:
             device_id = _device_of(address)
             if is_circuit_addr(address):
-                self._relay_of[device_id] = split_circuit_addr(address)[0]
+                # The first relay given for a device stays: the address that worked (for pairing) comes first.
+                self._relay_of.setdefault(device_id, split_circuit_addr(address)[0])
             else:
                 await self.sync.book.learn(device_id, [address], "given")
             if not self.sync.is_trusted(device_id):

@@ -22,7 +22,7 @@ LIVE_WITHIN_MS = 2000
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     folder = tmp_path_factory.mktemp("group")
-    assert cli(folder / "a", "init").returncode == 0
+    assert cli(folder / "a", "init", "--name", "first device").returncode == 0
     a = RunningNode(folder / "a", gui="127.0.0.1:0")
     nodes = [a]
     try:

@@ -31,7 +31,7 @@ def node(tmp_path_factory):
 def spare_home(tmp_path_factory):
     """A second home, for the tests that start (and stop) a node of their own, one at a time."""
     home = tmp_path_factory.mktemp("spare") / "a"
-    assert cli(home, "init").returncode == 0
+    assert cli(home, "init", "--name", "first device").returncode == 0
     return home
 
 
