@@ -573,7 +573,8 @@ class Node:
         if devices.revoked_at(device_id) is not None:
             raise DataError(f"{device_id} is already revoked")
         async with self.unit_of_work() as uow:
-            uow.devices.revoke(device_id, revocation_record(self.identity, device_id, str(params.get("reason") or "")))
+            reason, cutoff_seq = str(params.get("reason") or ""), self.data.replica.seq_of(device_id)
+            uow.devices.revoke(device_id, revocation_record(self.identity, device_id, reason, cutoff_seq))
             keeping = self._stage_rotation(uow, excluding=device_id)
             await uow.commit()
         return {"revoked": device_id, "epoch": self.keyring.current.epoch, "key_sent_to": keeping}
