@@ -36,6 +36,7 @@ from stores.datalayer import DataLayer, StoreConfig
 from stores.primary import get_meta, set_meta
 from stores.projector import Projector
 from stores.repositories import DataError, UnitOfWork
+from stores.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -394,12 +395,11 @@ class Node:
             "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), "
             "(SELECT coalesce(sum(key_count), 0) FROM outbox)"
         )
-        index = data.vectors()
         return {
             "messages": messages,
             "memories": memories,
             "analytics_rows": await data.in_analytics(AnalyticsStore.count),
-            "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
+            "vector_items": await data.in_vectors(VectorIndex.count),
             "projector_backlog": backlog,
         }
 
