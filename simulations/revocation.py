@@ -60,7 +60,8 @@ class RevocationSimulation(Simulation):
             target = (Collection.MESSAGES, rng.choice(messages), Kind.DELETE, None)
         elif kind == "memory_remove" and memories:
             memory = rng.choice(memories)
-            target = (Collection.MEMORIES, memory, Kind.REMOVE, [list(tag) for tag in replica.memories.live_tags(memory)])
+            tags = [list(tag) for tag in replica.memories.live_tags(memory)]
+            target = (Collection.MEMORIES, memory, Kind.REMOVE, tags)
         elif kind == "message":
             fields = {"conversation": "conv-0", "role": "user", "text": f"forged {seq}", "ts_ms": hlc >> 16}
             target = (Collection.MESSAGES, f"{device}-forged-{seq}", Kind.ADD, fields)

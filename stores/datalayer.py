@@ -125,8 +125,8 @@ class DataLayer:
         replica: Replica,
         analytics: AnalyticsStore,
         cache: SealedKv,
+        open_cache: Callable[[], SealedKv],
         now_ms: Callable[[], int],
-        open_cache: Callable[[], SealedKv] | None = None,
     ) -> None:
         self.home = home
         self.now_ms = now_ms
@@ -135,7 +135,7 @@ class DataLayer:
         self.replica = replica
         self.analytics = analytics
         self.cache = cache
-        self._open_cache = open_cache
+        self._open_cache = open_cache  # opens the cache again, to mend it
         self.cache_refill_owed = False  # the cache was mended empty: the projector refills it from primary SQL
         self.write_lock = trio.Lock()
         self.vectors_limiter = trio.CapacityLimiter(1)  # the vector index is used from one thread at a time
@@ -179,15 +179,13 @@ class DataLayer:
         except BaseException:
             await sql.close()
             raise
-        data = cls(home, config, sql, replica, analytics, cache, now_ms, open_cache)
+        data = cls(home, config, sql, replica, analytics, cache, open_cache, now_ms)
         data.cache_refill_owed = mended
         return data
 
     def mend_cache(self, error: StoreError) -> None:
         """Replace a cache found damaged while open with an empty one, which the projector refills."""
         self.cache.close()
-        if self._open_cache is None:
-            raise error
         self.cache, _ = _mended_if_damaged(self.cache.path, self._open_cache, error)
         self.cache_refill_owed = True
 
@@ -247,6 +245,9 @@ class DataLayer:
         return self.vectors
 
     async def _load_vectors(self) -> None:
+        """Fill the vector index from the primary store, from empty (so a load cut short leaves nothing stale)."""
+        self._vectors_loaded = False
+        await trio.to_thread.run_sync(self.vectors.clear, limiter=self.vectors_limiter)
         after = 0
         while rows := await self.sql.run(primary.memory_vectors, after, VECTOR_LOAD_ROWS):
             after = rows[-1][0]
@@ -288,7 +289,6 @@ class DataLayer:
     async def reload_vectors(self) -> int:
         """Replace the vector index's contents with the vectors of the primary store; return how many there are."""
         async with self._vectors_lock:
-            await trio.to_thread.run_sync(self.vectors.clear, limiter=self.vectors_limiter)
             await self._load_vectors()
         return self.vectors.count()
 

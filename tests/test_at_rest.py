@@ -76,7 +76,8 @@ def test_nothing_the_user_wrote_is_readable_in_the_home_and_rebuilds_keep_its_si
         ok(cli(home, "msg", "add", TEXTS["conversation"], TEXTS["message"], passphrase=None))
         metadata = json.dumps({TEXTS["metadata key"]: TEXTS["metadata value"]})
         embedding = str(tmp_path / "vector.npy")
-        memory = ok(cli(home, "memory", "add", TEXTS["memory"], "--embedding", embedding, "--metadata", metadata, passphrase=None))
+        adding = ("memory", "add", TEXTS["memory"], "--embedding", embedding, "--metadata", metadata)
+        memory = ok(cli(home, *adding, passphrase=None))
         ok(cli(home, "note", "edit", TEXTS["note name"], TEXTS["note text"], passphrase=None))
         with RpcClient.connect(home / "node.sock") as client:  # session context has no command of its own
             client.call("session.set", key=TEXTS["session key"], value=TEXTS["session value"])
@@ -129,7 +130,8 @@ def test_a_byte_flipped_in_any_derived_store_file_is_mended_and_never_answers_wr
     node = start_node(home)
     with RpcClient.connect(home / "node.sock") as client:
         for i in range(3):
-            client.call("memory.add", text=f"memory {i}", embedding=rng.standard_normal(DIMS).tolist(), metadata={"i": i})
+            embedding = rng.standard_normal(DIMS).tolist()
+            client.call("memory.add", text=f"memory {i}", embedding=embedding, metadata={"i": i})
         client.call("pref.set", key="theme", value="dark")
         client.call("session.set", key="topic", value="tea")
     node.send_signal(signal.SIGKILL)  # so the cache's write-ahead log is left holding entries

@@ -35,7 +35,8 @@ def test_backdated_writes_past_the_cutoff_have_no_effect_whichever_arrives_first
     assert revocation.payload[CUTOFF_FIELD] == 1
     clock.now += 10
     # c has not heard of it and writes on, stamping its ops before the revocation.
-    forged = [backdated(op, revocation) for op in (revoked.set_preference("theme", "stolen"), revoked.increment("v", 5))]
+    writes = (revoked.set_preference("theme", "stolen"), revoked.increment("v", 5))
+    forged = [backdated(op, revocation) for op in writes]
     assert all(op.hlc < revocation.hlc for op in forged)
     deliveries = [[before, revocation], forged] if revocation_first else [[before, *forged], [revocation]]
     for ops in deliveries:

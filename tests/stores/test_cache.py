@@ -159,8 +159,9 @@ def test_wrong_key_is_refused_at_open(kv_path: Path, kv: SealedKv) -> None:
 def test_second_opener_is_told_the_store_is_in_use(kv_path: Path, kv: SealedKv) -> None:
     with pytest.raises(CacheInUseError, match="in use by another process"):
         SealedKv(kv_path, KEY, INDEX_KEY)
+    opening = f"import pathlib, stores; stores.SealedKv(pathlib.Path({str(kv_path)!r}), bytes(32), bytes(32))"
     other_process = subprocess.run(
-        [sys.executable, "-c", f"import pathlib, stores; stores.SealedKv(pathlib.Path({str(kv_path)!r}), bytes(32), bytes(32))"],
+        [sys.executable, "-c", opening],
         capture_output=True,
         text=True,
         timeout=60,
