@@ -4,6 +4,7 @@ collection built from the same vectors a step at a time, which answers once it h
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,28 @@ INDEX_STEP_ITEMS_MAX = 5000
 # Wider search lists than chroma's defaults (ef 100/100, 16 neighbours): measured recall@5 on 100k random 384-dim
 # vectors rose from 0.37, at a few milliseconds per query.
 _HNSW = {"space": "cosine", "ef_construction": 200, "ef_search": 200, "max_neighbors": 32}
+
+
+_client_lock = threading.Lock()
+_client: chromadb.ClientAPI | None = None
+
+
+def _shared_client() -> chromadb.ClientAPI:
+    """Return the process's one in-memory Chroma client.
+
+    Chroma keeps one in-memory store per process whatever the client, and its bookkeeping of clients is not
+    thread-safe: two indexes making their clients on two threads at once left a store that was stopped twice.
+    """
+    global _client
+    # Imported here: chromadb takes ~0.6 s to import, and commands that only search exactly never need it.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read when chromadb loads onnxruntime
+    import chromadb
+    from chromadb.config import Settings
+
+    with _client_lock:
+        if _client is None:
+            _client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
+        return _client
 
 
 @attrs.frozen
@@ -105,7 +128,6 @@ class VectorIndex:
     def __init__(self, dim: int) -> None:
         self._dim = dim
         self._exact: ExactVectors | None = ExactVectors(dim)
-        self._client: chromadb.ClientAPI | None = None
         self._collection: chromadb.Collection | None = None
         self._unindexed: dict[str, None] = {}  # ids whose current vector Chroma lacks, oldest first
         self._removed: set[str] = set()  # ids Chroma may still hold that are gone
@@ -119,18 +141,14 @@ class VectorIndex:
     def _chroma(self) -> Iterator[chromadb.Collection]:
         """Yield the Chroma collection, creating it on first use, and turn chroma errors into store errors."""
         self._vectors()
-        # Imported here: chromadb takes ~0.6 s to import, and commands that only search exactly never need it.
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read when chromadb loads onnxruntime
-        import chromadb
+        client = _shared_client()
         import chromadb.errors
-        from chromadb.config import Settings
 
         try:
             if self._collection is None:
-                self._client = self._client or chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
-                # Chroma's in-memory client shares one store per process: each index names a collection its own.
+                # Each index keeps to a collection of its own in the process's one store.
                 # embedding_function=None: without it chroma would download a model to embed texts itself.
-                self._collection = self._client.create_collection(
+                self._collection = client.create_collection(
                     f"memories-{uuid.uuid4().hex}", embedding_function=None, configuration={"hnsw": _HNSW}
                 )
             yield self._collection
@@ -226,14 +244,10 @@ class VectorIndex:
         if self._collection is not None:
             with self._chroma() as collection:
                 self._collection = None
-                assert self._client is not None
-                self._client.delete_collection(collection.name)
+                _shared_client().delete_collection(collection.name)
 
     def close(self) -> None:
         """Release the vectors and the Chroma collection; idempotent."""
         if self._exact is not None:
             self._drop_collection()
             self._exact = None
-            if self._client is not None:
-                client, self._client = self._client, None
-                client.close()

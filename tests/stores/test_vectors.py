@@ -1,6 +1,7 @@
 """VectorIndex: exact search and a real in-memory ChromaDB collection built from it in steps."""
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,14 +103,14 @@ def test_vectors_without_a_direction_leave_the_index_and_wrong_sizes_are_refused
         index.query(np.zeros(DIM), 3)
 
 
-def test_two_indexes_in_one_process_are_independent() -> None:
+def test_two_indexes_built_on_two_threads_at_once_are_independent() -> None:
     # Chroma's in-memory client is one store per process: each index must keep to a collection of its own.
     first, second = VectorIndex(DIM), VectorIndex(DIM)
     try:
         first.upsert(["a"], random_vectors(1))
-        build(first)
         second.upsert(["b", "c"], random_vectors(2, seed=5))
-        build(second)
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(build, (first, second))) == [1, 1]
         assert (first.indexed(), second.indexed()) == (1, 2)
         first.clear()
         first.close()
