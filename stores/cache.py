@@ -18,7 +18,7 @@ import rocksdict
 from stores.errors import StoreClosedError, StoreCorruptError, StoreError, ValueTooLargeError, WrongKeyError
 
 VALUE_MAX_BYTES = 4 * 1024 * 1024
-KEY_MAX_BYTES = 1024
+KEY_MAX_BYTES = 0xFFFF  # the sealed header holds a key's length in two bytes
 QUEUE_ITEMS_MAX = 100_000
 INDEX_KEY_BYTES = 32
 LOG_FILE_BYTES_MAX = 256 * 1024  # RocksDB's own info log (options and events, no keys): at most two such files

@@ -142,7 +142,8 @@ class Projector:
         return preferences
 
     async def index_vectors(self) -> None:
-        """Load the vector index, then keep giving Chroma the vectors it lacks, in short steps, until cancelled."""
+        """Load the vector index, then keep giving Chroma the changes it lacks, in short steps each followed by a rest
+        as long, until cancelled."""
         data = self.data
         await data.vectors_ready()
         items = INDEX_STEP_ITEMS_FIRST

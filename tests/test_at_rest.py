@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from node.rpc import RpcClient
 from tests.test_node_process import DIMS, cli, start_node
