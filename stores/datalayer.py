@@ -164,11 +164,11 @@ class DataLayer:
         config = config or StoreConfig()
         now_ms = now_ms or _wall_clock_ms
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)
         sql = await AsyncSql.open(config.engine, home / PRIMARY_FILE, store_key("sql"), timeout_s=config.sql_timeout_s)
         try:
             await sql.run(primary.open_schema)
             replica = await cls._load_replica(sql, device_id, now_ms)
+            _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)  # once the home has proved to be this device's
             analytics = AnalyticsStore()
 
             def open_cache() -> SealedKv:
