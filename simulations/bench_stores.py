@@ -198,7 +198,9 @@ async def _search_metrics(data: DataLayer, ids: list[str], vectors: np.ndarray, 
     numpy_latencies = []
     for query in queries:
         started = time.perf_counter()
-        nearest = np.argsort(-(units @ (query / np.linalg.norm(query))))[:5]
+        scores = units @ (query / np.linalg.norm(query))
+        nearest = np.argpartition(-scores, 4)[:5]
+        nearest = nearest[np.argsort(-scores[nearest])]
         numpy_latencies.append(time.perf_counter() - started)
         exact.append({ids[i] for i in nearest})
     numpy_p50_ms = float(np.median(numpy_latencies)) * 1000
