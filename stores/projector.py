@@ -8,7 +8,7 @@ import trio
 from stores import primary
 from stores.analytics import AnalyticsMessage, AnalyticsStore
 from stores.datalayer import DataLayer, _reload_analytics
-from stores.errors import StoreCorruptError
+from stores.errors import StoreCorruptError, StoreError
 from stores.vectors import INDEX_STEP_ITEMS_MAX
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,12 @@ class Projector:
                 data.vectors_changed = trio.Event()
                 continue
             started = trio.current_time()
-            await data.in_vectors(lambda index: index.index_step(items))
+            try:
+                await data.in_vectors(lambda index: index.index_step(items))
+            except StoreError as error:
+                # Search answers exactly while Chroma lacks changes, so it stays right, only slower.
+                log.warning("vector index: building stopped (%s); searches stay exact", error)
+                return
             took_s = trio.current_time() - started
             scaled = int(items * INDEX_STEP_TARGET_S / max(took_s, 1e-3))
             items = max(INDEX_STEP_ITEMS_MIN, min(INDEX_STEP_ITEMS_MAX, scaled))
