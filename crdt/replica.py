@@ -19,6 +19,7 @@ from crdt.messages import MessageSet
 from crdt.notes import NoteSet
 from crdt.ops import Collection, Kind, Op
 from crdt.registry import DeviceRegistry
+from crdt.revocation import Settlement, settle
 from crdt.schema import payload_is_valid, redacted_payload
 from crdt.vector import VersionVector
 
@@ -59,15 +60,6 @@ class Digest:
     counts: dict[str, int]
 
 
-def _settled_revocations(ops_by_hlc: Iterable[Op]) -> dict[str, int]:
-    """Return device -> revocation stamp, counting a revocation only if its own device was not revoked before it."""
-    revoked_at: dict[str, int] = {}
-    for op in ops_by_hlc:
-        if op.kind is Kind.REVOKE and op.hlc <= revoked_at.get(op.device, op.hlc):
-            revoked_at[op.key] = min(revoked_at.get(op.key, op.hlc), op.hlc)
-    return revoked_at
-
-
 def _canonical(value: Any) -> Any:
     """Return a value with every mapping turned into key-sorted pairs, so it packs the same everywhere."""
     if isinstance(value, Mapping):
@@ -99,6 +91,8 @@ class Replica:
         self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
         self._held: dict[str, dict[int, Op]] = {}
         self._held_count = 0
+        self._revocations: list[Op] = []  # every logged revocation op, and any a snapshot brought
+        self._settlement = Settlement()
 
     def _fresh_rules(self) -> None:
         """Give every collection an empty merge state."""
@@ -261,16 +255,19 @@ class Replica:
         """Re-apply this device's own stored ops at start, in their stored order, without drift checks."""
         # The start of a node with a large log is spent here, so the loop avoids per-op method calls.
         ops = list(ops)
-        # Ops stamped after their device's revocation are logged but never applied, not even for a moment: a voided
+        # Ops of revoked devices past their cut-off are logged but never applied, not even for a moment: a voided
         # note update may reuse Loro op ids of another.
-        revoked_at = _settled_revocations(sorted(ops, key=_by_hlc)) if Kind.REVOKE in map(_kind_of, ops) else {}
+        if Kind.REVOKE in map(_kind_of, ops):
+            self._revocations += [op for op in ops if op.kind is Kind.REVOKE]
+            self._settlement = settle(self._revocations)
+        voids = self._settlement.voids
         vector, log, rules, journal = self._vector, self._log, self._rules, self.journal
         last = self.clock.last
         for op in ops:
             device = op.device
             if op.seq != vector.get(device, 0) + 1:
                 raise CrdtError(f"stored op {device}:{op.seq} is out of order; the op log is damaged")
-            if not revoked_at or op.hlc <= revoked_at.get(device, op.hlc):
+            if not voids(op):
                 rules[op.collection].apply(op, journal)
             log.setdefault(device, []).append(op)
             vector[device] = op.seq
@@ -327,39 +324,37 @@ class Replica:
         return True
 
     def _commit(self, op: Op) -> None:
-        # An op its device stamped after that device's revocation is logged and counted, so it is never resent,
-        # but has no effect.
-        revocation = self.devices.revocations.get(op.device)
-        if revocation is None or op.hlc <= revocation.hlc:
+        # An op of a revoked device past its cut-off is logged and counted, so it is never resent, but has no effect.
+        if not self._settlement.voids(op):
             self._rules[op.collection].apply(op, self.journal)
         self._log.setdefault(op.device, []).append(op)
         self._vector[op.device] = op.seq
-        if op.kind is Kind.REVOKE and self._logs_void_ops():
+        if op.kind is Kind.REVOKE:
+            self._settle_again(self._revocations + [op])
+
+    def _settle_again(self, revocations: list[Op]) -> None:
+        """Settle the revocations anew; if that changes whether any logged op has effect, recompute the state."""
+        before, after = self._settlement, settle(revocations)
+        self._revocations, self._settlement = revocations, after
+        revoked = {*before.cutoff_seq, *before.cutoff_hlc, *after.cutoff_seq, *after.cutoff_hlc}
+        if any(before.voids(op) != after.voids(op) for device in revoked for op in self._log.get(device, ())):
             self._rebuild_state()
 
-    def _logs_void_ops(self) -> bool:
-        """Whether the log holds an op stamped after its device's revocation (it may have taken effect)."""
-        for device, register in self.devices.revocations.items():
-            if any(op.hlc > register.hlc for op in self._log.get(device, ())):
-                return True
-        return False
-
     def _rebuild_state(self) -> None:
-        """Recompute every collection from the log, leaving out ops stamped after their device's revocation.
+        """Recompute every collection from the log, leaving out the ops the settled revocations void.
 
-        Needed when a revocation arrives after ops it voids were applied. A revocation counts only if its signer
-        was not itself revoked before signing it, so revocations are settled first, in HLC order.
+        Needed when a revocation arrives after ops it voids were applied, or voids a revocation that had counted.
         """
         if any(self._log_base.values()):
             # A compacted log cannot be replayed; the voided ops keep their effect (docs/spec/sync.md).
             return
         logged = sorted((op for log in self._log.values() for op in log), key=_by_hlc)
-        revoked_at = _settled_revocations(logged)
         self._fresh_rules()
         self.rebuilds += 1
         scratch = ConflictJournal(self.config.journal_entries_max)  # conflicts were journalled when first seen
+        voids = self._settlement.voids
         for op in logged:
-            if op.hlc <= revoked_at.get(op.device, op.hlc):
+            if not voids(op):
                 self._rules[op.collection].apply(op, scratch)
 
     # -- compaction and snapshots ----------------------------------------------------------------
@@ -384,6 +379,16 @@ class Replica:
         """Merge a peer's state snapshot (already validated) and skip past the ops it covers."""
         for collection, rule in self._rules.items():
             rule.join_state(state[collection.value], self.journal)
+        # The snapshot's revocations void later ops of their devices as logged ones do.
+        known = {op.id for op in self._revocations}
+        brought = [
+            Op(register.device, register.seq, register.hlc, Collection.DEVICES, device, Kind.REVOKE, register.value)
+            for device, register in self.devices.revocations.items()
+            if register.op_id not in known
+        ]
+        if brought:
+            self._revocations += brought
+            self._settlement = settle(self._revocations)
         for device, seq in vector.items():
             if seq > self._vector.get(device, 0):
                 # The snapshot holds these ops' effects but not the ops, so the log restarts after them.
@@ -411,3 +416,8 @@ class Replica:
             self._log_base[device] = base
             if base + len(ops):
                 self._vector[device] = base + len(ops)
+        # The restored state was settled when saved; what voids later ops is settled here again.
+        logged = [op for ops in log.values() for op in ops if op.kind is Kind.REVOKE]
+        ids = {op.id for op in logged}
+        self._revocations = logged + [op for op in self._revocations if op.id not in ids]
+        self._settlement = settle(self._revocations)

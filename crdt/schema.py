@@ -7,6 +7,7 @@ from crdt.memories import EDITABLE_FIELDS as MEMORY_FIELDS
 from crdt.messages import EDITABLE_FIELDS as MESSAGE_FIELDS
 from crdt.messages import ROW_FIELDS as MESSAGE_ROW_FIELDS
 from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind
+from crdt.revocation import CUTOFF_FIELD
 
 SEQ_MAX = (1 << 63) - 1
 
@@ -85,6 +86,10 @@ def _valid_tags(payload: Any) -> bool:
     )
 
 
+def _valid_revocation(payload: Any) -> bool:
+    return is_str_map(payload) and (CUTOFF_FIELD not in payload or is_int(payload[CUTOFF_FIELD]))
+
+
 def _valid_totals(payload: Any) -> bool:
     return type(payload) is list and len(payload) == 2 and all(is_int(v) for v in payload)
 
@@ -102,7 +107,7 @@ PAYLOAD_RULES: dict[tuple[Collection, Kind], Callable[[Any], bool]] = {
     (Collection.NOTES, Kind.UPDATE): lambda v: type(v) is bytes,
     (Collection.COUNTERS, Kind.ADD): _valid_totals,
     (Collection.DEVICES, Kind.ENROL): is_str_map,
-    (Collection.DEVICES, Kind.REVOKE): is_str_map,
+    (Collection.DEVICES, Kind.REVOKE): _valid_revocation,
 }
 assert PAYLOAD_RULES.keys() == {(c, k) for c, kinds in KINDS_BY_COLLECTION.items() for k in kinds}
 

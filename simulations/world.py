@@ -160,13 +160,17 @@ class Simulation:
 
     def _write_some(self, remaining: int) -> int:
         written = 0
-        for node in self.nodes.values():
+        for name, node in self.nodes.items():
             for _ in range(self.rng.randint(0, 2 * self.config.ops_per_node_round)):
                 if written == remaining:
                     return written
-                self.workload.write(node.replica)
+                self._write_one(name, node.replica)
                 written += 1
         return written
+
+    def _write_one(self, name: str, replica: Replica) -> None:
+        """Make one local write on a node."""
+        self.workload.write(replica)
 
     def _random_fault(self) -> None:
         faults, names, rng = self.config.faults, list(self.nodes), self.rng

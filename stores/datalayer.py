@@ -5,13 +5,16 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import attrs
+import numpy as np
 import trio
 
 from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
@@ -20,18 +23,17 @@ from crdt.messages import with_edits
 from crdt.registry import DeviceRegistry
 from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
-from stores.cache import SealedKv
+from stores.cache import CacheInUseError, SealedKv
 from stores.errors import StoreError
 from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
+from stores.vectors import VectorIndex
 
-if TYPE_CHECKING:
-    from stores.vectors import VectorIndex
-
+log = logging.getLogger(__name__)
 PRIMARY_FILE = "primary.db"
-VECTORS_DIR = "vectors"
 CACHE_DIR = "cache"
-MEMORY_COLLECTION = "memories"
+LEGACY_VECTORS_DIR = "vectors"  # where older nodes kept a Chroma index on disk, with vectors and metadata in the clear
+VECTOR_LOAD_ROWS = 5000  # memories read from the primary store per query when loading the vector index
 T = TypeVar("T")
 
 
@@ -116,7 +118,8 @@ class PendingWrite:
 
 
 class DataLayer:
-    """One device's stores: the primary SQL store (truth), DuckDB analytics, Chroma vectors, RocksDB cache."""
+    """One device's stores: the primary SQL store (truth), and derived from it DuckDB analytics and the vector index
+    (both in memory only) and the RocksDB cache (keys hashed, values sealed)."""
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class DataLayer:
         replica: Replica,
         analytics: AnalyticsStore,
         cache: SealedKv,
+        open_cache: Callable[[], SealedKv],
         now_ms: Callable[[], int],
     ) -> None:
         self.home = home
@@ -135,10 +139,15 @@ class DataLayer:
         self.replica = replica
         self.analytics = analytics
         self.cache = cache
+        self._open_cache = open_cache  # opens the cache again, to mend it
+        self.cache_refill_owed = False  # the cache was mended empty: the projector refills it from primary SQL
         self.write_lock = trio.Lock()
-        self.vectors_limiter = trio.CapacityLimiter(1)  # Chroma's client is used from one thread at a time
+        self.vectors_limiter = trio.CapacityLimiter(1)  # the vector index is used from one thread at a time
         self.analytics_limiter = trio.CapacityLimiter(1)  # and so is a DuckDB connection
-        self._vectors: VectorIndex | None = None
+        self.vectors = VectorIndex(config.embedding_dims)
+        self.vectors_changed = trio.Event()  # set when the vector index takes changes Chroma lacks
+        self._vectors_lock = trio.Lock()
+        self._vectors_loaded = False
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
         self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
@@ -155,7 +164,7 @@ class DataLayer:
         config: StoreConfig | None = None,
         now_ms: Callable[[], int] | None = None,
     ) -> DataLayer:
-        """Open (creating if needed) every store in `home` and rebuild the in-memory ones from primary SQL."""
+        """Open (creating if needed) every store in `home`; derived stores found damaged are made anew, empty."""
         config = config or StoreConfig()
         now_ms = now_ms or _wall_clock_ms
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,12 +172,26 @@ class DataLayer:
         try:
             await sql.run(primary.open_schema)
             replica = await cls._load_replica(sql, device_id, now_ms)
+            _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)  # once the home has proved to be this device's
             analytics = AnalyticsStore()
-            cache = SealedKv(home / CACHE_DIR, store_key("cache"), now=lambda: now_ms() / 1000)
+
+            def open_cache() -> SealedKv:
+                keys = store_key("cache"), store_key("cache-index")
+                return SealedKv(home / CACHE_DIR, *keys, now=lambda: now_ms() / 1000)
+
+            cache, mended = _mended_if_damaged(home / CACHE_DIR, open_cache)
         except BaseException:
             await sql.close()
             raise
-        return cls(home, config, sql, replica, analytics, cache, now_ms)
+        data = cls(home, config, sql, replica, analytics, cache, open_cache, now_ms)
+        data.cache_refill_owed = mended
+        return data
+
+    def mend_cache(self, error: StoreError) -> None:
+        """Replace a cache found damaged while open with an empty one, which the projector refills."""
+        self.cache.close()
+        self.cache, _ = _mended_if_damaged(self.cache.path, self._open_cache, error)
+        self.cache_refill_owed = True
 
     @staticmethod
     async def _load_replica(sql: AsyncSql, device_id: str, now_ms: Callable[[], int]) -> Replica:
@@ -214,13 +237,60 @@ class DataLayer:
         analytics = await self.analytics_ready()
         return await trio.to_thread.run_sync(work, analytics, limiter=self.analytics_limiter)
 
-    def vectors(self) -> VectorIndex:
-        """Return the Chroma index, opening it on first use (chromadb is slow to import)."""
-        if self._vectors is None:
-            from stores.vectors import VectorIndex
+    async def vectors_ready(self) -> VectorIndex:
+        """Return the vector index, loading every memory's vector from the primary store on first use."""
+        async with self._vectors_lock:
+            if not self._vectors_loaded:
+                await self._load_vectors()
+        return self.vectors
 
-            self._vectors = VectorIndex(self.home / VECTORS_DIR, MEMORY_COLLECTION, self.config.embedding_dims)
-        return self._vectors
+    async def _load_vectors(self) -> None:
+        """Fill the vector index from the primary store, from empty (so a load cut short leaves nothing stale)."""
+        self._vectors_loaded = False
+        await trio.to_thread.run_sync(self.vectors.clear, limiter=self.vectors_limiter)
+        after = 0
+        while rows := await self.sql.run(primary.memory_vectors, after, VECTOR_LOAD_ROWS):
+            after = rows[-1][0]
+            await self._upsert_vectors([(memory_id, embedding) for _, memory_id, embedding in rows])
+        self._vectors_loaded = True
+
+    async def _upsert_vectors(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        dims = self.config.embedding_dims
+        # Memories synced from a device with another embedding size have no place in this index.
+        fitting = [(memory_id, embedding) for memory_id, embedding in rows if len(embedding) == 4 * dims]
+        gone = [memory_id for memory_id, embedding in rows if len(embedding) != 4 * dims]
+        ids = [memory_id for memory_id, _ in fitting]
+        matrix = np.frombuffer(b"".join(embedding for _, embedding in fitting), dtype="<f4").reshape(-1, dims)
+
+        def upsert(index: VectorIndex) -> None:
+            index.delete(gone)
+            index.upsert(ids, matrix)
+
+        await trio.to_thread.run_sync(upsert, self.vectors, limiter=self.vectors_limiter)
+        self.vectors_changed.set()
+
+    async def in_vectors(self, work: Callable[[VectorIndex], T]) -> T:
+        """Run `work` on the loaded vector index on a worker thread, one at a time, and return its result."""
+        index = await self.vectors_ready()
+        return await trio.to_thread.run_sync(work, index, limiter=self.vectors_limiter)
+
+    async def project_vectors(self, rows: Sequence[tuple[str, bytes]], deletes: Sequence[str]) -> None:
+        """Apply changed memories' (id, embedding) rows and deleted ids to the vector index, if it is loaded: a load
+        reads the primary store after them."""
+        async with self._vectors_lock:
+            if not self._vectors_loaded:
+                return
+            if deletes:
+                await trio.to_thread.run_sync(self.vectors.delete, deletes, limiter=self.vectors_limiter)
+                self.vectors_changed.set()
+            if rows:
+                await self._upsert_vectors(rows)
+
+    async def reload_vectors(self) -> int:
+        """Replace the vector index's contents with the vectors of the primary store; return how many there are."""
+        async with self._vectors_lock:
+            await self._load_vectors()
+        return self.vectors.count()
 
     async def persist(self, ops: Sequence[Op], redacted: Sequence[Op] = ()) -> None:
         """Write ops already applied to the replica, with their effects, in one transaction.
@@ -258,9 +328,7 @@ class DataLayer:
 
     async def close(self) -> None:
         """Close every store; idempotent."""
-        if self._vectors is not None:
-            self._vectors.close()
-            self._vectors = None
+        self.vectors.close()
         self.cache.close()
         self.analytics.close()
         await self.sql.close()
@@ -304,3 +372,31 @@ async def _reload_analytics(data: DataLayer) -> int:
         return analytics.load(columns) if rows else 0
 
     return await data.in_analytics(reload)
+
+
+def _remove_legacy_vectors(folder: Path) -> None:
+    """Delete the on-disk Chroma folder of an older node, unopened: it held vectors and metadata in the clear, and a
+    damaged one crashed Chroma (the index is now rebuilt in memory from the primary store)."""
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        log.warning("removed %s: an older node's vector index, now kept in memory only", folder)
+
+
+def _mended_if_damaged(
+    path: Path, open_cache: Callable[[], SealedKv], damage: StoreError | None = None
+) -> tuple[SealedKv, bool]:
+    """Open the cache; if it is damaged (or `damage` was found in it), delete it and open an empty one. Return the
+    cache and whether it was made anew. A cache in use by another process is never touched."""
+    if damage is None:
+        try:
+            return open_cache(), False
+        except CacheInUseError:
+            raise
+        except StoreError as error:
+            damage = error
+    log.warning("%s; made anew, refilled from the primary store", damage)
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        raise StoreError(f"cannot remove the damaged cache {path}: {error.strerror}; remove it by hand") from error
+    return open_cache(), True

@@ -23,3 +23,9 @@ class ValueTooLargeError(StoreError):
 
 class StoreTimeoutError(StoreError):
     """A store call did not finish within its time limit."""
+
+
+class DataError(StoreError):
+    """A request the data layer refuses: a malformed value, an unknown id, a wrong embedding size."""
+
+    rpc_error_type = "bad_request"

@@ -16,6 +16,7 @@ import msgpack
 from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, deflate, encode_ops
 from stores.errors import StoreError
 from stores.sql import Migration, SqlAdapter, migrate
+from stores.where import matches as where_matches
 
 MIGRATIONS: list[tuple[int, Migration]] = [
     (
@@ -293,6 +294,25 @@ def outbox_clear(adapter: SqlAdapter) -> None:
 def rows_by_id(adapter: SqlAdapter, table: str, columns: str, ids: Iterable[str]) -> list[tuple]:
     """Return rows of a materialised table (keyed by `id`) for the given ids."""
     return _rows_where_in(adapter, f"SELECT {columns} FROM {table} WHERE id IN", (), ids)
+
+
+def memory_vectors(adapter: SqlAdapter, after_rowid: int, rows_max: int) -> list[tuple[int, str, bytes]]:
+    """Return (rowid, id, embedding) of up to `rows_max` memories with an embedding, after `after_rowid`."""
+    return adapter.query(
+        "SELECT rowid, id, embedding FROM memories WHERE rowid > ? AND embedding IS NOT NULL ORDER BY rowid LIMIT ?",
+        (after_rowid, rows_max),
+    )
+
+
+def memory_ids_where(adapter: SqlAdapter, where: Any) -> list[str]:
+    """Return the ids of the memories whose metadata matches a checked filter (stores/where.py)."""
+    return [memory_id for memory_id, metadata in adapter.query("SELECT id, metadata FROM memories")
+            if where_matches(where, unpack(metadata))]  # fmt: skip
+
+
+def preference_keys(adapter: SqlAdapter) -> list[str]:
+    """Return every preference's key."""
+    return [key for (key,) in adapter.query("SELECT key FROM preferences WHERE collection = 'preferences'")]
 
 
 def preference_rows(adapter: SqlAdapter, keys: Iterable[str]) -> list[tuple]:

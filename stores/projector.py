@@ -1,19 +1,28 @@
-"""The outbox projector: brings DuckDB, Chroma and the RocksDB cache up to date with primary SQL."""
+"""The outbox projector: brings DuckDB, the vector index and the RocksDB cache up to date with primary SQL."""
 
+import functools
 import logging
 from collections import defaultdict
 
-import numpy as np
 import trio
 
 from stores import primary
 from stores.analytics import AnalyticsMessage, AnalyticsStore
 from stores.datalayer import DataLayer, _reload_analytics
+from stores.errors import StoreCorruptError, StoreError
+from stores.vectors import INDEX_STEP_ITEMS_MAX, VectorIndex
 
 log = logging.getLogger(__name__)
 PREFERENCE_CACHE_PREFIX = b"pref:"
 WRITER_POLL_S = 0.05
 WRITER_QUIET_S = 0.2  # how long the store must go unwritten before the projector starts
+# Chroma holds the GIL while it adds: a step of the index build stalls the event loop for its whole length. Steps are
+# sized to take about this long, and the builder then rests as long, so it takes at most half of the loop's time.
+# An add's cost grows with the index (HNSW, measured on random 384-dim vectors: 0.4 ms per item into 2.5k, ~8 ms into
+# 100k), so steps shrink as the index grows, to a single item.
+INDEX_STEP_TARGET_S = 0.05
+INDEX_STEP_ITEMS_FIRST = 32
+INDEX_STEP_ITEMS_MIN = 1
 
 
 class Projector:
@@ -32,8 +41,14 @@ class Projector:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drain the outbox now and whenever woken (or every `idle_s`), until cancelled."""
+        """Drain the outbox now and whenever woken (or every `idle_s`), and build the vector index in the
+        background, until cancelled."""
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.index_vectors)
+            await self._drain_forever()
+
+    async def _drain_forever(self) -> None:
         await self.data.analytics_ready()  # outbox entries apply on top of the initial load
         while True:
             while self.data.write_lock.locked() or trio.current_time() - self.data.last_write_s < WRITER_QUIET_S:
@@ -51,6 +66,8 @@ class Projector:
         projections they held."""
         done = 0
         async with self._draining:
+            if self.data.cache_refill_owed:
+                await self._refill_cache()
             # A catch-up releases the store between its writes: yielding stops at the next batch, not when it is over.
             while not (yield_to_writers and self.data.write_lock.locked()) and (
                 batch := await self.data.sql.run(primary.outbox_batch, self.batch_keys_max)
@@ -87,54 +104,80 @@ class Projector:
         await self.data.in_analytics(apply)
 
     async def _project_vectors(self, upserts: list[str], deletes: list[str]) -> None:
-        rows = await self.data.sql.run(primary.rows_by_id, "memories", "id, embedding, metadata", upserts)
+        rows = await self.data.sql.run(primary.rows_by_id, "memories", "id, embedding", upserts)
         with_vectors = [row for row in rows if row[1]]
-        gone = deletes + _without_rows(upserts, with_vectors)
-        index = self.data.vectors()
-
-        def apply() -> None:
-            if gone:
-                index.delete(gone)
-            if with_vectors:
-                embeddings = np.stack([np.frombuffer(row[1], dtype="<f4") for row in with_vectors])
-                metadatas = [_scalar_metadata(primary.unpack(row[2])) for row in with_vectors]
-                index.upsert([row[0] for row in with_vectors], embeddings, metadatas)
-
-        await trio.to_thread.run_sync(apply, limiter=self.data.vectors_limiter)
+        await self.data.project_vectors(with_vectors, deletes + _without_rows(upserts, with_vectors))
 
     async def _project_cache(self, upserts: list[str], deletes: list[str]) -> None:
         rows = await self.data.sql.run(primary.preference_rows, upserts)
+        puts = [(PREFERENCE_CACHE_PREFIX + key.encode(), value) for key, value in rows]
+        try:
+            self.data.cache.write(puts, [PREFERENCE_CACHE_PREFIX + key.encode() for key in deletes])
+        except StoreCorruptError as error:
+            self.data.mend_cache(error)
+            await self._refill_cache()
+
+    async def _refill_cache(self) -> int:
+        """Write every preference into the cache (a mended, empty one: a failure now is not damage to mend again);
+        return how many."""
+        self.data.cache_refill_owed = False
+        keys = await self.data.sql.run(primary.preference_keys)
+        rows = await self.data.sql.run(primary.preference_rows, keys)
         self.data.cache.put_many((PREFERENCE_CACHE_PREFIX + key.encode(), value) for key, value in rows)
-        self.data.cache.delete_many(PREFERENCE_CACHE_PREFIX + key.encode() for key in deletes)
+        return len(rows)
+
+    async def _rebuild_cache(self) -> int:
+        """Rewrite the cache's preferences from primary SQL, keeping session context unless the cache is damaged;
+        return how many preferences it holds."""
+        cache = self.data.cache
+        try:
+            cache.delete_many([key for key, _ in cache.scan_prefix(PREFERENCE_CACHE_PREFIX)])
+        except StoreCorruptError as error:  # a scan reads every entry
+            self.data.mend_cache(error)
+        preferences = await self._refill_cache()
+        try:
+            self.data.cache.compact()  # drops what was deleted and rewritten, so rebuilds keep the cache's size
+        except StoreCorruptError as error:  # compaction reads every file
+            self.data.mend_cache(error)
+            preferences = await self._refill_cache()
+        return preferences
+
+    async def index_vectors(self) -> None:
+        """Load the vector index, then keep giving Chroma the changes it lacks, in short steps each followed by a rest
+        as long, until cancelled."""
+        data = self.data
+        await data.vectors_ready()
+        items = INDEX_STEP_ITEMS_FIRST
+        while True:
+            if not data.vectors.unindexed:
+                with trio.move_on_after(self.idle_s):
+                    await data.vectors_changed.wait()
+                data.vectors_changed = trio.Event()
+                continue
+            started = trio.current_time()
+            try:
+                await data.in_vectors(functools.partial(VectorIndex.index_step, items_max=items))
+            except StoreError as error:
+                # Search answers exactly while Chroma lacks changes, so it stays right, only slower.
+                log.warning("vector index: building stopped (%s); searches stay exact", error)
+                return
+            took_s = trio.current_time() - started
+            scaled = int(items * INDEX_STEP_TARGET_S / max(took_s, 1e-3))
+            items = max(INDEX_STEP_ITEMS_MIN, min(INDEX_STEP_ITEMS_MAX, scaled))
+            await trio.sleep(took_s)
 
     async def rebuild(self) -> dict[str, int]:
         """Regenerate every derived store from primary SQL; return how many items each now holds."""
         data = self.data
-        await data.sql.run(primary.outbox_clear)
-        messages = await _reload_analytics(data)
-        memory_ids = [row[0] for row in await data.sql.query("SELECT id FROM memories")]
-        index = data.vectors()
-        await trio.to_thread.run_sync(index.clear, limiter=data.vectors_limiter)
-        await self._project_vectors(memory_ids, [])
-        stale = [key for key, _ in data.cache.scan_prefix(PREFERENCE_CACHE_PREFIX)]
-        data.cache.delete_many(stale)
-        keys = [row[0] for row in await data.sql.query("SELECT key FROM preferences WHERE collection = 'preferences'")]
-        await self._project_cache(keys, [])
-        vectors = await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter)
-        return {"analytics": messages, "vectors": vectors, "cache": len(keys)}
+        async with self._draining:
+            await data.sql.run(primary.outbox_clear)
+            messages = await _reload_analytics(data)
+            vectors = await data.reload_vectors()
+            preferences = await self._rebuild_cache()
+        return {"analytics": messages, "vectors": vectors, "cache": preferences}
 
 
 def _without_rows(keys: list[str], rows: list[tuple]) -> list[str]:
     """Return the keys that have no row (keyed by its first column): gone from primary SQL since queued."""
     present = {row[0] for row in rows}
     return [key for key in keys if key not in present]
-
-
-def _scalar_metadata(metadata: dict) -> dict | None:
-    """Keep only short scalar metadata for the vector index (filters); texts stay in primary SQL."""
-    kept = {
-        key: value
-        for key, value in metadata.items()
-        if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64)
-    }
-    return kept or None

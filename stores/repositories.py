@@ -11,12 +11,12 @@ from typing import Any
 
 import attrs
 import numpy as np
-import trio
 
 from crdt import Collection, CrdtError, Op, Replica
 from stores import primary
 from stores.datalayer import DataLayer
-from stores.errors import StoreError
+from stores.errors import DataError, StoreCorruptError, StoreError
+from stores.where import check_where
 
 Intent = Callable[[Replica], tuple[list[Op], list[Op]]]  # -> (ops made, logged ops redacted)
 SEARCH_OVERFETCH = 4  # near-duplicates collapse after the vector query, so ask for more than k
@@ -27,12 +27,6 @@ def new_id() -> str:
     # Ids that grow with time land at the end of the primary-key B-tree: a catch-up of random ids cost a page
     # split or a cache miss per row.
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
-
-
-class DataError(StoreError):
-    """A request the data layer refuses: a malformed value, an unknown id, a wrong embedding size."""
-
-    rpc_error_type = "bad_request"
 
 
 @attrs.frozen
@@ -177,16 +171,17 @@ class MemoryRepository(_Repository):
     async def get_memories_by_context(
         self, embedding: Any, limit: int = 10, where: Mapping[str, Any] | None = None
     ) -> list[Memory]:
-        """Return the memories nearest an embedding, one per near-duplicate group, nearest first."""
+        """Return the memories nearest an embedding, one per near-duplicate group, nearest first; `where` filters on
+        metadata (stores/where.py), read from the primary store."""
         packed = embedding_bytes(embedding, self._data.config.embedding_dims)
         if packed is None:
             raise DataError("a memory search needs an embedding")
         vector = np.frombuffer(packed, dtype="<f4")
-        index = self._data.vectors()
-        hits = await trio.to_thread.run_sync(
-            lambda: index.query(vector, limit * SEARCH_OVERFETCH, dict(where) if where else None),
-            limiter=self._data.vectors_limiter,
-        )
+        among = None
+        if where:
+            check_where(where)
+            among = await self._data.sql.run(primary.memory_ids_where, where)
+        hits = await self._data.in_vectors(lambda index: index.query(vector, limit * SEARCH_OVERFETCH, among))
         canonical = self._data.replica.memories.canonical_ids()
         best: dict[str, float] = {}
         for hit in hits:
@@ -301,10 +296,19 @@ class SessionRepository(_Repository):
     def set(self, key: str, value: Any, ttl_s: float | None = 3600.0) -> None:
         if ttl_s is not None and not 0 < ttl_s <= 30 * 86_400:
             raise DataError("ttl_s must be between 0 and 30 days")
-        self._data.cache.put(SESSION_PREFIX + key.encode(), primary.pack(value), ttl_s=ttl_s)
+        entry = SESSION_PREFIX + key.encode(), primary.pack(value)
+        try:
+            self._data.cache.put(*entry, ttl_s=ttl_s)
+        except StoreCorruptError as error:
+            self._data.mend_cache(error)
+            self._data.cache.put(*entry, ttl_s=ttl_s)
 
     def get(self, key: str) -> Any:
-        packed = self._data.cache.get(SESSION_PREFIX + key.encode())
+        try:
+            packed = self._data.cache.get(SESSION_PREFIX + key.encode())
+        except StoreCorruptError as error:
+            self._data.mend_cache(error)  # a damaged entry is lost with the rest of the cache: read as absent
+            packed = None
         return None if packed is None else primary.unpack(packed)
 
 

@@ -32,7 +32,7 @@ class RunningNode:
 
     def __init__(self, home: Path, *peers: str, relay: str | None = None, gui: str | None = None) -> None:
         self.home = home
-        command = [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
+        command = [sys.executable, "-m", "cli", "--debug", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
         if relay:

@@ -127,7 +127,7 @@ async def test_the_projector_brings_every_derived_store_up_to_date(tmp_path):
             uow.preferences.set("theme", "dark")
             await uow.commit()
         assert await projector.drain() == 5
-        assert data.vectors().count() == 3 and data.analytics.count() == 1
+        assert (await data.vectors_ready()).count() == 3 and data.analytics.count() == 1
         assert data.cache.get(PREFERENCE_CACHE_PREFIX + b"theme") is not None
         async with UnitOfWork(data) as uow:
             found = await uow.memories.get_memories_by_context(vector(1, 0.005), limit=5)
@@ -139,7 +139,7 @@ async def test_the_projector_brings_every_derived_store_up_to_date(tmp_path):
             uow.conversations.forget(message_id)
             await uow.commit()
         await projector.drain()
-        assert data.vectors().count() == 2 and data.analytics.count() == 0
+        assert data.vectors.count() == 2 and data.analytics.count() == 0
         async with UnitOfWork(data) as uow:
             found = await uow.memories.get_memories_by_context(vector(1, 0), limit=5)
             assert [m.id for m in found][0] == tea_again

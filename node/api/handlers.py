@@ -23,6 +23,7 @@ from stores.analytics import AnalyticsStore
 from stores.datalayer import DataLayer
 from stores.projector import Projector
 from stores.repositories import DataError, UnitOfWork
+from stores.vectors import VectorIndex
 
 if TYPE_CHECKING:
     from node.net.network import Network
@@ -291,12 +292,11 @@ class AdminHandlers:
         data = self.node.data
         async with self.node.unit_of_work() as uow:
             counts = await uow.totals.counts()
-        index = data.vectors()
         return {
             "messages": counts.messages,
             "memories": counts.memories,
             "analytics_rows": await data.in_analytics(AnalyticsStore.count),
-            "vector_items": await trio.to_thread.run_sync(index.count, limiter=data.vectors_limiter),
+            "vector_items": await data.in_vectors(VectorIndex.count),
             "projector_backlog": counts.projector_backlog,
         }
 
@@ -316,7 +316,10 @@ class AdminHandlers:
         if devices.revoked_at(device_id) is not None:
             raise DataError(f"{device_id} is already revoked")
         async with node.unit_of_work() as uow:
-            uow.devices.revoke(device_id, revocation_record(node.identity, device_id, str(params.get("reason") or "")))
+            reason = str(params.get("reason") or "")
+            # Its ops past what this device has applied from it will have no effect, whatever their stamps.
+            cutoff_seq = node.data.replica.seq_of(device_id)
+            uow.devices.revoke(device_id, revocation_record(node.identity, device_id, reason, cutoff_seq))
             keeping = node.rotation.stage(uow, excluding=device_id)
             await uow.commit()
         return {"revoked": device_id, "epoch": node.keyring.current.epoch, "key_sent_to": keeping}

@@ -14,6 +14,7 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
 
 from crdt import Replica
 from node.net.interfaces import UNSPECIFIED_PREFIX
@@ -104,8 +105,12 @@ def seen_listening_at(host: IHost, stream: INetStream) -> list[str]:
     # yamux connections know their remote address; the interface does not promise it.
     remote = getattr(stream.muxed_conn, "get_remote_address", lambda: None)()
     remote_is_loopback = remote is not None and _is_ipv4(remote[0]) and ipaddress.ip_address(remote[0]).is_loopback
+    try:
+        told = host.get_peerstore().addrs(peer_id)
+    except PeerStoreError:
+        return []  # identify has not told it yet (or the connection went before it did)
     addresses = []
-    for addr in host.get_peerstore().addrs(peer_id):
+    for addr in told:
         text = str(addr)
         if text.startswith("/ip4/127.") and not remote_is_loopback:
             continue  # its loopback is not this machine's

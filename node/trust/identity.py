@@ -23,6 +23,7 @@ from nacl.encoding import RawEncoder
 
 from crdt import Collection, Kind, Op
 from crdt.registry import DeviceRegistry
+from crdt.revocation import CUTOFF_FIELD
 from node.errors import NodeError
 
 IDENTITY_FILE = "identity.key"
@@ -135,9 +136,10 @@ def enrolment_record(signer: DeviceIdentity, device_id: str, verify_key: bytes, 
     return record
 
 
-def revocation_record(signer: DeviceIdentity, device_id: str, reason: str) -> dict[str, Any]:
-    """Return a device-registry record revoking a device for good, signed by `signer`."""
-    record: dict[str, Any] = {"revoked": True, "reason": reason, "signer": signer.device_id}
+def revocation_record(signer: DeviceIdentity, device_id: str, reason: str, cutoff_seq: int) -> dict[str, Any]:
+    """Return a device-registry record revoking a device for good, signed by `signer`; the device's ops past
+    `cutoff_seq` (its last seq the signer has applied) will have no effect (docs/spec/sync.md, section 2)."""
+    record: dict[str, Any] = {"revoked": True, "reason": reason, "signer": signer.device_id, CUTOFF_FIELD: cutoff_seq}
     record["signature"] = signer.sign(msgpack.packb([device_id, record], use_bin_type=True))
     return record
 

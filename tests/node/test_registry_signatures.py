@@ -25,7 +25,7 @@ def test_enrolments_and_revocations_signed_by_their_author_are_applied(clock):
     founding = first.enrol_device(FIRST.device_id, enrolment_record(FIRST, FIRST.device_id, FIRST.verify_key_bytes, "first"))
     enrolment = first.enrol_device(SECOND.device_id, enrolment_record(FIRST, SECOND.device_id, SECOND.verify_key_bytes, "b"))
     clock.now += 1
-    revocation = first.revoke_device(SECOND.device_id, revocation_record(FIRST, SECOND.device_id, "lost"))
+    revocation = first.revoke_device(SECOND.device_id, revocation_record(FIRST, SECOND.device_id, "lost", 0))
     observer = checked("observer", clock)
     result = observer.apply([founding, enrolment, revocation])
     assert result.refused == () and observer.devices.revoked_at(SECOND.device_id) == revocation.hlc
@@ -38,11 +38,14 @@ def test_forged_and_unsigned_registry_ops_are_refused_and_change_nothing(clock):
     observer.apply([founding])
     digest = observer.digest()
     # A revocation by the first device signed with another key, one naming another signer, one with no signature.
-    forged = first.revoke_device(SECOND.device_id, revocation_record(THIRD, SECOND.device_id, "forged"))
+    forged = first.revoke_device(SECOND.device_id, revocation_record(THIRD, SECOND.device_id, "forged", 0))
     forged = attrs.evolve(forged, payload={**forged.payload, "signer": FIRST.device_id})
-    other_signer = attrs.evolve(forged, payload=revocation_record(THIRD, SECOND.device_id, "x"))
+    other_signer = attrs.evolve(forged, payload=revocation_record(THIRD, SECOND.device_id, "x", 0))
     unsigned = attrs.evolve(forged, payload={"signer": FIRST.device_id})
-    for op in (forged, other_signer, unsigned):
+    # A true revocation whose cut-off was raised after signing, to let more of the revoked device's ops count.
+    signed = revocation_record(FIRST, SECOND.device_id, "lost", 0)
+    raised = attrs.evolve(forged, payload={**signed, "cutoff_seq": 10**6})
+    for op in (forged, other_signer, unsigned, raised):
         result = observer.apply([op])
         assert [refused for refused, _ in result.refused] == [op] and observer.digest() == digest
         assert observer.seq_of(FIRST.device_id) == 1  # not counted: offered again, refused again

@@ -6,12 +6,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nacl.secret
 import pytest
 import rocksdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stores import (
+    CacheInUseError,
     PersistentQueue,
     QueuedItem,
     QueueFullError,
@@ -24,6 +26,7 @@ from stores import (
 )
 
 KEY = bytes(range(32))
+INDEX_KEY = bytes(range(32, 64))
 WRONG_KEY = bytes(32)
 SECRET = b"zebra-session-context-4711"
 
@@ -50,7 +53,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def kv(kv_path: Path, clock: Clock) -> Iterator[SealedKv]:
-    store = SealedKv(kv_path, KEY, now=clock)
+    store = SealedKv(kv_path, KEY, INDEX_KEY, now=clock)
     yield store
     store.close()
 
@@ -64,15 +67,46 @@ def test_put_get_delete(kv: SealedKv) -> None:
     assert kv.get(b"a") is None
 
 
-def test_values_are_sealed_and_keys_are_not(
+def test_values_are_sealed_and_keys_are_keyed_hashes(
     kv_path: Path, kv: SealedKv, folder_bytes: Callable[[Path], bytes]
 ) -> None:
-    kv.put(b"visible-key", SECRET * 10)
-    assert SECRET not in folder_bytes(kv_path)
+    kv.put(b"zebra-preference-key", SECRET * 10)
+    kv.close()
+    kv = SealedKv(kv_path, KEY, INDEX_KEY)  # reopening writes the memtable out to a table file
+    assert kv.get(b"zebra-preference-key") == SECRET * 10
     kv.close()
     on_disk = folder_bytes(kv_path)
-    assert SECRET not in on_disk
-    assert b"visible-key" in on_disk  # why callers must keep secrets out of keys
+    assert list(kv_path.glob("*.sst"))
+    assert SECRET not in on_disk and b"zebra-preference-key" not in on_disk
+
+
+def test_a_wrong_index_key_or_an_older_format_is_refused(kv_path: Path, kv: SealedKv) -> None:
+    kv.put(b"a", b"1")
+    kv.close()
+    with pytest.raises(WrongKeyError, match="index key"):
+        SealedKv(kv_path, KEY, WRONG_KEY)
+    raw = rocksdict.Rdict(str(kv_path), rocksdict.Options(raw_mode=True))
+    raw[b"m:canary"] = bytes(nacl.secret.SecretBox(KEY).encrypt(b"aico-sealed-kv-1"))  # keys were kept in the clear
+    raw.close()
+    with pytest.raises(StoreCorruptError, match="older format"):
+        SealedKv(kv_path, KEY, INDEX_KEY)
+
+
+def test_a_damaged_table_file_is_reported_as_damage_not_as_a_lock(kv_path: Path, kv: SealedKv) -> None:
+    kv.put_many([(f"k{i}".encode(), bytes(200)) for i in range(50)])
+    kv.compact()
+    kv.close()
+    (table,) = kv_path.glob("*.sst")
+    damaged = bytearray(table.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    table.write_bytes(bytes(damaged))
+    with pytest.raises(StoreCorruptError, match="damaged") as raised:
+        reopened = SealedKv(kv_path, KEY, INDEX_KEY)
+        try:
+            dict(reopened.scan_prefix(b""))
+        finally:
+            reopened.close()
+    assert "in use" not in str(raised.value)
 
 
 def test_ttl_expiry_follows_the_injected_clock(kv: SealedKv, clock: Clock) -> None:
@@ -89,11 +123,11 @@ def test_ttl_expiry_follows_the_injected_clock(kv: SealedKv, clock: Clock) -> No
         kv.put(b"x", b"y", ttl_s=0)
 
 
-def test_scan_prefix_is_ordered_bounded_and_skips_expired(kv: SealedKv, clock: Clock) -> None:
+def test_scan_prefix_finds_its_keys_and_skips_expired(kv: SealedKv, clock: Clock) -> None:
     kv.put_many([(b"s:2", b"two"), (b"s:1", b"one"), (b"t:1", b"other")])
     kv.put(b"s:3", b"soon gone", ttl_s=1)
     clock.now_s += 1
-    assert list(kv.scan_prefix(b"s:")) == [(b"s:1", b"one"), (b"s:2", b"two")]
+    assert sorted(kv.scan_prefix(b"s:")) == [(b"s:1", b"one"), (b"s:2", b"two")]
     clock.now_s -= 1  # the scan deleted what it found expired
     assert kv.get(b"s:3") is None
 
@@ -101,13 +135,13 @@ def test_scan_prefix_is_ordered_bounded_and_skips_expired(kv: SealedKv, clock: C
 def test_close_ends_unfinished_scans_and_releases_the_lock(kv_path: Path, kv: SealedKv) -> None:
     kv.put_many([(b"k1", b"1"), (b"k2", b"2")])
     scan = kv.scan_prefix(b"k")
-    assert next(scan) == (b"k1", b"1")
+    assert next(scan) in {(b"k1", b"1"), (b"k2", b"2")}
     kv.close()
     kv.close()
     with pytest.raises(StoreClosedError):
         kv.get(b"k1")
 
-    reopened = SealedKv(kv_path, KEY)
+    reopened = SealedKv(kv_path, KEY, INDEX_KEY)
     assert reopened.get(b"k2") == b"2"
     reopened.close()
 
@@ -116,42 +150,46 @@ def test_wrong_key_is_refused_at_open(kv_path: Path, kv: SealedKv) -> None:
     kv.put(b"a", b"1")
     kv.close()
     with pytest.raises(WrongKeyError, match=str(kv_path)):
-        SealedKv(kv_path, WRONG_KEY)
-    reopened = SealedKv(kv_path, KEY)  # the refused open released the lock
+        SealedKv(kv_path, WRONG_KEY, INDEX_KEY)
+    reopened = SealedKv(kv_path, KEY, INDEX_KEY)  # the refused open released the lock
     assert reopened.get(b"a") == b"1"
     reopened.close()
 
 
 def test_second_opener_is_told_the_store_is_in_use(kv_path: Path, kv: SealedKv) -> None:
-    with pytest.raises(StoreError, match="in use by another process"):
-        SealedKv(kv_path, KEY)
+    with pytest.raises(CacheInUseError, match="in use by another process"):
+        SealedKv(kv_path, KEY, INDEX_KEY)
+    opening = f"import pathlib, stores; stores.SealedKv(pathlib.Path({str(kv_path)!r}), bytes(32), bytes(32))"
     other_process = subprocess.run(
-        [sys.executable, "-c", f"import pathlib, stores; stores.SealedKv(pathlib.Path({str(kv_path)!r}), bytes(32))"],
+        [sys.executable, "-c", opening],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=Path(__file__).parents[2],
     )
     assert other_process.returncode != 0
-    assert "StoreError" in other_process.stderr
+    assert "CacheInUseError" in other_process.stderr
     assert "in use by another process" in other_process.stderr
 
 
 def test_value_moved_to_another_key_is_detected(kv_path: Path, kv: SealedKv) -> None:
     kv.put(b"a", b"for a")
+    kv.put(b"b", b"for b")
     kv.close()
     raw = rocksdict.Rdict(str(kv_path), rocksdict.Options(raw_mode=True))
-    raw[b"ub"] = raw[b"ua"]  # user entries are stored under b"u" + key
+    stored = {key: value for key, value in raw.items() if key.startswith(b"u")}
+    (key_a, value_a), (key_b, _) = stored.items()
+    raw[key_b] = value_a
     raw.close()
 
-    reopened = SealedKv(kv_path, KEY)
+    reopened = SealedKv(kv_path, KEY, INDEX_KEY)
     with pytest.raises(StoreCorruptError, match="another key"):
-        reopened.get(b"b")
+        [reopened.get(key) for key in (b"a", b"b")]
     reopened.close()
 
 
 def test_values_are_bounded(kv_path: Path) -> None:
-    kv = SealedKv(kv_path, KEY, value_max_bytes=100)
+    kv = SealedKv(kv_path, KEY, INDEX_KEY, value_max_bytes=100)
     kv.put(b"fits", bytes(100))
     with pytest.raises(ValueTooLargeError):
         kv.put(b"big", bytes(101))
@@ -179,7 +217,7 @@ def test_queue_ids_survive_reopen(kv_path: Path, kv: SealedKv) -> None:
     queue.append(b"c")
     kv.close()
 
-    reopened = SealedKv(kv_path, KEY)
+    reopened = SealedKv(kv_path, KEY, INDEX_KEY)
     queue = PersistentQueue(reopened, b"out:")
     assert len(queue) == 1
     assert queue.peek(5) == [QueuedItem(3, b"c")]
@@ -213,7 +251,7 @@ queue_operations = st.lists(
 def test_queue_matches_a_list_model(operations: list[tuple[str, object]]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "cache"
-        kv = SealedKv(path, KEY)
+        kv = SealedKv(path, KEY, INDEX_KEY)
         queue = PersistentQueue(kv, b"q", items_max=1000)
         model: list[QueuedItem] = []
         next_id = 1
@@ -229,7 +267,7 @@ def test_queue_matches_a_list_model(operations: list[tuple[str, object]]) -> Non
                 model = [item for item in model if item.id > argument]
             else:
                 kv.close()
-                kv = SealedKv(path, KEY)
+                kv = SealedKv(path, KEY, INDEX_KEY)
                 queue = PersistentQueue(kv, b"q", items_max=1000)
             assert len(queue) == len(model)
             assert queue.peek(1000) == model
