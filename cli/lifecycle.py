@@ -58,21 +58,22 @@ PeerOption = Annotated[
 ]
 NoMdnsOption = Annotated[bool, typer.Option("--no-mdns", help="Do not look for devices on the LAN with mDNS.")]
 RelayOption = Annotated[
-    str | None,
+    list[str],
     typer.Option(
         "--relay",
         parser=checks.relay_address,
         metavar="MADDR",
-        help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox.",
+        help="Multiaddr (ending in /p2p/<id>) of a relay: reach devices through it, and its mailbox (repeatable: "
+        "relays of one fleet, the next used when one cannot be reached).",
     ),
 ]
 
 
-def _network(listen: list[str], peer: list[str], no_mdns: bool, relay: str | None = None) -> Any:
+def _network(listen: list[str], peer: list[str], no_mdns: bool, relays: list[str] = []) -> Any:
     from node.net.network import NetworkOptions
 
     listen_addrs = tuple(listen) or None
-    return NetworkOptions(listen=listen_addrs, peers=tuple(peer), mdns=not no_mdns, relay=relay)
+    return NetworkOptions(listen=listen_addrs, peers=tuple(peer), mdns=not no_mdns, relays=tuple(relays))
 
 
 GC_GEN0_THRESHOLD = 50_000  # allocations between young collections; CPython's default of 700 suits small heaps
@@ -159,7 +160,7 @@ def run(
     listen: ListenOption = [],
     peer: PeerOption = [],
     no_mdns: NoMdnsOption = False,
-    relay: RelayOption = None,
+    relay: RelayOption = [],
     gui: GuiOption = None,
     no_gui: NoGuiOption = False,
 ) -> None:

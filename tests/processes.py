@@ -30,13 +30,13 @@ class RunningNode:
     """An `aico-node run` process on loopback, and a socket client to it; its page is off unless `gui` gives an
     address for it."""
 
-    def __init__(self, home: Path, *peers: str, relay: str | None = None, gui: str | None = None) -> None:
+    def __init__(self, home: Path, *peers: str, relay: str | list[str] | None = None, gui: str | None = None) -> None:
         self.home = home
         command = [sys.executable, "-m", "cli", "--debug", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
-        if relay:
-            command += ["--relay", relay]
+        for address in [relay] if isinstance(relay, str) else relay or []:
+            command += ["--relay", address]
         command += ["--gui", gui] if gui else ["--no-gui"]
         # Its log goes to a file beside the home, so a node that dies can say why.
         self.log = home.parent / f"{home.name}.log"

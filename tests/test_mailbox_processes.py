@@ -2,12 +2,14 @@
 the relay stores nothing readable."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from node.trust.identity import DeviceIdentity
 from simulations.nats_cluster import free_port
 from tests.processes import RunningNode, cli, converged, pair, wait_until
 
@@ -96,3 +98,21 @@ def test_a_relay_restarted_mid_transfer_loses_nothing_and_applies_nothing_twice(
             if node is not None:
                 node.stop()
         relay.stop()
+
+
+def test_a_node_given_several_relays_moves_to_the_next_when_one_cannot_be_reached(relay, tmp_path):
+    unreachable = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{DeviceIdentity(os.urandom(32)).device_id}"
+    assert cli(tmp_path / "a", "init").returncode == 0
+    a = RunningNode(tmp_path / "a", relay=[unreachable, relay.address])
+    b = None
+    try:
+        wait_until(lambda: (a.call("status")["relay"] or {}).get("circuit_address"), 60, "a to hold a slot on relay 2")
+        assert a.call("status")["relay"]["circuit_address"].startswith(relay.address)
+        assert pair(a, tmp_path / "b").returncode == 0
+        b = RunningNode(tmp_path / "b", relay=relay.address)  # no address of a: relay 2 is its only way
+        a.call("pref.set", key="theme", value="through the second relay")
+        wait_until(lambda: converged(a, b), 60, "a and b to converge through the relay a moved to")
+    finally:
+        for node in (a, b):
+            if node is not None:
+                node.stop()

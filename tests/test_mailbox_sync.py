@@ -6,6 +6,7 @@ from node.app import Node
 from node.home import init_home
 from node.net.host import p2p_host
 from node.net.mailbox import POST_PAUSE_S, MailboxSync
+from node.net.relays import RelayChoice
 from node.sync.receiver import Notifier
 from relay.mailbox_keys import BUCKET_S
 from stores.datalayer import StoreConfig
@@ -37,7 +38,7 @@ async def test_a_post_refused_for_want_of_space_pauses_posting_then_resumes(tmp_
             await uow.commit()
         async with p2p_host(node.identity, [LOOPBACK]) as host:
             mailbox = MailboxSync(
-                node.data, node.identity, node.keyring, host, address,
+                node.data, node.identity, node.keyring, host, RelayChoice([address]),
                 apply_ops=_apply_nothing, verify_key_of=lambda device: None, outgoing=Notifier(),
                 now_s=lambda: now_s[0],
             )  # fmt: skip

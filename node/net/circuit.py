@@ -33,6 +33,7 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP_PROTOCOL
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from node.net.host import DialError, P2pHost, dial_direct
+from node.net.relays import RelayChoice
 from p2p import CLOSE_TIMEOUT_S, reset_quietly
 
 Path = Literal["direct", "relayed"]
@@ -170,21 +171,24 @@ def _relay_connected(host: P2pHost, relay_addr: str) -> bool:
 
 async def keep_reservation(
     host: P2pHost,
-    relay_addr: str,
+    relays: RelayChoice,
     *,
     on_change: Callable[[Reservation | None], None] = lambda reservation: None,
     timeout_s: float = 5.0,
     backoff_s_min: float = 0.5,
     backoff_s_max: float = 30.0,
 ) -> NoReturn:
-    """Hold a reservation on `relay_addr` forever: renew it before it expires and re-reserve when the connection to the
-    relay drops (which ends it), telling `on_change` each time it is granted or lost."""
+    """Hold a reservation on the relay in use forever: renew it before it expires and re-reserve when the connection to
+    the relay drops (which ends it), moving to the next relay when one cannot be reached; tell `on_change` each time a
+    reservation is granted or lost."""
     backoff = backoff_s_min
     while True:
+        relay_addr = relays.current
         try:
             reservation = await reserve(host, relay_addr, timeout_s=timeout_s)
         except DialError as error:
             logger.info("reservation on %s: %s", relay_addr, error)
+            relays.failed(relay_addr)
             on_change(None)
             # Jitter keeps devices that lost the same relay at once from retrying in step.
             await trio.sleep(random.uniform(backoff / 2, backoff))

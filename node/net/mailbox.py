@@ -16,6 +16,7 @@ import trio
 from crdt import Collection, DecodeError, Kind, Op, decode_ops, encode_ops
 from node.net.dial import dial_protocol
 from node.net.host import DialError, P2pHost
+from node.net.relays import RelayChoice
 from node.sync.receiver import Notifier
 from node.trust.identity import DeviceIdentity, GroupKey
 from node.trust.keyring import ROTATION_KEY_PREFIX, KeyRing
@@ -23,6 +24,7 @@ from node.trust.sealing import UnsealRefusedError, open_from_mailbox, seal_for_m
 from relay import (
     MAILBOX_PROTOCOL,
     MailboxClient,
+    MailboxConnectionError,
     MailboxKeys,
     MailboxReason,
     MailboxRefused,
@@ -77,7 +79,7 @@ class MailboxSync:
         identity: DeviceIdentity,
         keyring: KeyRing,
         host: P2pHost,
-        relay_address: str,
+        relays: RelayChoice,
         *,
         apply_ops: Callable[[list[Op]], Awaitable[list[Op]]],
         verify_key_of: Callable[[str], bytes | None],
@@ -89,7 +91,8 @@ class MailboxSync:
         self.identity = identity
         self.keyring = keyring
         self.host = host
-        self.health = RelayHealth(relay_address)
+        self.relays = relays
+        self.health = RelayHealth(relays.current)
         self.drain_every_s = drain_every_s
         self._apply_ops = apply_ops
         self._verify_key_of = verify_key_of
@@ -131,6 +134,7 @@ class MailboxSync:
 
     async def _with_relay(self, work: Callable[[MailboxClient], Awaitable[None]]) -> None:
         try:
+            self.health.address = self.relays.current
             _, stream = await dial_protocol(self.host, self.health.address, MAILBOX_PROTOCOL, timeout_s=RELAY_TIMEOUT_S)
             async with MailboxClient(stream, timeout_s=RELAY_TIMEOUT_S) as client:
                 await work(client)
@@ -138,6 +142,8 @@ class MailboxSync:
         except (DialError, RelayError) as error:
             self.health.last_error = str(error)
             log.info("mailbox at %s: %s", self.health.address, error)
+            if isinstance(error, DialError | MailboxConnectionError):  # unreachable, not refusing: try the next one
+                self.relays.failed(self.health.address)
 
     async def post_pending(self, client: MailboxClient) -> None:
         """Post every op of this device not yet posted, in batches, each under the current key."""

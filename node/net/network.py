@@ -14,6 +14,7 @@ from node.net.keepers import DeviceKeepers
 from node.net.lan import discover_devices
 from node.net.mailbox import MailboxSync
 from node.net.pairing import InviteDesk
+from node.net.relays import RelayChoice
 from node.net.sessions import SyncService
 from node.sync.receiver import OpsReceiver
 from node.trust.identity import DeviceIdentity
@@ -35,7 +36,7 @@ class NetworkOptions:
     listen: tuple[str, ...] | None = None
     peers: tuple[str, ...] = ()
     mdns: bool = True
-    relay: str | None = None
+    relays: tuple[str, ...] = ()  # in order of preference: the next is used when one cannot be reached
     mailbox_drain_every_s: float = 5.0
 
 
@@ -87,7 +88,8 @@ async def run_network(
 ) -> None:
     """Run the host and every network service until cancelled; `started` hands over the Network."""
     async with p2p_host(identity, options.listen or default_listen()) as host:
-        sync = SyncService(receiver, identity, keyring, host, relay=options.relay, bootstrap_peers=bootstrap_peers)
+        relays = RelayChoice(options.relays) if options.relays else None
+        sync = SyncService(receiver, identity, keyring, host, relays=relays, bootstrap_peers=bootstrap_peers)
         keepers = DeviceKeepers(sync)
         desk = InviteDesk(identity, lambda: keyring.current, host, enrol_paired, advertise_on_lan=options.mdns)
         network = Network(host, sync, desk)
@@ -96,7 +98,7 @@ async def run_network(
             await nursery.start(network.desk.run)
             await keepers.give(options.peers)
             await nursery.start(keepers.run)
-            if options.relay:
+            if relays is not None:
 
                 def verify_key_of(device_id: str) -> bytes | None:
                     own = device_id == identity.device_id
@@ -107,7 +109,7 @@ async def run_network(
                     identity,
                     keyring,
                     host,
-                    options.relay,
+                    relays,
                     apply_ops=receiver.apply_remote,
                     verify_key_of=verify_key_of,
                     outgoing=receiver.outgoing,

@@ -36,6 +36,7 @@ class PeerState:
 
     device_id: str
     online: bool = False
+    opening: bool = False  # a session's handshake runs: other streams of the device are dropped meanwhile
     last_sync_s: float | None = None  # Unix seconds of the last batch stored or acknowledged
     vector: dict[str, int] = attrs.Factory(dict)  # what the peer last said it has
     session: SyncSession | None = None

@@ -18,6 +18,7 @@ from node.net.circuit import Reservation, accept_relayed_connections, keep_reser
 from node.net.host import P2pHost
 from node.net.peers import PeerBook, PeerState, seen_listening_at
 from node.net.pump import run_session
+from node.net.relays import RelayChoice
 from node.sync.handshake import SessionHandshake
 from node.sync.receiver import OpsReceiver
 from node.sync.session import OpsApplied, PeerAcked, PeerHello, SessionConfig, StateMerged, SyncSession
@@ -45,13 +46,13 @@ class SyncService:
         host: P2pHost,
         *,
         bootstrap_peers: dict[str, bytes] | None = None,
-        relay: str | None = None,
+        relays: RelayChoice | None = None,
         read_timeout_s: float = 30.0,
         refresh_every_s: float = 10.0,
     ) -> None:
         self.receiver = receiver
         self.data = receiver.data
-        self.relay = relay
+        self.relays = relays
         self.reservation: Reservation | None = None  # this node's slot on the relay, while it holds one
         self.identity = identity
         self.keyring = keyring
@@ -67,6 +68,11 @@ class SyncService:
         self._warned_refusing: set[str] = set()
 
     @property
+    def relay(self) -> str | None:
+        """The relay in use, if the node has any."""
+        return self.relays.current if self.relays is not None else None
+
+    @property
     def peers(self) -> dict[str, PeerState]:
         """Every known peer device's state, by device id."""
         return self.book.peers
@@ -77,9 +83,9 @@ class SyncService:
         self.host.serve_sync(self._admits, self.serve_stream)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.relay:
+            if self.relays is not None:
                 accept_relayed_connections(self.host)
-                nursery.start_soon(functools.partial(keep_reservation, self.host, self.relay, on_change=self._reserved))
+                nursery.start_soon(functools.partial(keep_reservation, self.host, self.relays, on_change=self._reserved))
             task_status.started()
             await trio.sleep_forever()  # sessions from other devices arrive through the host's handler
 
@@ -169,10 +175,19 @@ class SyncService:
     async def serve_stream(self, device_id: str, stream: INetStream) -> None:
         """Run one sealed sync session with an authenticated peer over `stream` (which it owns)."""
         peer = self.book.get(device_id)
-        if not self.is_trusted(device_id) or peer.online:
-            # One session per peer: when both sides dial at once, the later stream is dropped.
+        if not self.is_trusted(device_id) or peer.online or peer.opening:
+            # One session per peer: when both sides dial at once, the later stream is dropped (from its handshake
+            # on, so two that cross are never both taken for the one session).
             await reset_quietly(stream)
             return
+        peer.opening = True
+        try:
+            await self._serve(peer, stream)
+        finally:
+            peer.opening = False
+
+    async def _serve(self, peer: PeerState, stream: INetStream) -> None:
+        device_id = peer.device_id
         # Each side picks the session id for the batches it receives, so old batches never replay, and names the
         # group keys it holds, so both seal with the newest key they share.
         handshake = SessionHandshake(new_session_id(), self.keyring.offers())

@@ -31,6 +31,7 @@ from node.net.circuit import (
 from node.net.dial import dial_protocol, dial_sync
 from node.net.host import DialError, P2pHost, p2p_host
 from node.net.relay_path import dial_sync_racing, keep_connected_with_relay
+from node.net.relays import RelayChoice
 from node.sync.session import SyncSession
 from node.trust.identity import DeviceIdentity
 from p2p import READ_BYTES
@@ -314,7 +315,8 @@ async def test_keep_connected_with_relay_moves_to_a_direct_path_when_one_appears
         b_port = int(multiaddr.Multiaddr(b.addresses[0]).value_for_protocol("tcp"))
         direct = [f"/ip4/127.0.0.1/tcp/{direct_port}/p2p/{b.peer_id}"]
         reservations = []
-        nursery.start_soon(partial(keep_reservation, b, relay.addresses[0], on_change=reservations.append))
+        relays = RelayChoice([relay.addresses[0]])
+        nursery.start_soon(partial(keep_reservation, b, relays, on_change=reservations.append))
         await eventually(lambda: reservations and reservations[-1] is not None, 5)
 
         paths: list[str] = []
