@@ -3,12 +3,12 @@
 from stores.analytics import AnalyticsMessage, AnalyticsStore, DailyRow
 from stores.cache import CacheInUseError, PersistentQueue, QueuedItem, QueueFullError, SealedKv
 from stores.errors import (
+    CacheItemTooLargeError,
     DataError,
     StoreClosedError,
     StoreCorruptError,
     StoreError,
     StoreTimeoutError,
-    ValueTooLargeError,
     WrongKeyError,
 )
 from stores.sql import SQL_ENGINES, AsyncSql, SqlAdapter, migrate, open_sql
@@ -31,7 +31,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoreTimeoutError",
-    "ValueTooLargeError",
+    "CacheItemTooLargeError",
     "VectorHit",
     "VectorIndex",
     "WrongKeyError",

@@ -15,7 +15,7 @@ import nacl.exceptions
 import nacl.secret
 import rocksdict
 
-from stores.errors import StoreClosedError, StoreCorruptError, StoreError, ValueTooLargeError, WrongKeyError
+from stores.errors import CacheItemTooLargeError, StoreClosedError, StoreCorruptError, StoreError, WrongKeyError
 
 VALUE_MAX_BYTES = 4 * 1024 * 1024
 KEY_MAX_BYTES = 0xFFFF  # the sealed header holds a key's length in two bytes
@@ -121,7 +121,7 @@ class SealedKv:
 
     def _storage_key(self, key: bytes) -> bytes:
         if len(key) > KEY_MAX_BYTES:
-            raise ValueTooLargeError(f"cache key of {len(key)} bytes exceeds {KEY_MAX_BYTES} bytes")
+            raise CacheItemTooLargeError(f"cache key of {len(key)} bytes exceeds {KEY_MAX_BYTES} bytes")
         digest = hashlib.blake2b(key, key=self._index_key, digest_size=_KEY_DIGEST_BYTES, person=_KEY_PERSON)
         return _USER + digest.digest()
 
@@ -150,7 +150,7 @@ class SealedKv:
 
     def _seal(self, key: bytes, value: bytes, ttl_s: float | None) -> bytes:
         if len(value) > self._value_max_bytes:
-            raise ValueTooLargeError(f"cache value of {len(value)} bytes exceeds {self._value_max_bytes} bytes")
+            raise CacheItemTooLargeError(f"cache value of {len(value)} bytes exceeds {self._value_max_bytes} bytes")
         if ttl_s is not None and ttl_s <= 0:
             raise StoreError(f"ttl_s must be positive, got {ttl_s}")
         expires_at_ms = 0 if ttl_s is None else int((self._now() + ttl_s) * 1000)

@@ -17,8 +17,8 @@ class StoreClosedError(StoreError):
     """The store was used after it was closed."""
 
 
-class ValueTooLargeError(StoreError):
-    """A value exceeds the size the store accepts."""
+class CacheItemTooLargeError(StoreError):
+    """A cache key or value exceeds the size the cache accepts."""
 
 
 class StoreTimeoutError(StoreError):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from stores import (
     CacheInUseError,
+    CacheItemTooLargeError,
     PersistentQueue,
     QueuedItem,
     QueueFullError,
@@ -21,7 +22,6 @@ from stores import (
     StoreClosedError,
     StoreCorruptError,
     StoreError,
-    ValueTooLargeError,
     WrongKeyError,
 )
 
@@ -191,7 +191,7 @@ def test_value_moved_to_another_key_is_detected(kv_path: Path, kv: SealedKv) -> 
 def test_values_are_bounded(kv_path: Path) -> None:
     kv = SealedKv(kv_path, KEY, INDEX_KEY, value_max_bytes=100)
     kv.put(b"fits", bytes(100))
-    with pytest.raises(ValueTooLargeError):
+    with pytest.raises(CacheItemTooLargeError):
         kv.put(b"big", bytes(101))
     kv.close()
 
