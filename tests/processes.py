@@ -26,13 +26,22 @@ def cli(home: Path, *args: str, timeout_s: float = 120, extra_env: dict | None =
     )  # fmt: skip
 
 
-class RunningNode:
-    """An `aico-node run` process on loopback, and a socket client to it; its page is off unless `gui` gives an
-    address for it."""
+def in_netns(namespace: str | None) -> list[str]:
+    """The command prefix that runs a process in `namespace` (none for this host's own network)."""
+    return ["ip", "netns", "exec", namespace] if namespace else []
 
-    def __init__(self, home: Path, *peers: str, relay: str | list[str] | None = None, gui: str | None = None) -> None:
+
+class RunningNode:
+    """An `aico-node run` process (on loopback unless `listen` and `netns` say where), and a socket client to it; its
+    page is off unless `gui` gives an address for it."""
+
+    def __init__(
+        self, home: Path, *peers: str, relay: str | list[str] | None = None, gui: str | None = None,
+        listen: str = LOOPBACK, netns: str | None = None,
+    ) -> None:  # fmt: skip
         self.home = home
-        command = [sys.executable, "-m", "cli", "--debug", "--home", str(home), "run", "--listen", LOOPBACK, "--no-mdns"]
+        command = [*in_netns(netns), sys.executable, "-m", "cli", "--debug", "--home", str(home)]
+        command += ["run", "--listen", listen, "--no-mdns"]
         for peer in peers:
             command += ["--peer", peer]
         for address in [relay] if isinstance(relay, str) else relay or []:
@@ -72,7 +81,9 @@ def pair(
     try:
         offer = json.loads(invite.stdout.readline())
         assert offer["addresses"] and "expires" in offer
-        return cli(joiner_home, "pair", "join", code_override or offer["code"], "--address", inviter.address, "--name", name)
+        return cli(
+            joiner_home, "pair", "join", code_override or offer["code"], "--address", inviter.address, "--name", name
+        )
     finally:
         invite.terminate()
         invite.wait(timeout=30)

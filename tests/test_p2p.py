@@ -20,9 +20,10 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from framing import LENGTH_PREFIX_BYTES, RemoteProtocolError
 from node.errors import EndReason
-from node.net.dial import dial_sync, keep_connected
+from node.net.dial import dial_sync
 from node.net.host import DialError, P2pHost, p2p_host
 from node.net.pump import run_session
+from node.net.relay_path import keep_connected_with_relay
 from node.sync.receiver import Notifier
 from node.sync.session import Event, PeerClosed, SessionState, SyncSession
 from node.trust.identity import DeviceIdentity
@@ -364,7 +365,8 @@ async def test_keep_connected_redials_a_peer_that_restarts():
             host_b.serve_sync(trusting(a), b.serve)
             address, port = host_b.addresses[0], port_of(host_b)
             backoff = {"dial_timeout_s": 2, "backoff_s_min": 0.05, "backoff_s_max": 0.2}
-            nursery.start_soon(partial(keep_connected, host_a, address, connect, **backoff))
+            keep = partial(keep_connected_with_relay, host_a, lambda: [address], lambda: None, host_b.peer_id, connect)
+            nursery.start_soon(partial(keep, **backoff))
             await eventually(lambda: converged(a, b), 5)
         a.replica.set_preference("while-down", 1)
         # B stays down until A has seen its connection go: A then redials into the void.

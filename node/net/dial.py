@@ -1,5 +1,5 @@
-"""Dialling a device by any of its addresses (direct or through a relay), and keeping a session with it, with
-backoff."""
+"""Dialling a device by any of its addresses (direct or through a relay), and the backoff between attempts to keep a
+session with it."""
 
 from __future__ import annotations
 
@@ -31,25 +31,6 @@ async def dial_protocol(host: P2pHost, peer_addr: str, protocol: str, *, timeout
 async def dial_sync(host: P2pHost, peer_addr: str, *, timeout_s: float) -> tuple[str, INetStream]:
     """Connect to `peer_addr` and open a sync stream, all within `timeout_s`."""
     return await dial_protocol(host, peer_addr, SYNC_PROTOCOL, timeout_s=timeout_s)
-
-
-async def keep_connected(
-    host: P2pHost,
-    peer_addr: str,
-    connect: Callable[[str, INetStream], Awaitable[None]],
-    *,
-    dial_timeout_s: float = 5.0,
-    backoff_s_min: float = 0.5,
-    backoff_s_max: float = 30.0,
-) -> NoReturn:
-    """Dial `peer_addr` and await `connect` on each sync stream (it owns the stream), forever, with backoff."""
-
-    async def attempt() -> bool:
-        peer_id, stream = await dial_sync(host, peer_addr, timeout_s=dial_timeout_s)
-        await connect(peer_id, stream)
-        return False
-
-    await retry_with_backoff(attempt, peer_addr, backoff_s_min=backoff_s_min, backoff_s_max=backoff_s_max)
 
 
 async def retry_with_backoff(

@@ -13,8 +13,7 @@ import trio
 
 from node.errors import NodeError
 from node.net.circuit import is_circuit_addr, split_circuit_addr
-from node.net.dial import retry_with_backoff
-from node.net.relay_path import sync_once
+from node.net.relay_path import keep_connected_with_relay
 from node.net.sessions import SyncService
 
 log = logging.getLogger(__name__)
@@ -79,28 +78,28 @@ class DeviceKeepers:
         peer = self.sync.book.get(device_id)
         higher_id = device_id < self.sync.identity.device_id
 
-        async def attempt() -> bool:
+        def relay() -> str | None:
+            return self._relay_of.get(device_id, self.sync.relay)
+
+        async def until_worth_dialling() -> None:
             while True:
                 await peer.offline.wait()
                 if not self.sync.is_trusted(device_id):
                     raise _NoLongerTrusted(device_id)
-                relay = self._relay_of.get(device_id, self.sync.relay)
-                if not peer.addresses and relay is None:
+                if not peer.addresses and relay() is None:
                     await peer.learned.wait()  # nowhere to dial yet: mDNS or the user will say
                     continue
                 if higher_id:
                     await trio.sleep(random.uniform(*HIGHER_ID_WAIT_S))
                 if not peer.online:
-                    break
-            return await sync_once(
-                self.sync.host, list(peer.addresses), relay, device_id, self.sync.serve_stream,
-                dial_timeout_s=self.dial_timeout_s,
-            )  # fmt: skip
+                    return
 
         try:
-            await retry_with_backoff(
-                attempt, device_id, backoff_s_min=self.backoff_s_min, backoff_s_max=self.backoff_s_max
-            )
+            await keep_connected_with_relay(
+                self.sync.host, lambda: list(peer.addresses), relay, device_id, self.sync.serve_stream,
+                before_attempt=until_worth_dialling, dial_timeout_s=self.dial_timeout_s,
+                backoff_s_min=self.backoff_s_min, backoff_s_max=self.backoff_s_max,
+            )  # fmt: skip
         except _NoLongerTrusted:
             log.info("stopped dialling %s: it was revoked", device_id)
 

@@ -173,24 +173,27 @@ async def sync_once(
 
 async def keep_connected_with_relay(
     host: P2pHost,
-    direct_addrs: Sequence[str],
-    relay_addr: str | None,
+    direct_addrs: Callable[[], Sequence[str]],
+    relay_addr: Callable[[], str | None],
     peer_id: str,
     connect: Callable[[str, INetStream], Awaitable[None]],
     *,
+    before_attempt: Callable[[], Awaitable[None]] | None = None,
     dial_timeout_s: float = 5.0,
     direct_head_start_s: float = 0.3,
     direct_probe_every_s: float = 30.0,
     backoff_s_min: float = 0.5,
     backoff_s_max: float = 30.0,
 ) -> NoReturn:
-    """Like node.net.dial.keep_connected, for one peer reachable at `direct_addrs` and through `relay_addr`: each sync
-    stream is raced (direct first), and a relayed session is ended as soon as a direct connection opens, so the next
-    one runs direct."""
+    """Keep a sync session with `peer_id` forever: dial it at `direct_addrs()` and through `relay_addr()` (raced, direct
+    first, both read afresh for each attempt, after `before_attempt` if given), await `connect` on each stream (which
+    owns it), end a relayed session as soon as a direct connection opens, and redial with backoff."""
 
     async def attempt() -> bool:
+        if before_attempt is not None:
+            await before_attempt()
         return await sync_once(
-            host, direct_addrs, relay_addr, peer_id, connect, dial_timeout_s=dial_timeout_s,
+            host, direct_addrs(), relay_addr(), peer_id, connect, dial_timeout_s=dial_timeout_s,
             direct_head_start_s=direct_head_start_s, direct_probe_every_s=direct_probe_every_s,
         )  # fmt: skip
 

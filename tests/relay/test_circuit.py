@@ -332,7 +332,7 @@ async def test_keep_connected_with_relay_moves_to_a_direct_path_when_one_appears
 
         nursery.start_soon(
             partial(
-                keep_connected_with_relay, a, direct, relay.addresses[0], b.peer_id, connect,
+                keep_connected_with_relay, a, lambda: direct, lambda: relay.addresses[0], b.peer_id, connect,
                 direct_head_start_s=0.2, direct_probe_every_s=0.4, dial_timeout_s=2, backoff_s_min=0.1,
             )
         )  # fmt: skip
