@@ -250,3 +250,11 @@ def json_value(text: str) -> Any:
 def print_json(value: Any) -> None:
     print(json.dumps(value, default=str), flush=True)
 
+
+def print_result(value: T, *, as_json: bool, lines: Callable[[T], list[str]]) -> None:
+    """Print a command's result as JSON when asked, else as the lines `lines` makes of it for people."""
+    if as_json:
+        print_json(value)
+    else:
+        print_lines(lines(value))
+

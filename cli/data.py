@@ -4,6 +4,7 @@ Every command that prints data takes `--json`. `status`, `conflicts` and the `li
 given it; the others have always printed JSON, which scripts rely on, and keep printing it.
 """
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +26,7 @@ from cli.common import (
     note_app,
     pref_app,
     print_json,
-    print_lines,
+    print_result,
 )
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of lines for people.")]
@@ -43,10 +44,7 @@ EmbeddingOption = Annotated[
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show this device, its addresses, the group's devices (online, path, last sync, lag), the relay and the stores."""
     result, running = call_where(home_of(ctx), "status")
-    if as_json:
-        print_json(result)
-    else:
-        print_lines(show.status_lines(result, running=running))
+    print_result(result, as_json=as_json, lines=functools.partial(show.status_lines, running=running))
 
 
 @app.command()
@@ -62,11 +60,7 @@ def conflicts(
     as_json: JsonOption = False,
 ) -> None:
     """List concurrent values that lost a last-writer-wins merge, newest first."""
-    rows = call(home_of(ctx), "conflicts", limit=limit)
-    if as_json:
-        print_json(rows)
-    else:
-        print_lines(show.conflict_lines(rows))
+    print_result(call(home_of(ctx), "conflicts", limit=limit), as_json=as_json, lines=show.conflict_lines)
 
 
 @app.command()
@@ -114,11 +108,7 @@ def pref_get(
 @pref_app.command("list")
 def pref_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List every preference and its value."""
-    preferences = call(home_of(ctx), "pref.list")
-    if as_json:
-        print_json(preferences)
-    else:
-        print_lines(show.preference_lines(preferences))
+    print_result(call(home_of(ctx), "pref.list"), as_json=as_json, lines=show.preference_lines)
 
 
 @msg_app.command("add")
@@ -148,10 +138,7 @@ def msg_list(
 ) -> None:
     """List a conversation's messages, newest first."""
     messages = call(home_of(ctx), "msg.list", conversation=checks.name(conversation, "the conversation"), limit=limit)
-    if as_json:
-        print_json(messages)
-    else:
-        print_lines(show.message_lines(messages))
+    print_result(messages, as_json=as_json, lines=show.message_lines)
 
 
 @memory_app.command("add")
@@ -196,11 +183,7 @@ def memory_search(
 @memory_app.command("list")
 def memory_list(ctx: typer.Context, limit: LimitOption = 50, as_json: JsonOption = False) -> None:
     """List memories, newest first, with their ids and tags."""
-    memories = call(home_of(ctx), "memory.list", limit=limit)
-    if as_json:
-        print_json(memories)
-    else:
-        print_lines(show.memory_lines(memories))
+    print_result(call(home_of(ctx), "memory.list", limit=limit), as_json=as_json, lines=show.memory_lines)
 
 
 @note_app.command("edit")
@@ -225,20 +208,13 @@ def note_show(
     text = call(home_of(ctx), "note.show", name=checks.name(name, "the note's name"))
     if text is None:
         raise fail(f"no note named {name}; `aico-node note list` lists them")
-    if as_json:
-        print_json(text)
-    else:
-        print(text)
+    print_result(text, as_json=as_json, lines=lambda text: [text])
 
 
 @note_app.command("list")
 def note_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the names of the notes."""
-    names = call(home_of(ctx), "note.list")
-    if as_json:
-        print_json(names)
-    else:
-        print_lines(names or ["no notes"])
+    print_result(call(home_of(ctx), "note.list"), as_json=as_json, lines=lambda names: names or ["no notes"])
 
 
 @analytics_app.command("daily")
