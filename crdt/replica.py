@@ -10,7 +10,7 @@ import attrs
 import msgpack
 
 from crdt.counters import CounterSet
-from crdt.errors import ClockDriftError, CrdtError, InvalidOpError, SnapshotRequired, ValueTooLargeError
+from crdt.errors import ClockDriftError, CrdtError, InvalidOpError, SnapshotRequired
 from crdt.hlc import HybridClock
 from crdt.journal import ConflictJournal
 from crdt.lww import LwwMap
@@ -20,8 +20,9 @@ from crdt.notes import NoteSet
 from crdt.ops import Collection, Kind, Op
 from crdt.registry import DeviceRegistry
 from crdt.revocation import Settlement, settle
-from crdt.schema import payload_is_valid, redacted_payload
+from crdt.schema import redacted_payload
 from crdt.vector import VersionVector
+from crdt.writes import LocalWrites
 
 _by_hlc = attrgetter("hlc")
 _kind_of = attrgetter("kind")
@@ -69,7 +70,7 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-class Replica:
+class Replica(LocalWrites):
     """One device's merged state of every synced collection, fed by local writes and remote ops."""
 
     def __init__(self, device_id: str, clock: HybridClock, config: ReplicaConfig | None = None) -> None:
@@ -155,78 +156,6 @@ class Replica:
         encoded = msgpack.packb(_canonical(views), use_bin_type=True)
         counts = {collection.value: len(rule) for collection, rule in self._rules.items()}
         return Digest(hashlib.sha256(encoded).hexdigest(), counts)
-
-    # -- local writes ----------------------------------------------------------------------------
-
-    def set_preference(self, key: str, value: Any, *, collection: Collection = Collection.PREFERENCES) -> Op:
-        """Write a preference (or setting) and return its op."""
-        rule = self._rules[collection]
-        if not isinstance(rule, LwwMap):
-            raise InvalidOpError(f"{collection} is not a last-writer-wins map")
-        current = rule.registers.get(key)
-        return self._write(collection, key, Kind.SET, value, None if current is None else current.op_id)
-
-    def add_message(self, message_id: str, fields: Mapping[str, Any]) -> Op:
-        """Add an immutable message (conversation, role, text, ts_ms, ...) and return its op."""
-        return self._write(Collection.MESSAGES, message_id, Kind.ADD, dict(fields))
-
-    def edit_message(self, message_id: str, field: str, value: Any) -> Op:
-        """Change one field of a message (last writer wins) and return the op."""
-        current = self.messages.edits.get(message_id, {}).get(field)
-        return self._write(Collection.MESSAGES, message_id, Kind.EDIT, [field, value], current and current.op_id)
-
-    def delete_message(self, message_id: str) -> Op:
-        """Tombstone a message everywhere and return the op."""
-        return self._write(Collection.MESSAGES, message_id, Kind.DELETE, None)
-
-    def add_memory(self, memory_id: str, text: str, embedding: bytes | None, metadata: Mapping[str, Any]) -> Op:
-        """Add a memory (text, float32 embedding bytes, metadata) and return its op."""
-        payload = {"text": text, "embedding": embedding, "metadata": dict(metadata)}
-        return self._write(Collection.MEMORIES, memory_id, Kind.ADD, payload)
-
-    def edit_memory(self, memory_id: str, field: str, value: Any) -> Op:
-        """Change one field of a memory (last writer wins) and return the op."""
-        current = self.memories.fields.get(memory_id, {}).get(field)
-        return self._write(Collection.MEMORIES, memory_id, Kind.EDIT, [field, value], current and current.op_id)
-
-    def remove_memory(self, memory_id: str) -> Op:
-        """Remove the adds of a memory seen so far (a concurrent add still wins) and return the op."""
-        observed = [list(tag) for tag in self.memories.live_tags(memory_id)]
-        return self._write(Collection.MEMORIES, memory_id, Kind.REMOVE, observed)
-
-    def edit_note(self, name: str, text: str) -> Op:
-        """Set a note's text, merged character-wise with concurrent edits, and return the op."""
-        self._check_size(text)  # before the edit: the Loro document changes as the update is made
-        return self._write(Collection.NOTES, name, Kind.UPDATE, self.notes.edit(name, text))
-
-    def increment(self, name: str, delta: int = 1) -> Op:
-        """Add `delta` (may be negative) to a counter and return the op."""
-        return self._write(Collection.COUNTERS, name, Kind.ADD, list(self.counters.next_totals(name, self.device_id, delta)))
-
-    def enrol_device(self, device: str, record: Mapping[str, Any]) -> Op:
-        """Enrol a device (public key, name, signer, signature) and return the op."""
-        current = self.devices.enrolments.get(device)
-        return self._write(Collection.DEVICES, device, Kind.ENROL, dict(record), current and current.op_id)
-
-    def revoke_device(self, device: str, record: Mapping[str, Any]) -> Op:
-        """Revoke a device for good (signer, signature) and return the op."""
-        return self._write(Collection.DEVICES, device, Kind.REVOKE, dict(record))
-
-    def _check_size(self, value: Any) -> None:
-        size = len(msgpack.packb(value, use_bin_type=True))
-        if size > self.config.value_bytes_max:
-            raise ValueTooLargeError(f"value of {size} bytes exceeds the {self.config.value_bytes_max}-byte limit")
-
-    def _write(self, collection: Collection, key: str, kind: Kind, payload: Any, prev: Any = None) -> Op:
-        if self.devices.revoked_at(self.device_id) is not None:
-            # Its writes would count nowhere; refusing them also keeps its note edits from reusing Loro op ids.
-            raise InvalidOpError(f"this device ({self.device_id}) was revoked: it can no longer write")
-        if not payload_is_valid(collection, kind, payload):
-            raise InvalidOpError(f"malformed {collection} {kind} value: {payload!r:.200}")
-        self._check_size(payload)
-        op = Op(self.device_id, self.seq_of(self.device_id) + 1, self.clock.now(), collection, key, kind, payload, prev)
-        self._commit(op)
-        return op
 
     def forget(self, collection: Collection, key: str) -> tuple[Op, list[Op]]:
         """Delete a message or remove a memory, and strip its content from the log and state.
