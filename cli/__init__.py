@@ -7,7 +7,7 @@ import traceback
 import typer
 from rich.markup import escape
 
-from cli import data, lifecycle, tools  # noqa: F401  (each registers its commands on the app)
+from cli import data, history, lifecycle, tools  # noqa: F401  (each registers its commands on the app)
 from cli.common import app, console, first_of, settings, user_facing_errors
 
 PROG_NAME = "aico-node"

@@ -1,5 +1,6 @@
 """What every `aico-node` command shares: the typer apps, the home, the passphrase, calls to the node, output."""
 
+import contextlib
 import functools
 import getpass
 import json
@@ -8,7 +9,7 @@ import secrets
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -137,50 +138,90 @@ def call(home: Path, method: str, **params: Any) -> Any:
 def call_where(home: Path, method: str, **params: Any) -> tuple[Any, bool]:
     """Run a data command as `call` does; also say whether a running node answered (else the stores did). While a
     node starts (it holds the home, its socket is not up yet) wait for its socket instead of opening the stores."""
+    secret: str | None = None
+    while True:
+        client = node_client(home, _call_timeout_s(method))
+        if client is not None:
+            with client:
+                return keyed_call(client, method, params), True
+        secret = secret or passphrase()
+        done, result = run_async(functools.partial(_call_directly, home, secret, method, params))
+        if done:
+            return result, False
+        # A node took the home between the look and the opening: ask it.
+
+
+def _call_timeout_s(method: str) -> float:
     from node.api.handlers import HANDLER_TIMEOUTS_S
-    from node.api.rpc import (
-        INTERNAL,
-        REQUEST_TIMEOUT_S,
-        NodeNotRunning,
-        RpcClient,
-        RpcError,
-        RpcRemoteError,
-        RpcTimeoutError,
-    )
+    from node.api.rpc import REQUEST_TIMEOUT_S
+
+    return HANDLER_TIMEOUTS_S.get(method, REQUEST_TIMEOUT_S) + RESPONSE_MARGIN_S
+
+
+def node_client(home: Path, timeout_s: float) -> Any:
+    """An RpcClient connected to the node running on `home`, or None when no node holds it; waits (bounded) for the
+    socket of a node that is starting."""
+    from node.api.rpc import NodeNotRunning, RpcClient, RpcError
     from node.home import NODE_HOLDER, HomeLock, socket_path
 
     deadline = time.monotonic() + NODE_START_WAIT_S
-    secret: str | None = None
-    key = secrets.token_hex(16)  # the same on every retry: the node runs the call once
-    timeout_s = HANDLER_TIMEOUTS_S.get(method, REQUEST_TIMEOUT_S) + RESPONSE_MARGIN_S
-    retries = CALL_RETRIES
     while True:
         try:
-            with RpcClient.connect(socket_path(home), timeout_s=timeout_s) as client:
-                return client.call_keyed(method, params, key), True
+            return RpcClient.connect(socket_path(home), timeout_s=timeout_s)
         except NodeNotRunning:
             pass
+        except RpcError as error:
+            raise fail(str(error)) from None
+        lock = HomeLock(home)
+        holder = lock.holder()
+        if not lock.node_starting() and (holder is None or NODE_HOLDER not in holder):
+            return None
+        if time.monotonic() > deadline:
+            raise fail(f"{home} is held by a node whose socket did not open within {NODE_START_WAIT_S:.0f} s")
+        time.sleep(SOCKET_POLL_S)
+
+
+def keyed_call(client: Any, method: str, params: dict[str, Any]) -> Any:
+    """`client.call_keyed` sent again after a timeout (with one key: the node runs it once); errors as clear exits."""
+    from node.api.rpc import INTERNAL, RpcError, RpcRemoteError, RpcTimeoutError
+
+    key = secrets.token_hex(16)
+    for retries_left in reversed(range(CALL_RETRIES + 1)):
+        try:
+            return client.call_keyed(method, params, key)
         except RpcTimeoutError as error:
-            if retries == 0:
+            if retries_left == 0:
                 raise fail(f"{error}; it may still finish") from None
-            retries -= 1
-            continue
         except RpcRemoteError as error:
             if error.type == INTERNAL:
                 raise fail(f"the node failed: {error.message} (its log has the traceback)") from None
             raise fail(error.message) from None
         except RpcError as error:
             raise fail(str(error)) from None
-        lock = HomeLock(home)
-        holder = lock.holder()
-        if not lock.node_starting() and (holder is None or NODE_HOLDER not in holder):
-            secret = secret or passphrase()
-            done, result = run_async(functools.partial(_call_directly, home, secret, method, params))
-            if done:
-                return result, False
-        if time.monotonic() > deadline:
-            raise fail(f"{home} is held by a node whose socket did not open within {NODE_START_WAIT_S:.0f} s")
-        time.sleep(SOCKET_POLL_S)
+    raise AssertionError("unreachable: the last retry returns or raises")
+
+
+@contextlib.asynccontextmanager
+async def node_session(home: Path, method: str, holder: str) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Any]]]:
+    """Yield a way to run `method` many times: on the running node through one socket, or with no node running, on
+    the stores opened once for the block (as `holder`)."""
+    client = node_client(home, _call_timeout_s(method))
+    if client is not None:
+        with client:
+
+            async def over_socket(params: dict[str, Any]) -> Any:
+                return await trio.to_thread.run_sync(keyed_call, client, method, params)
+
+            yield over_socket
+        return
+    from node.app import Node
+
+    async with Node.opened(home, passphrase(), holder) as node:
+
+        async def on_stores(params: dict[str, Any]) -> Any:
+            return await node.handlers[method](params)
+
+        yield on_stores
 
 
 async def _call_directly(home: Path, secret: str, method: str, params: dict[str, Any]) -> tuple[bool, Any]:

@@ -6,7 +6,7 @@ so a unit of work that fails or is abandoned changes nothing.
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -101,9 +101,10 @@ class ConversationRepository(_Repository):
         ts_ms: int | None = None,
         sentiment: float | None = None,
         response_time_ms: float | None = None,
+        message_id: str | None = None,
     ) -> str:
-        """Stage a new message and return its id."""
-        message_id = new_id()
+        """Stage a new message and return its id (a new one unless given)."""
+        message_id = message_id or new_id()
         fields = {
             "conversation": conversation,
             "role": role,
@@ -117,6 +118,11 @@ class ConversationRepository(_Repository):
 
     def edit_message(self, message_id: str, field: str, value: Any) -> None:
         self._uow.stage(lambda r: _one(r.edit_message(message_id, field, value)))
+
+    def known(self, message_ids: Iterable[str]) -> set[str]:
+        """Return which of these ids a message was ever added under (forgotten ones included)."""
+        messages = self._data.replica.messages
+        return {id_ for id_ in message_ids if id_ in messages.records or id_ in messages.tombstones}
 
     def forget(self, message_id: str) -> None:
         """Stage deleting a message everywhere, its content purged from every store."""
@@ -153,12 +159,19 @@ def _forget(replica: Replica, collection: Collection, key: str) -> tuple[list[Op
 class MemoryRepository(_Repository):
     """Memories with embeddings; near-duplicates collapse to one canonical memory."""
 
-    def save_memory(self, text: str, embedding: Any = None, metadata: Mapping[str, Any] | None = None) -> str:
-        """Stage a new memory and return its id."""
-        memory_id = new_id()
+    def save_memory(
+        self, text: str, embedding: Any = None, metadata: Mapping[str, Any] | None = None, memory_id: str | None = None
+    ) -> str:
+        """Stage a new memory and return its id (a new one unless given)."""
+        memory_id = memory_id or new_id()
         vector = embedding_bytes(embedding, self._data.config.embedding_dims)
         self._uow.stage(lambda r: _one(r.add_memory(memory_id, text, vector, dict(metadata or {}))))
         return memory_id
+
+    def known(self, memory_ids: Iterable[str]) -> set[str]:
+        """Return which of these ids a memory was ever added under (removed ones included)."""
+        memories = self._data.replica.memories
+        return {id_ for id_ in memory_ids if id_ in memories.adds or id_ in memories.removed}
 
     def forget(self, memory_id: str) -> None:
         """Stage removing a memory everywhere, its content purged from every store."""

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from node.api.params import ParamError, checked_metadata, checked_name, checked_text
+from node.api.params import (
+    IMPORT_KINDS,
+    ParamError,
+    checked_import_record,
+    checked_metadata,
+    checked_name,
+    checked_text,
+)
 from node.api.rpc import Handler, StreamedReply
 from node.bus import Bus
 from node.embed import default_embedder
@@ -30,10 +37,11 @@ if TYPE_CHECKING:
 
 # Methods that may take longer than the socket's default 30 s: a rebuild of every derived store, a text embedded while
 # the model is still loading, the first analytics query after a start.
-HANDLER_TIMEOUTS_S = {"rebuild": 1800.0, "memory.add": 120.0, "memory.search": 120.0, "analytics.daily": 120.0}
+HANDLER_TIMEOUTS_S = {"rebuild": 1800.0, "import.batch": 300.0, "memory.add": 120.0, "memory.search": 120.0, "analytics.daily": 120.0}
 LIST_LIMIT = 50  # items msg.list and memory.list return unless asked for another number
 LIST_LIMIT_MAX = 10_000
 SEARCH_K_MAX = 1000
+IMPORT_BATCH_RECORDS_MAX = 1000
 
 
 class NetworkOff(NodeError):
@@ -105,6 +113,7 @@ class DataHandlers:
             "digest": self.digest,
             "conflicts": self.conflicts,
             "rebuild": self.rebuild,
+            "import.batch": self.import_batch,
         }
 
     async def pref_set(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +236,53 @@ class DataHandlers:
             await uow.commit()
         await self.node.projector.drain()  # gone from the derived stores too before we answer
         return {"forgotten": params["id"]}
+
+    async def import_batch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Store a batch of history records (params.checked_import_record) in one commit, skipping those already here."""
+        records = params.get("records")
+        if not isinstance(records, list) or not 0 < len(records) <= IMPORT_BATCH_RECORDS_MAX:
+            raise ParamError(f"records must be a list of 1 to {IMPORT_BATCH_RECORDS_MAX} records")
+        checked = []
+        for number, record in enumerate(records, 1):
+            try:
+                checked.append(checked_import_record(record))
+            except ParamError as error:
+                raise ParamError(f"record {number} of the batch: {error}") from None
+        async with self.node.unit_of_work() as uow:
+            seen = uow.conversations.known(r["id"] for r in checked if r["type"] == "message")
+            seen |= uow.memories.known(r["id"] for r in checked if r["type"] == "memory")
+            fresh = []
+            for record in checked:
+                if "id" in record:
+                    if record["id"] in seen:  # stored before, or twice in this batch
+                        continue
+                    seen.add(record["id"])
+                fresh.append(record)
+            texts = [r["text"] for r in fresh if r["type"] == "memory" and r["embedding"] is None]
+            if texts:
+                embedded = iter(await trio.to_thread.run_sync(default_embedder().embed, texts))
+            added = dict.fromkeys(IMPORT_KINDS, 0)
+            for record in fresh:
+                kind = record["type"]
+                if kind == "message":
+                    fields = {name: record[name] for name in ("role", "ts_ms", "sentiment", "response_time_ms")}
+                    uow.conversations.add_message(record["conversation"], record["text"], **fields, message_id=record["id"])
+                elif kind == "memory":
+                    embedding = record["embedding"] if record["embedding"] is not None else next(embedded)
+                    uow.memories.save_memory(record["text"], embedding, record["metadata"], memory_id=record["id"])
+                elif kind == "preference":
+                    if await uow.preferences.get(record["key"]) == record["value"]:
+                        continue
+                    uow.preferences.set(record["key"], record["value"])
+                elif await uow.notes.get(record["name"]) != record["text"]:
+                    uow.notes.edit(record["name"], record["text"])
+                else:
+                    continue
+                added[kind] += 1
+            await uow.commit()
+        # The derived stores keep up batch by batch, so a long import never leaves a long backlog behind it.
+        await self.node.projector.drain()
+        return {"records": len(checked), "added": added, "skipped": len(checked) - sum(added.values())}
 
     async def analytics_daily(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         days = int(params.get("days", 30))

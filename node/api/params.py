@@ -3,6 +3,7 @@
 This module imports nothing heavy, so the command line can check its input before it opens a store or the socket.
 """
 
+import hashlib
 import json
 import math
 import unicodedata
@@ -85,3 +86,96 @@ def parsed_json(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as error:
         raise ParamError(f'{what} is not JSON ({error}); write it like \'{{"topic": "tea"}}\'') from None
+
+
+IMPORT_KINDS = ("message", "memory", "preference", "note")
+IMPORT_LINE_BYTES_MAX = 2 * 1024 * 1024
+"""One line of an import file: a text at its limit, an embedding and metadata fit, JSON-escaped."""
+
+EMBEDDING_DIMS_MAX = 4096
+_IMPORT_FIELDS = {
+    "message": {"type", "id", "conversation", "text", "role", "ts_ms", "sentiment", "response_time_ms"},
+    "memory": {"type", "id", "text", "embedding", "metadata"},
+    "preference": {"type", "key", "value"},
+    "note": {"type", "name", "text"},
+}
+
+
+def checked_import_record(value: object) -> dict[str, Any]:
+    """`value` as one record of history to import, with the id it is stored under (from its content unless given)."""
+    if not isinstance(value, dict):
+        raise ParamError(f"a record is a JSON object with a \"type\", not {_json_kind(value)}")
+    kind = value.get("type")
+    if kind not in _IMPORT_FIELDS:
+        raise ParamError(f"\"type\" is {kind!r}; it must be one of {', '.join(IMPORT_KINDS)}")
+    unknown = sorted(set(value) - _IMPORT_FIELDS[kind])
+    if unknown:
+        raise ParamError(f"a {kind} has no field {unknown[0]!r}; its fields are {', '.join(sorted(_IMPORT_FIELDS[kind]))}")
+    if kind == "message":
+        record = _checked_message(value)
+    elif kind == "memory":
+        record = _checked_memory(value)
+    elif kind == "preference":
+        record = {"type": kind, "key": checked_name(value.get("key"), "a preference's key"), "value": value.get("value")}
+    else:
+        record = {"type": kind, "name": checked_name(value.get("name"), "a note's name"),
+                  "text": checked_text(value.get("text"), "a note's text", empty_ok=True)}  # fmt: skip
+    return record
+
+
+def _checked_message(value: dict[str, Any]) -> dict[str, Any]:
+    ts_ms = value.get("ts_ms")
+    if type(ts_ms) is not int or not 0 <= ts_ms < 1 << 48:
+        raise ParamError("a message needs ts_ms: when it was said, in milliseconds since 1970 (an integer)")
+    sentiment = value.get("sentiment")
+    if sentiment is not None and (not _is_number(sentiment) or not -1.0 <= sentiment <= 1.0):
+        raise ParamError("a message's sentiment is a number from -1 to 1, or null")
+    response_time_ms = value.get("response_time_ms")
+    if response_time_ms is not None and (not _is_number(response_time_ms) or not 0 <= response_time_ms < math.inf):
+        raise ParamError("a message's response_time_ms is a number of milliseconds (0 or more), or null")
+    record = {
+        "type": "message",
+        "conversation": checked_name(value.get("conversation"), "a message's conversation"),
+        "text": checked_text(value.get("text"), "a message's text"),
+        "role": checked_name(value.get("role", "user"), "a message's role"),
+        "ts_ms": ts_ms,
+        "sentiment": sentiment,
+        "response_time_ms": response_time_ms,
+    }
+    # Ids that grow with time, as new messages' do (stores/repositories.py new_id): the primary key's B-tree grows at
+    # its end.
+    record["id"] = _given_id(value) or f"{ts_ms:012x}{_content_hash(record, 10)}"
+    return record
+
+
+def _checked_memory(value: dict[str, Any]) -> dict[str, Any]:
+    embedding = value.get("embedding")
+    if embedding is not None and (
+        not isinstance(embedding, list)
+        or not 0 < len(embedding) <= EMBEDDING_DIMS_MAX
+        or not all(_is_number(item) and math.isfinite(item) for item in embedding)
+    ):
+        raise ParamError("a memory's embedding is a list of numbers (as many as the model's dimensions), or absent")
+    record = {
+        "type": "memory",
+        "text": checked_text(value.get("text"), "a memory's text"),
+        "embedding": embedding,
+        "metadata": checked_metadata(value.get("metadata", {}), "a memory's metadata"),
+    }
+    record["id"] = _given_id(value) or _content_hash(record, 16)
+    return record
+
+
+def _given_id(value: dict[str, Any]) -> str | None:
+    given = value.get("id")
+    return None if given is None else checked_name(given, "the id")
+
+
+def _content_hash(record: dict[str, Any], digest_bytes: int) -> str:
+    """A hash of a record's content: the same line imported again gets the same id, so it is skipped, not doubled."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=digest_bytes).hexdigest()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,108 @@
+"""`aico-node import FILE.jsonl`: history stored once whatever how often it is imported, bad lines refused before
+anything is stored, and an interrupted import finished by running it again."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.processes import RunningNode, cli, env, wait_until
+
+DIMS = 384
+
+
+def _message(number: int) -> dict:
+    return {"type": "message", "conversation": f"chat-{number % 3}", "text": f"line {number}", "role": "user",
+            "ts_ms": 1_700_000_000_000 + number * 1000, "sentiment": 0.25, "response_time_ms": 120}  # fmt: skip
+
+
+def _write(path, records) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def _ok(home, *args) -> str:
+    done = cli(home, *args, timeout_s=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stdout
+
+
+def _counts(home) -> dict:
+    return json.loads(_ok(home, "digest"))["counts"]
+
+
+def test_an_import_stores_each_kind_once_and_a_second_run_adds_nothing(tmp_path):
+    home = tmp_path / "home"
+    _ok(home, "init")
+    history = tmp_path / "history.jsonl"
+    _write(history, [
+        *(_message(number) for number in range(2500)),
+        {"type": "message", "id": "given-id", "conversation": "chat-0", "text": "mine", "ts_ms": 5},
+        {"type": "memory", "text": "likes green tea", "embedding": [0.5] * DIMS, "metadata": {"topic": "tea"}},
+        {"type": "preference", "key": "theme", "value": "dark"},
+        {"type": "note", "name": "about", "text": "prefers mornings"},
+    ])  # fmt: skip
+    first = json.loads(_ok(home, "import", str(history), "--json"))
+    assert first == {"records": 2504, "added": {"message": 2501, "memory": 1, "preference": 1, "note": 1}, "skipped": 0}
+    counts = _counts(home)
+    assert (counts["messages"], counts["memories"], counts["preferences"], counts["notes"]) == (2501, 1, 1, 1)
+    assert json.loads(_ok(home, "pref", "get", "theme")) == "dark"
+    assert _ok(home, "note", "show", "about").strip() == "prefers mornings"
+    listed = json.loads(_ok(home, "msg", "list", "chat-0", "--limit", "2", "--json"))
+    assert [message["text"] for message in listed] == ["line 2499", "line 2496"]
+
+    again = _ok(home, "import", str(history))
+    assert again.strip() == f"imported {history}: 2504 records, nothing new added; 2504 already here, skipped"
+    assert _counts(home) == counts
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("{not json", "line 3: not JSON"),
+        ('{"type": "song", "text": "la"}', "line 3: \"type\" is 'song'; it must be one of message, memory"),
+        ('{"type": "message", "conversation": "c", "text": "hi"}', "line 3: a message needs ts_ms"),
+        ('{"type": "message", "conversation": "c", "text": "hi", "ts_ms": 1, "mood": 2}', "line 3: a message has no field 'mood'"),
+        ('{"type": "memory", "text": "x", "embedding": [1, "a"]}', "line 3: a memory's embedding is a list of numbers"),
+        ('{"type": "preference", "value": 1}', "line 3: a preference's key must be a non-empty string"),
+        ('["message"]', "line 3: a record is a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_bad_line_is_named_and_nothing_is_stored(tmp_path, line, says):
+    home = tmp_path / "home"
+    _ok(home, "init")
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps(_message(1)) + "\n\n" + line + "\n" + json.dumps(_message(2)) + "\n")
+    done = cli(home, "import", str(history))
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 2
+    assert _counts(home)["messages"] == 0
+
+
+def test_an_interrupted_import_through_a_running_node_is_finished_by_running_it_again(tmp_path):
+    home = tmp_path / "home"
+    _ok(home, "init")
+    total = 30_000
+    history = tmp_path / "history.jsonl"
+    _write(history, (_message(number) for number in range(total)))
+    node = RunningNode(home)
+    try:
+        importing = subprocess.Popen(
+            [sys.executable, "-m", "cli", "--home", str(home), "import", str(history)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(lambda: node.call("digest")["counts"]["messages"] >= 2000, timeout_s=120, what="a few batches")
+        importing.send_signal(signal.SIGINT)
+        _, said = importing.communicate(timeout=60)
+        assert importing.returncode == 130 and "run the same command again" in said, said
+        stored = node.call("digest")["counts"]["messages"]
+        assert stored < total, "the import finished before it was interrupted; make the file larger"
+
+        done = json.loads(_ok(home, "import", str(history), "--json"))
+        assert done["added"]["message"] == total - stored and done["skipped"] == stored
+        assert node.call("digest")["counts"]["messages"] == total
+    finally:
+        node.stop()
