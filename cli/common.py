@@ -22,6 +22,22 @@ from rich.markup import escape
 from cli.logs import LOG_ENV, LogLevelError, configure_logging, level_from
 
 
+def _argument_type(self: typer.core.TyperArgument, ctx: Any) -> str | None:
+    """No type after an argument in help (typer lists `CODE <str>`): its name already is the placeholder."""
+    return None
+
+
+def _argument_usage(self: typer.core.TyperArgument, ctx: Any) -> list[str]:
+    """An argument in the usage line as click writes one: `CODE` when required (typer: `{CODE}`), `[TEXT]` if not."""
+    name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+    return [name if self.required else f"[{name}]"]
+
+
+# typer builds every argument as a TyperArgument (typer.main.get_click_param) and takes no other class for it.
+typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign,assignment]
+typer.core.TyperArgument.get_usage_pieces = _argument_usage  # type: ignore[method-assign]
+
+
 def _typer(help: str, **options: Any) -> typer.Typer:
     # Plain click help: typer's rich panels show flags as `<bool>` and lists as `<list[str]>`, the help option too.
     return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **options)

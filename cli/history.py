@@ -9,9 +9,14 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from cli.common import app, console, fail, home_of, node_session, print_result, run_async
-from node.api.params import IMPORT_KINDS, IMPORT_LINE_BYTES_MAX, ParamError, checked_import_record
+from node.api.params import (
+    IMPORT_BATCH_RECORDS_MAX,
+    IMPORT_KINDS,
+    IMPORT_LINE_BYTES_MAX,
+    ParamError,
+    checked_import_record,
+)
 
-BATCH_RECORDS_MAX = 1000  # node/api/handlers.py IMPORT_BATCH_RECORDS_MAX
 BATCH_BYTES_MAX = 1024 * 1024  # with one line of up to 2 MiB, a batch stays under the socket's 4 MiB request limit
 INTERRUPTED_EXIT = 130  # as a shell reports a command ended by Ctrl-C
 FORMAT_HINT = "`aico-node import --help` shows the format"
@@ -38,8 +43,9 @@ def import_history(
         checking = progress.add_task("checking", total=size)
         try:
             with file.open("rb") as lines:
-                for _ in _records(file, lines):
-                    progress.update(checking, completed=lines.tell())
+                for number, _ in enumerate(_records(file, lines, with_ids=False)):
+                    if number % IMPORT_BATCH_RECORDS_MAX == 0:
+                        progress.update(checking, completed=lines.tell())
         except KeyboardInterrupt:
             raise fail("interrupted while checking the file; nothing was imported", code=INTERRUPTED_EXIT) from None
         progress.remove_task(checking)
@@ -67,8 +73,9 @@ def import_history(
     print_result(totals, as_json=as_json, lines=lambda totals: [_summary(file, totals)])
 
 
-def _records(path: Path, lines: BinaryIO) -> Iterator[dict[str, Any]]:
-    """Yield each line's record, checked; a bad line ends the command with its number and what is wrong."""
+def _records(path: Path, lines: BinaryIO, *, with_ids: bool = True) -> Iterator[tuple[dict[str, Any], int]]:
+    """Yield each line's record, checked (with its id if `with_ids`), and about its size in a request; a bad line ends
+    the command with its number and what is wrong."""
     number = 0
     while raw := lines.readline(IMPORT_LINE_BYTES_MAX + 1):
         number += 1
@@ -77,24 +84,25 @@ def _records(path: Path, lines: BinaryIO) -> Iterator[dict[str, Any]]:
         if not raw.strip():
             continue
         try:
-            yield checked_import_record(json.loads(raw))
+            record = checked_import_record(json.loads(raw), with_id=with_ids)
         except ValueError as error:  # malformed JSON or UTF-8
             raise _bad_line(path, number, f"not JSON ({error})") from None
         except ParamError as error:
             raise _bad_line(path, number, str(error)) from None
+        # Its size as the socket sends it (msgpack): the text as in the line, every number of an embedding 9 bytes.
+        yield record, len(raw) + 9 * len(record.get("embedding") or ())
 
 
 def _bad_line(path: Path, number: int, why: str) -> typer.Exit:
     return fail(f"{path}, line {number}: {why}; {FORMAT_HINT}", code=2)
 
 
-def _batches(records: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """Group records into batches of at most BATCH_RECORDS_MAX records and about BATCH_BYTES_MAX bytes."""
+def _batches(records: Iterator[tuple[dict[str, Any], int]]) -> Iterator[list[dict[str, Any]]]:
+    """Group records into batches of at most IMPORT_BATCH_RECORDS_MAX records and about BATCH_BYTES_MAX bytes of lines."""
     batch: list[dict[str, Any]] = []
     batch_bytes = 0
-    for record in records:
-        size = len(json.dumps(record, ensure_ascii=False))
-        if batch and (len(batch) == BATCH_RECORDS_MAX or batch_bytes + size > BATCH_BYTES_MAX):
+    for record, size in records:
+        if batch and (len(batch) == IMPORT_BATCH_RECORDS_MAX or batch_bytes + size > BATCH_BYTES_MAX):
             yield batch
             batch, batch_bytes = [], 0
         batch.append(record)

@@ -1,5 +1,6 @@
 """Commands that make, run and pair a node, and run a relay."""
 
+import functools
 import gc
 import importlib
 import json
@@ -7,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +17,7 @@ import typer
 from rich.markup import escape
 
 import cli.checks as checks
+import cli.show as show
 from cli.common import app, console, default_home, fail, home_of, out, pair_app, passphrase, run_async
 from framing import LocalProtocolError
 
@@ -165,11 +168,9 @@ def run(
     no_gui: NoGuiOption = False,
 ) -> None:
     """Run the node until SIGINT or SIGTERM (a first run initialises the home)."""
-    from node.app import Node
     from node.gui.address import DEFAULT_ADDRESS, GuiAddress
     from node.gui.errors import GuiError
-    from node.home import NODE_HOLDER, init_home, is_initialised
-    from stores.datalayer import StoreConfig
+    from node.home import HomeLock, is_initialised
 
     if gui is not None and no_gui:
         raise typer.BadParameter("give --gui ADDR or --no-gui, not both")
@@ -180,9 +181,19 @@ def run(
     home = home_of(ctx)
     fresh = not is_initialised(home)
     secret = passphrase(confirm=fresh)
-    network = _network(listen, peer, no_mdns, relay)
+    # Marked before the slow imports and the key's unlocking: a `status` typed meanwhile waits for this node's socket.
+    with HomeLock(home).starting():
+        _run(home, fresh, secret, functools.partial(_network, listen, peer, no_mdns, relay), gui_address)
+
+
+def _run(home: Path, fresh: bool, secret: str, make_network: Callable[[], Any], gui_address: Any) -> None:
+    from node.app import Node
+    from node.home import NODE_HOLDER, init_home
+    from stores.datalayer import StoreConfig
+
+    network = make_network()
     _tune_interpreter()
-    _import_in_background("node.net.network", *(() if no_gui else ("node.gui.server",)))
+    _import_in_background("node.net.network", *(() if gui_address is None else ("node.gui.server",)))
 
     async def serve() -> None:
         if fresh:
@@ -249,6 +260,7 @@ def pair_invite(
     """Open a one-time invite on the running node, print its code, and wait for the new device to join."""
     from node.api.rpc import NodeNotRunning, RpcClient, RpcRemoteError
     from node.home import socket_path
+    from node.trust.pairing import attempts_left_text
 
     try:
         with RpcClient.connect(socket_path(home_of(ctx)), timeout_s=ttl_s + 30) as client:
@@ -258,9 +270,10 @@ def pair_invite(
                 elif "code" in update:
                     _show_invite(update)
                 elif "refused" in update:
-                    console.print(f"a join attempt was refused ({update['refused']}); {update['attempts_left']} left")
+                    reason = update["refused"].replace("_", " ")
+                    console.print(f"a join attempt was refused ({reason}); {attempts_left_text(update['attempts_left'])}")
                 if "paired" in update:
-                    console.print(f"[green]paired[/green] with {update['paired']}")
+                    console.print(f"[green]paired[/green] with {show.device_label(update.get('name'), update['paired'])}")
                     return
             raise fail("the invite expired or ran out of attempts")
     except NodeNotRunning:

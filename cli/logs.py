@@ -17,8 +17,9 @@ VERBOSE_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)  # by the number
 LIBRARY_LOGGER = "libp2p"
 # Library loggers that say nothing a person can act on, silenced unless the level is DEBUG. The HOP handler reads on
 # after every circuit and reservation ends and logs three errors per stream; relay/circuit.py's LimitedHop logs one
-# line per circuit instead.
-QUIETED_LOGGERS = ("libp2p.relay.circuit_v2.protocol",)
+# line per circuit instead. The TCP transport logs an error for every attempt of every dial; the node says once per
+# dial that it failed, and why.
+QUIETED_LOGGERS = ("libp2p.relay.circuit_v2.protocol", "libp2p.transport.tcp.tcp")
 # Loggers that trace every address and id they decode at DEBUG (hundreds of lines a second): INFO at most.
 TRACING_LOGGERS = ("multiaddr", "cid")
 

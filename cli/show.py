@@ -115,9 +115,21 @@ def _peer_lines(peers: list[dict[str, Any]], now_s: float, running: bool) -> lis
                 PATHS.get(peer["path"], peer["path"] or ""),
                 f"last sync {ago(peer['last_sync'], now_s)}",
                 _lag(peer["ops_behind_in"], peer["ops_behind_out"]),
+                _where(peer, now_s),
             ]
         )
     return columns(rows)
+
+
+def _where(peer: dict[str, Any], now_s: float) -> str:
+    """Where the device is (online) or was last seen (offline): its newest address, without its own peer id."""
+    addresses = peer.get("addresses") or []
+    at = f"at {addresses[0].split('/p2p/')[0]}" if addresses else ""
+    if peer["online"]:
+        return at
+    if peer.get("last_seen") is None:
+        return f"last known {at}" if at else "never seen"
+    return f"seen {ago(peer['last_seen'], now_s)} {at}".rstrip()
 
 
 def _lag(behind_in: int, behind_out: int) -> str:

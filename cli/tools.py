@@ -56,7 +56,7 @@ def simulate(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(metavar="crdt|stores|sync|relay", help="Which benchmark.")],
+    name: Annotated[str, typer.Argument(metavar="crdt|stores|sync|relay|scale", help="Which benchmark.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Run a benchmark; every figure is printed beside a baseline measured in the same run."""

@@ -5,7 +5,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,17 @@ class HomeLock:
             return time.time() - self.starting_path.stat().st_mtime < 2 * LOCK_WAIT_S
         except FileNotFoundError:
             return False
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Mark a node as starting on this home for the block, so commands wait for its socket instead of opening the
+        stores while it loads (the mark also goes once the node holds the home)."""
+        if self.home.is_dir():
+            self.starting_path.touch(mode=0o600)
+        try:
+            yield
+        finally:
+            self.starting_path.unlink(missing_ok=True)
 
     def holder(self) -> str | None:
         """Who holds the home now (pid and command), or None if nobody does."""

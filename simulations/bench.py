@@ -31,11 +31,18 @@ def _bench_relay() -> list[Metric]:
     return bench_relay()
 
 
+def _bench_scale() -> list[Metric]:
+    from simulations.bench_scale import bench_scale
+
+    return bench_scale()
+
+
 BENCHES: dict[str, Callable[[], list[Metric]]] = {
     "crdt": _bench_crdt,
     "stores": _bench_stores,
     "sync": _bench_sync,
     "relay": _bench_relay,
+    "scale": _bench_scale,
 }
 
 

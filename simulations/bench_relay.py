@@ -28,7 +28,7 @@ from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
 from relay.mailbox_sqlite import SqliteMailboxStore
 from relay.mailbox_store import MailboxStore
 from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
-from simulations.metrics import Metric, metric
+from simulations.metrics import Metric, metric, rss_mib
 from simulations.nats_cluster import NatsCluster
 
 BATCHES = 10_000
@@ -72,13 +72,6 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def _p99_ms(latencies_s: list[float]) -> float:
@@ -193,14 +186,14 @@ async def _bench(root: Path) -> list[Metric]:
     baseline_puts, baseline_drains = await _baseline(await SqliteMailboxStore.open(root / "baseline"), boxes, blobs)
     process, address = _start_relay(root / "relay")
     try:
-        idle_rss = _rss_mib(process.pid)
+        idle_rss = rss_mib(process.pid)
         puts, drains = await _over_relay(address, boxes, blobs)
         alone_p99 = _p99_ms(await _put_latencies(address, 1, CONCURRENT_CLIENTS))
         paced_p99 = _p99_ms(
             await _put_latencies(address, CONCURRENT_CLIENTS, PACED_PUTS_PER_CLIENT, PUT_INTERVAL_MS / 1000)
         )
         crowd_p99 = _p99_ms(await _put_latencies(address, CONCURRENT_CLIENTS, PUTS_PER_CONCURRENT_CLIENT))
-        rss = _rss_mib(process.pid)
+        rss = rss_mib(process.pid)
     finally:
         _stop(process)
     label = f"mailbox_{BATCHES // 1000}k_x_{BATCH_BYTES // 1024}KiB"

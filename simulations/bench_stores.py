@@ -156,8 +156,9 @@ def _best_of(times: int, fn: Callable[[], object]) -> float:
 
 
 @contextlib.contextmanager
-def _running_node(home: Path) -> Iterator[float]:
-    """Run `aico-node run` on loopback for the block; yield when its ready line arrived (perf_counter seconds)."""
+def running_node(home: Path) -> Iterator[tuple[float, int]]:
+    """Run `aico-node run` on loopback for the block; yield when its ready line arrived (perf_counter seconds) and
+    its process id."""
     env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
@@ -169,7 +170,7 @@ def _running_node(home: Path) -> Iterator[float]:
         ready = time.perf_counter()
         if '"ready": true' not in line:
             raise RuntimeError(f"node did not become ready: {line!r}")
-        yield ready
+        yield ready, process.pid
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -178,7 +179,7 @@ def _running_node(home: Path) -> Iterator[float]:
 def _ready_s(home: Path) -> float:
     """Seconds from starting `aico-node run` to its ready line."""
     started = time.perf_counter()
-    with _running_node(home) as ready:
+    with running_node(home) as (ready, _):
         return ready - started
 
 
@@ -365,7 +366,7 @@ def _first_memory_add_s(home: Path) -> tuple[float, float]:
     and of a second."""
     from node.api.rpc import RpcClient
 
-    with _running_node(home) as ready, RpcClient.connect(home / "node.sock", timeout_s=60) as client:
+    with running_node(home) as (ready, _), RpcClient.connect(home / "node.sock", timeout_s=60) as client:
         client.call("memory.add", text=EMBED_SENTENCE)
         first_s = time.perf_counter() - ready
         started = time.perf_counter()

@@ -151,5 +151,7 @@ def test_every_option_has_help_and_no_help_shows_python_types(capsys):
                 assert param.help, f"{' '.join(path)} {param.opts} has no help"
         assert run([*path, "--help"]) == 0
         shown = capsys.readouterr().out
-        for python_type in ("<bool>", "<list[str]>", "<float", "<int", "<path>"):
+        for python_type in ("<bool>", "<list[str]>", "<float", "<int", "<path>", "<str>"):
             assert python_type not in shown, (path, shown)
+        usage = shown.splitlines()[0]
+        assert "{" not in usage, usage  # a required argument is `CODE`, as click writes it

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from node.api.rpc import RpcRemoteError
 from tests.processes import RunningNode, cli, env, wait_until
 
 DIMS = 384
@@ -85,7 +86,7 @@ def test_a_bad_line_is_named_and_nothing_is_stored(tmp_path, line, says):
 def test_an_interrupted_import_through_a_running_node_is_finished_by_running_it_again(tmp_path):
     home = tmp_path / "home"
     _ok(home, "init")
-    total = 30_000
+    total = 60_000
     history = tmp_path / "history.jsonl"
     _write(history, (_message(number) for number in range(total)))
     node = RunningNode(home)
@@ -104,5 +105,21 @@ def test_an_interrupted_import_through_a_running_node_is_finished_by_running_it_
         done = json.loads(_ok(home, "import", str(history), "--json"))
         assert done["added"]["message"] == total - stored and done["skipped"] == stored
         assert node.call("digest")["counts"]["messages"] == total
+    finally:
+        node.stop()
+
+
+def test_a_batch_with_a_bad_record_sent_to_the_socket_is_refused_whole(tmp_path):
+    home = tmp_path / "home"
+    _ok(home, "init")
+    node = RunningNode(home)
+    try:
+        bad = {"type": "message", "conversation": "c", "text": "hi", "ts_ms": -1}
+        with pytest.raises(RpcRemoteError, match="record 2 of the batch: a message needs ts_ms"):
+            node.call("import.batch", records=[_message(1), bad])
+        with pytest.raises(RpcRemoteError, match="records must be a list of 1 to 5000"):
+            node.call("import.batch", records=[_message(number) for number in range(5001)])
+        assert node.call("digest")["counts"]["messages"] == 0
+        assert node.call("import.batch", records=[_message(1)])["added"]["message"] == 1
     finally:
         node.stop()

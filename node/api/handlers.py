@@ -11,6 +11,7 @@ import attrs
 import trio
 
 from node.api.params import (
+    IMPORT_BATCH_RECORDS_MAX,
     IMPORT_KINDS,
     ParamError,
     checked_import_record,
@@ -41,7 +42,6 @@ HANDLER_TIMEOUTS_S = {"rebuild": 1800.0, "import.batch": 300.0, "memory.add": 12
 LIST_LIMIT = 50  # items msg.list and memory.list return unless asked for another number
 LIST_LIMIT_MAX = 10_000
 SEARCH_K_MAX = 1000
-IMPORT_BATCH_RECORDS_MAX = 1000
 
 
 class NetworkOff(NodeError):
@@ -396,7 +396,7 @@ class AdminHandlers:
                 with trio.move_on_at(trio.current_time() + ttl_s):
                     async for outcome in outcomes:
                         if isinstance(outcome, str):
-                            yield {"paired": outcome}
+                            yield {"paired": outcome, "name": self.node.data.replica.devices.name(outcome)}
                             return
                         yield {"refused": outcome.reason.value, "attempts_left": guard.attempts_left}
                         if guard.attempts_left == 0:

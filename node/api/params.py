@@ -6,7 +6,7 @@ This module imports nothing heavy, so the command line can check its input befor
 import hashlib
 import json
 import math
-import unicodedata
+import re
 from typing import Any
 
 from node.errors import NodeError
@@ -24,6 +24,10 @@ METADATA_VALUE_CHARS_MAX = 64
 METADATA_TEXT_MAX_CHARS), never texts."""
 
 
+# Unicode's control characters (category Cc) are exactly these two ranges; a regex finds one at C speed.
+_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 class ParamError(NodeError):
     """A request parameter the node refuses: missing, of the wrong type, empty, too long, or malformed."""
 
@@ -36,7 +40,7 @@ def checked_name(value: object, what: str) -> str:
         raise ParamError(f"{what} must be a non-empty string")
     if len(value) > NAME_CHARS_MAX:
         raise ParamError(f"{what} has {len(value)} characters; at most {NAME_CHARS_MAX} are allowed")
-    if any(unicodedata.category(char) == "Cc" for char in value):
+    if _CONTROL_CHAR.search(value):
         raise ParamError(f"{what} {value!r} holds a control character (a newline or tab); remove it")
     return value
 
@@ -92,6 +96,9 @@ IMPORT_KINDS = ("message", "memory", "preference", "note")
 IMPORT_LINE_BYTES_MAX = 2 * 1024 * 1024
 """One line of an import file: a text at its limit, an embedding and metadata fit, JSON-escaped."""
 
+IMPORT_BATCH_RECORDS_MAX = 5000
+"""Records in one `import.batch` request: one commit each, about 1 MB of messages."""
+
 EMBEDDING_DIMS_MAX = 4096
 _IMPORT_FIELDS = {
     "message": {"type", "id", "conversation", "text", "role", "ts_ms", "sentiment", "response_time_ms"},
@@ -101,8 +108,9 @@ _IMPORT_FIELDS = {
 }
 
 
-def checked_import_record(value: object) -> dict[str, Any]:
-    """`value` as one record of history to import, with the id it is stored under (from its content unless given)."""
+def checked_import_record(value: object, *, with_id: bool = True) -> dict[str, Any]:
+    """`value` as one record of history to import, with the id it is stored under (from its content unless given;
+    none unless `with_id`, for a check alone)."""
     if not isinstance(value, dict):
         raise ParamError(f"a record is a JSON object with a \"type\", not {_json_kind(value)}")
     kind = value.get("type")
@@ -112,9 +120,9 @@ def checked_import_record(value: object) -> dict[str, Any]:
     if unknown:
         raise ParamError(f"a {kind} has no field {unknown[0]!r}; its fields are {', '.join(sorted(_IMPORT_FIELDS[kind]))}")
     if kind == "message":
-        record = _checked_message(value)
+        record = _checked_message(value, with_id)
     elif kind == "memory":
-        record = _checked_memory(value)
+        record = _checked_memory(value, with_id)
     elif kind == "preference":
         record = {"type": kind, "key": checked_name(value.get("key"), "a preference's key"), "value": value.get("value")}
     else:
@@ -123,7 +131,7 @@ def checked_import_record(value: object) -> dict[str, Any]:
     return record
 
 
-def _checked_message(value: dict[str, Any]) -> dict[str, Any]:
+def _checked_message(value: dict[str, Any], with_id: bool) -> dict[str, Any]:
     ts_ms = value.get("ts_ms")
     if type(ts_ms) is not int or not 0 <= ts_ms < 1 << 48:
         raise ParamError("a message needs ts_ms: when it was said, in milliseconds since 1970 (an integer)")
@@ -144,11 +152,12 @@ def _checked_message(value: dict[str, Any]) -> dict[str, Any]:
     }
     # Ids that grow with time, as new messages' do (stores/repositories.py new_id): the primary key's B-tree grows at
     # its end.
-    record["id"] = _given_id(value) or f"{ts_ms:012x}{_content_hash(record, 10)}"
+    if with_id:
+        record["id"] = _given_id(value) or f"{ts_ms:012x}{_content_hash(record, 10)}"
     return record
 
 
-def _checked_memory(value: dict[str, Any]) -> dict[str, Any]:
+def _checked_memory(value: dict[str, Any], with_id: bool) -> dict[str, Any]:
     embedding = value.get("embedding")
     if embedding is not None and (
         not isinstance(embedding, list)
@@ -162,7 +171,8 @@ def _checked_memory(value: dict[str, Any]) -> dict[str, Any]:
         "embedding": embedding,
         "metadata": checked_metadata(value.get("metadata", {}), "a memory's metadata"),
     }
-    record["id"] = _given_id(value) or _content_hash(record, 16)
+    if with_id:
+        record["id"] = _given_id(value) or _content_hash(record, 16)
     return record
 
 

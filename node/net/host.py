@@ -11,6 +11,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.exceptions import SwarmDialAllFailedError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
@@ -118,5 +119,7 @@ async def dial_direct(host: P2pHost, peer_addr: str, protocol: str, *, timeout_s
                 await libp2p_host.disconnect(info.peer_id)
         if isinstance(error, trio.TooSlowError):
             raise DialError(f"dialling {peer_addr} timed out after {timeout_s} s") from None
-        raise DialError(f"cannot dial {peer_addr}: {error}") from error
+        # The swarm's own message names the peer id again and says only that every address failed.
+        reason = "nothing there accepted a connection" if isinstance(error, SwarmDialAllFailedError) else str(error)
+        raise DialError(f"cannot dial {peer_addr.split('/p2p/')[0]}: {reason}") from error
     return peer_id, stream

@@ -64,7 +64,8 @@ async def join_group(
                 if not addresses:
                     raise JoinError(
                         "no invite for this code answers on this network: is `aico-node pair invite` running on the "
-                        "other device, on the same network? Else give its address with --address (the invite shows it)"
+                        "other device, on the same network, and not expired? Else give its address with --address (the "
+                        "invite shows it)"
                     )
             joined = await _pair(identity, code, addresses, name)
             await init_joined_home(home, identity, joined.paired, StoreConfig())

@@ -18,6 +18,7 @@ from node.net.host import P2pHost
 from node.net.invite_advert import advertise_invite
 from node.trust.identity import DeviceIdentity, GroupKey, enrolment_record
 from node.trust.pairing import (
+    NO_INVITE_OPEN,
     PROTOCOL_ID,
     Error,
     InviteGuard,
@@ -129,7 +130,7 @@ class InviteDesk:
     async def _serve(self, stream: INetStream) -> None:
         if self._open is None and self._closed is None:
             # Said, not just reset, so the joiner can tell the user what to do.
-            refusal = Error(PairingReason.UNKNOWN_INVITE, "no invite is open there: run `aico-node pair invite` on it")
+            refusal = Error(PairingReason.UNKNOWN_INVITE, NO_INVITE_OPEN)
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 with contextlib.suppress(StreamGone):
                     await write_within(stream, to_wire(refusal), CLOSE_TIMEOUT_S)

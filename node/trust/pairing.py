@@ -235,6 +235,16 @@ class InviteGuard:
         self.used = True
 
 
+NO_INVITE_OPEN = "no invite is open there: run `aico-node pair invite` on it"
+
+
+def attempts_left_text(attempts_left: int) -> str:
+    """How many more tries an invite allows, in words."""
+    if attempts_left <= 0:
+        return "the invite allows no more attempts: make a new one on the other device"
+    return f"the invite allows {attempts_left} more attempt{'' if attempts_left == 1 else 's'}"
+
+
 # -- frames ----------------------------------------------------------------------------------------
 
 
@@ -614,6 +624,10 @@ class InviterSession(_Side):
         self._version = start.version
         invite = self.guard.invite
         if start.invite_id != invite.invite_id:
+            try:
+                self.guard.check(now_s)
+            except PairingError:  # the last invite is closed: there is none this code could be for
+                raise PairingError(PairingReason.UNKNOWN_INVITE, NO_INVITE_OPEN) from None
             raise PairingError(PairingReason.UNKNOWN_INVITE, "this code is not for the invite this device shows")
         # Refuse before spending SPAKE2 work on a run the invite would not allow.
         self.guard.check(now_s)
@@ -692,7 +706,7 @@ class JoinerSession(_Side):
         pake_key = _finish(self._spake, reply.spake_msg)
         keys = _RunKeys(pake_key, transcript_hash(self._invite_id, self._start_msg, reply.spake_msg))
         if not hmac.compare_digest(reply.confirm, keys.mac(b"confirm-inviter")):
-            left = "" if reply.attempts_left is None else f"; the invite allows {reply.attempts_left} more attempts"
+            left = "" if reply.attempts_left is None else f"; {attempts_left_text(reply.attempts_left)}"
             raise PairingError(PairingReason.WRONG_CODE, _WRONG_CODE_DETAIL + left)
         identity = self._identity
         device_id, verify_key = identity.device_id, identity.verify_key_bytes

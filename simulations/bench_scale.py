@@ -1,0 +1,109 @@
+"""`bench scale`: a home holding years of history, beside an empty home and a plain SQLCipher table of the same rows.
+
+Each size is imported with `aico-node import` (the stores opened by the command, as a person with no node running
+would), then started with `aico-node run`: time to the ready line and resident memory once ready.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from simulations.bench_stores import PASSPHRASE, running_node
+from simulations.metrics import Metric, metric, rss_mib
+from stores import open_sql
+
+SCALE_SIZES = (100_000, 1_000_000)
+IMPORT_TIMEOUT_S = 3600.0
+EPOCH_MS = 1_600_000_000_000  # history that starts a few years back
+
+
+def _message(number: int) -> dict:
+    return {
+        "type": "message",
+        "conversation": f"conversation-{number % 50}",
+        "text": f"message number {number} about tea, walks and music",
+        "role": "user" if number % 2 else "assistant",
+        "ts_ms": EPOCH_MS + number * 60_000,
+        "sentiment": ((number * 37) % 200 - 100) / 100,
+        "response_time_ms": float(100 + (number * 53) % 2900),
+    }
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "--home", str(home), *args], capture_output=True, text=True,
+        env={**os.environ, "AICO_PASSPHRASE": PASSPHRASE}, stdin=subprocess.DEVNULL, timeout=IMPORT_TIMEOUT_S,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"aico-node {' '.join(args)} failed: {done.stderr.strip()}")
+    return done
+
+
+def _ready_and_rss(home: Path) -> tuple[float, float]:
+    """Seconds from `aico-node run` to its ready line, and its resident memory then, in MiB."""
+    started = time.perf_counter()
+    with running_node(home) as (ready, pid):
+        return ready - started, rss_mib(pid)
+
+
+def _home_bytes(home: Path) -> int:
+    return sum(path.stat().st_size for path in home.rglob("*") if path.is_file())
+
+
+def _raw_table(path: Path, size: int) -> tuple[float, int]:
+    """Seconds to insert the same rows with one executemany into a plain SQLCipher table, and the file's bytes."""
+    raw = open_sql("sqlcipher", path, os.urandom(32))
+    try:
+        raw.execute("CREATE TABLE m (id TEXT PRIMARY KEY, conversation TEXT, role TEXT, text TEXT, ts_ms INTEGER, "
+                    "sentiment REAL, response_time_ms REAL)")  # fmt: skip
+        rows = []
+        for number in range(size):
+            message = _message(number)
+            del message["type"]
+            rows.append((f"{message['ts_ms']:012x}{number:020x}", *message.values()))
+        started = time.perf_counter()
+        with raw.transaction():
+            raw.executemany("INSERT INTO m VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        seconds = time.perf_counter() - started
+    finally:
+        raw.close()
+    return seconds, path.stat().st_size
+
+
+def bench_scale() -> list[Metric]:
+    with tempfile.TemporaryDirectory(prefix="aico-bench-scale-") as tmp:
+        root = Path(tmp)
+        empty = root / "empty"
+        _cli(empty, "init", "--name", "bench")
+        empty_ready_s, empty_rss = _ready_and_rss(empty)
+        empty_bytes = _home_bytes(empty)
+        metrics = []
+        for size in SCALE_SIZES:
+            home, history = root / f"home-{size}", root / f"history-{size}.jsonl"
+            _cli(home, "init", "--name", "bench")
+            with history.open("w") as file:
+                for number in range(size):
+                    file.write(json.dumps(_message(number)) + "\n")
+            started = time.perf_counter()
+            _cli(home, "import", str(history), "--json")
+            import_s = time.perf_counter() - started
+            raw_s, raw_bytes = _raw_table(root / f"raw-{size}.db", size)
+            history.unlink()
+            ready_s, rss = _ready_and_rss(home)
+            per_message = (_home_bytes(home) - empty_bytes) / size
+            label = f"{size // 1000}k"
+            metrics += [
+                metric(f"import_{label}_messages_s", import_s, "s", raw_s, "<= 60 s at 1M (baseline: executemany)",
+                       import_s <= 60 * size / 1_000_000),
+                metric(f"ready_{label}_messages_s", ready_s, "s", empty_ready_s, "<= 1.5x an empty home",
+                       ready_s <= 1.5 * empty_ready_s),
+                metric(f"rss_after_ready_{label}_messages", rss, "MiB", empty_rss, "<= 1.5x an empty home",
+                       rss <= 1.5 * empty_rss),
+                metric(f"home_bytes_per_message_{label}", per_message, "B", raw_bytes / size,
+                       "<= 1.5x a plain SQLCipher table (no compaction yet)", per_message <= 1.5 * raw_bytes / size),
+            ]  # fmt: skip
+        return metrics
