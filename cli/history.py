@@ -9,6 +9,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from cli.common import app, console, fail, home_of, node_session, print_result, run_async
+from cli.show import count
 from node.api.params import (
     IMPORT_BATCH_RECORDS_MAX,
     IMPORT_KINDS,
@@ -112,6 +113,7 @@ def _batches(records: Iterator[tuple[dict[str, Any], int]]) -> Iterator[list[dic
 
 
 def _summary(path: Path, totals: dict[str, Any]) -> str:
-    added = ", ".join(f"{count} {kind}{'' if count == 1 else 's'}" for kind, count in totals["added"].items() if count)
-    skipped = f"; {totals['skipped']} already here, skipped" if totals["skipped"] else ""
-    return f"imported {path}: {totals['records']} records, {added or 'nothing new'} added{skipped}"
+    plurals = {"memory": "memories"}
+    added = ", ".join(count(number, kind, plurals.get(kind)) for kind, number in totals["added"].items() if number)
+    skipped = f"; {totals['skipped']:,} already here, skipped" if totals["skipped"] else ""
+    return f"imported {path}: {count(totals['records'], 'record')}, {added or 'nothing new'} added{skipped}"

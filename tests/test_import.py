@@ -55,7 +55,7 @@ def test_an_import_stores_each_kind_once_and_a_second_run_adds_nothing(tmp_path)
     assert [message["text"] for message in listed] == ["line 2499", "line 2496"]
 
     again = _ok(home, "import", str(history))
-    assert again.strip() == f"imported {history}: 2504 records, nothing new added; 2504 already here, skipped"
+    assert again.strip() == f"imported {history}: 2,504 records, nothing new added; 2,504 already here, skipped"
     assert _counts(home) == counts
 
 
