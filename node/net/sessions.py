@@ -257,6 +257,8 @@ class SyncService:
                     raise RemoteProtocolError(
                         EndReason.UNEXPECTED_FRAME, f"HELLO names {event.device_id}, the connection is {peer.device_id}"
                     )
+                case PeerHello():  # the two compared what they hold: a sync, even when neither lacked anything
+                    peer.last_sync_s = time.time()
                 case OpsApplied() if event.ops:
                     batches.append(LogBatch(event.ops, event.deflated))
                 case StateMerged():
