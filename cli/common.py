@@ -38,9 +38,16 @@ typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[meth
 typer.core.TyperArgument.get_usage_pieces = _argument_usage  # type: ignore[method-assign]
 
 
+HELP_COLUMNS_MAX = 160
+
+
 def _typer(help: str, **options: Any) -> typer.Typer:
     # Plain click help: typer's rich panels show flags as `<bool>` and lists as `<list[str]>`, the help option too.
-    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, **options)
+    # Help fills the terminal's width (click stops at 80 columns unless told), so multiaddrs in it stay whole.
+    return typer.Typer(
+        help=help, rich_markup_mode=None, pretty_exceptions_enable=False,
+        context_settings={"max_content_width": HELP_COLUMNS_MAX}, **options,
+    )  # fmt: skip
 
 
 app = _typer("A local-first sync node: encrypted local stores, CRDT sync between a user's devices.", no_args_is_help=True)
