@@ -98,7 +98,7 @@ async def dial_sync_racing(
         why = "; ".join(failures) or "no address to dial"
         if deadline.cancelled_caught:
             why = f"timed out after {timeout_s} s ({why})"
-        raise DialError(f"cannot reach {peer_id}: {why}")
+        raise DialError(f"cannot reach it: {why}")  # the caller names the device (node.net.dial)
     await _close_other_connections(host, winner.stream)
     return winner
 
