@@ -81,7 +81,10 @@ class DeviceKeepers:
         def relay() -> str | None:
             return self._relay_of.get(device_id, self.sync.relay)
 
+        first_attempt = True
+
         async def until_worth_dialling() -> None:
+            nonlocal first_attempt
             while True:
                 await peer.offline.wait()
                 if not self.sync.is_trusted(device_id):
@@ -89,8 +92,11 @@ class DeviceKeepers:
                 if not peer.addresses and relay() is None:
                     await peer.learned.wait()  # nowhere to dial yet: mDNS or the user will say
                     continue
-                if higher_id:
+                # Not before the first: the other device may not know where this one listens since it started (a new
+                # port), so its dial may never come; a crossing dial is kept out by the session handshake.
+                if higher_id and not first_attempt:
                     await trio.sleep(random.uniform(*HIGHER_ID_WAIT_S))
+                first_attempt = False
                 if not peer.online:
                     return
 
