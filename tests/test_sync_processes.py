@@ -36,17 +36,20 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
     try:
         wait_until(lambda: converged(*nodes), what="the first convergence")
         a, b, c = nodes
-        # Concurrent overwrites of one preference, and concurrent edits of one note: b writes while
-        # cut off (restarted on a new port with no peers), so it cannot have seen a's writes first.
+        # Concurrent overwrites of one preference, and concurrent edits of one note: b writes while every other
+        # device is stopped (its address book would find a running one), so it cannot have seen a's writes first.
         b.stop()
         a.call("pref.set", key="lang", value="en")
         a.call("note.edit", name="partner", text="Sam likes hiking in autumn.")
+        a.stop()
+        c.stop()
         nodes[1] = b = RunningNode(b.home)
-        assert not any(peer["online"] for peer in b.call("status")["peers"])
         b.call("pref.set", key="lang", value="de")
         b.call("note.edit", name="partner", text="Sam really likes hiking.")
         b.stop()
+        nodes[0] = a = RunningNode(a.home)
         nodes[1] = b = RunningNode(b.home, a.address)
+        nodes[2] = c = RunningNode(c.home, a.address)
         for i, node in enumerate(nodes):
             node.call("msg.add", conversation="chat", text=f"hello from {i}", sentiment=0.1 * i, response_time_ms=100)
             node.call("memory.add", text=f"memory {i}", embedding=rng.standard_normal(384).tolist())
@@ -65,7 +68,7 @@ def test_three_devices_pair_write_everywhere_and_converge(first, tmp_path):
         peers = {p["device_id"]: p for p in a.call("status")["peers"]}
         assert peers[b.device_id]["online"] and peers[b.device_id]["ops_behind_out"] == 0
     finally:
-        for node in nodes[1:]:
+        for node in nodes:
             node.stop()
 
 
