@@ -12,9 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench_stores import PASSPHRASE, running_node
+from simulations.bench_stores import PASSPHRASE, raw_message_insert_s, running_node
 from simulations.metrics import Metric, metric, rss_mib
-from stores import open_sql
 
 SCALE_SIZES = (100_000, 1_000_000)
 IMPORT_TIMEOUT_S = 3600.0
@@ -56,22 +55,12 @@ def _home_bytes(home: Path) -> int:
 
 def _raw_table(path: Path, size: int) -> tuple[float, int]:
     """Seconds to insert the same rows with one executemany into a plain SQLCipher table, and the file's bytes."""
-    raw = open_sql("sqlcipher", path, os.urandom(32))
-    try:
-        raw.execute("CREATE TABLE m (id TEXT PRIMARY KEY, conversation TEXT, role TEXT, text TEXT, ts_ms INTEGER, "
-                    "sentiment REAL, response_time_ms REAL)")  # fmt: skip
-        rows = []
-        for number in range(size):
-            message = _message(number)
-            del message["type"]
-            rows.append((f"{message['ts_ms']:012x}{number:020x}", *message.values()))
-        started = time.perf_counter()
-        with raw.transaction():
-            raw.executemany("INSERT INTO m VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        seconds = time.perf_counter() - started
-    finally:
-        raw.close()
-    return seconds, path.stat().st_size
+    rows = []
+    for number in range(size):
+        message = _message(number)
+        del message["type"]
+        rows.append((f"{message['ts_ms']:012x}{number:020x}", *message.values()))
+    return raw_message_insert_s(path, os.urandom(32), rows), path.stat().st_size
 
 
 def bench_scale() -> list[Metric]:
