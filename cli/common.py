@@ -163,10 +163,9 @@ def call_where(home: Path, method: str, **params: Any) -> tuple[Any, bool]:
     node starts (it holds the home, its socket is not up yet) wait for its socket instead of opening the stores."""
     secret: str | None = None
     while True:
-        client = node_client(home, _call_timeout_s(method))
-        if client is not None:
-            with client:
-                return keyed_call(client, method, params), True
+        answered, result = call_node(home, method, params)
+        if answered:
+            return result, True
         secret = secret or passphrase()
         done, result = run_async(functools.partial(_call_directly, home, secret, method, params))
         if done:
@@ -204,38 +203,48 @@ def node_client(home: Path, timeout_s: float) -> Any:
         time.sleep(SOCKET_POLL_S)
 
 
-def keyed_call(client: Any, method: str, params: dict[str, Any]) -> Any:
-    """`client.call_keyed` sent again after a timeout (with one key: the node runs it once); errors as clear exits."""
+def call_node(home: Path, method: str, params: dict[str, Any]) -> tuple[bool, Any]:
+    """(True, the result) of a data command run by the node on `home`, or (False, None) when no node holds it. A call
+    that timed out is sent again on a new connection (a timeout closes the old one) with the same key, so the node
+    runs it once; the node's refusals end the command as clear exits."""
     from node.api.rpc import INTERNAL, RpcError, RpcRemoteError, RpcTimeoutError
 
     key = secrets.token_hex(16)
+    timeout_s = _call_timeout_s(method)
     for retries_left in reversed(range(CALL_RETRIES + 1)):
-        try:
-            return client.call_keyed(method, params, key)
-        except RpcTimeoutError as error:
-            if retries_left == 0:
-                raise fail(f"{error}; it may still finish") from None
-        except RpcRemoteError as error:
-            if error.type == INTERNAL:
-                raise fail(f"the node failed: {error.message} (its log has the traceback)") from None
-            raise fail(error.message) from None
-        except RpcError as error:
-            raise fail(str(error)) from None
-    raise AssertionError("unreachable: the last retry returns or raises")
+        client = node_client(home, timeout_s)
+        if client is None:
+            return False, None
+        with client:
+            try:
+                return True, client.call_keyed(method, params, key)
+            except RpcTimeoutError as error:
+                if retries_left == 0:
+                    raise fail(f"{error}; it may still finish") from None
+            except RpcRemoteError as error:
+                if error.type == INTERNAL:
+                    raise fail(f"the node failed: {error.message} (its log has the traceback)") from None
+                raise fail(error.message) from None
+            except RpcError as error:
+                raise fail(str(error)) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @contextlib.asynccontextmanager
 async def node_session(home: Path, method: str, holder: str) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Any]]]:
     """Yield a way to run `method` many times: on the running node through one socket, or with no node running, on
     the stores opened once for the block (as `holder`)."""
-    client = node_client(home, _call_timeout_s(method))
-    if client is not None:
-        with client:
+    probe = node_client(home, _call_timeout_s(method))
+    if probe is not None:
+        probe.close()
 
-            async def over_socket(params: dict[str, Any]) -> Any:
-                return await trio.to_thread.run_sync(keyed_call, client, method, params)
+        async def over_socket(params: dict[str, Any]) -> Any:
+            answered, result = await trio.to_thread.run_sync(call_node, home, method, params)
+            if not answered:
+                raise fail("the node stopped meanwhile; run the same command again")
+            return result
 
-            yield over_socket
+        yield over_socket
         return
     from node.app import Node
 

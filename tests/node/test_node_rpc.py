@@ -441,3 +441,26 @@ async def test_a_method_may_run_past_the_default_request_timeout_when_allowed(so
         await start_server(nursery, socket_path, {"slow": slow}, request_timeout_s=0.1, timeouts_s={"slow": 5.0})
         assert await in_thread(lambda: call(socket_path, "slow")) == "done"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_the_command_line_sends_a_timed_out_call_again_on_a_new_connection_and_it_runs_once(
+    socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cli.common
+
+    runs: list[int] = []
+
+    async def write(params: dict[str, Any]) -> int:
+        runs.append(params["value"])
+        if len(runs) == 1:
+            await trio.sleep(0.7)  # the first attempt gives up after 0.5 s; its retry gets this run's answer at 0.7 s
+        return len(runs)
+
+    monkeypatch.setattr(cli.common, "_call_timeout_s", lambda method: 0.5)
+    async with trio.open_nursery() as nursery:
+        await start_server(nursery, socket_path, {**HANDLERS, "write": write})
+        answered, result = await in_thread(partial(cli.common.call_node, socket_path.parent, "write", {"value": 7}))
+        assert (answered, result) == (True, 1)
+        assert runs == [7]
+        nursery.cancel_scope.cancel()
