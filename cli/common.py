@@ -231,9 +231,11 @@ def call_node(home: Path, method: str, params: dict[str, Any]) -> tuple[bool, An
 
 
 @contextlib.asynccontextmanager
-async def node_session(home: Path, method: str, holder: str) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Any]]]:
+async def node_session(
+    home: Path, method: str, holder: str, on_stores: Callable[[Any, dict[str, Any]], Awaitable[Any]] | None = None
+) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Any]]]:
     """Yield a way to run `method` many times: on the running node through one socket, or with no node running, on
-    the stores opened once for the block (as `holder`)."""
+    the stores opened once for the block (as `holder`), by `on_stores(node, params)` if given."""
     probe = node_client(home, _call_timeout_s(method))
     if probe is not None:
         probe.close()
@@ -249,11 +251,12 @@ async def node_session(home: Path, method: str, holder: str) -> AsyncIterator[Ca
     from node.app import Node
 
     async with Node.opened(home, passphrase(), holder) as node:
+        run = on_stores or (lambda node, params: node.handlers[method](params))
 
-        async def on_stores(params: dict[str, Any]) -> Any:
-            return await node.handlers[method](params)
+        async def in_process(params: dict[str, Any]) -> Any:
+            return await run(node, params)
 
-        yield on_stores
+        yield in_process
 
 
 async def _call_directly(home: Path, secret: str, method: str, params: dict[str, Any]) -> tuple[bool, Any]:
@@ -294,6 +297,8 @@ def run_async(async_fn: Callable[[], Awaitable[T]]) -> T:
         raise fail(str(error)) from None
     except BaseExceptionGroup as group:
         # An error inside a nursery arrives in a group, beside the cancellations it caused: act on the first one.
+        if (interrupt := first_of(group, (KeyboardInterrupt,))) is not None:
+            raise interrupt from None
         if (exit_ := first_of(group, (typer.Exit,))) is not None:
             raise exit_ from None
         if (explained := first_of(group, user_facing_errors())) is not None:

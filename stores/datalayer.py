@@ -237,6 +237,13 @@ class DataLayer:
         analytics = await self.analytics_ready()
         return await trio.to_thread.run_sync(work, analytics, limiter=self.analytics_limiter)
 
+    async def analytics_loaded(self) -> bool:
+        """Whether the analytics store is loaded, once any load under way is over. Until then, projections to it can be
+        skipped: the load reads the replica, which holds their changes already (so a command's import fills no store
+        its exit throws away)."""
+        async with self._analytics_lock:
+            return self._analytics_loaded
+
     async def vectors_ready(self) -> VectorIndex:
         """Return the vector index, loading every memory's vector from the primary store on first use."""
         async with self._vectors_lock:

@@ -229,16 +229,12 @@ def persist(
     with adapter.transaction():
         _log_batches(adapter, log)
         _rewrite_logged(adapter, redacted)
-        # Conversations whose counts change: those messages join, and those deleted messages leave (read before the
-        # write). A message never moves to another conversation, so only deletions need the read.
-        deleted_messages = changes.deletes.get(Collection.MESSAGES, [])
-        conversations = {row[1] for row in changes.upserts.get(Collection.MESSAGES, {}).values()}
-        conversations |= {row[0] for row in rows_by_id(adapter, "messages", "conversation", deleted_messages)}
+        counts = _ConversationCounts(adapter, changes)
         for collection, keys in changes.deletes.items():
             _delete_where_in(adapter, _DELETE_SQL[collection], keys)
         for collection, rows in changes.upserts.items():
             adapter.insert_rows(_UPSERT_SQL[collection], list(rows.values()))
-        _recount_conversations(adapter, sorted(conversations))
+        counts.write(adapter)
         _queue_projections(
             adapter,
             [
@@ -259,15 +255,51 @@ def persist(
             set_meta(adapter, name, value)
 
 
-def _recount_conversations(adapter: SqlAdapter, conversations: list[str]) -> None:
-    """Recount the messages of these conversations, dropping those left with none (two statements per 500)."""
-    for chunk, in_list in _in_lists(conversations):
-        adapter.execute(f"DELETE FROM conversations WHERE id IN {in_list}", chunk)
-        adapter.execute(
-            "INSERT INTO conversations (id, message_count, last_ts_ms) SELECT conversation, count(*), max(ts_ms) "
-            f"FROM messages WHERE conversation IN {in_list} GROUP BY conversation",
-            chunk,
+class _ConversationCounts:
+    """How one write changes each conversation's message count and latest ts_ms, found from the changed messages alone.
+
+    Recounting whole conversations cost a scan of all their messages per write, so every write slowed as history grew
+    (an import of 1M messages spent about a quarter of its time there).
+    """
+
+    def __init__(self, adapter: SqlAdapter, changes: Changes) -> None:
+        """Read, before the write, where the messages it deletes or replaces were counted."""
+        upserts = changes.upserts.get(Collection.MESSAGES, {})
+        deletes = changes.deletes.get(Collection.MESSAGES, [])
+        rows = rows_by_id(adapter, "messages", "id, conversation, ts_ms", [*deletes, *upserts])
+        stored = {message_id: (conversation, ts_ms) for message_id, conversation, ts_ms in rows}
+        self.joining: dict[str, list[int]] = {}  # conversation -> [messages that join it, their latest ts_ms]
+        self.leaving: dict[str, int] = {}  # conversation -> messages that leave it
+        for message_id in deletes:
+            if message_id in stored:
+                self._leave(stored[message_id][0])
+        for message_id, row in upserts.items():
+            before, after = stored.get(message_id), (row[1], row[4])
+            if before == after:
+                continue  # an edit of a counted message
+            if before is not None:
+                self._leave(before[0])
+            joined = self.joining.setdefault(after[0], [0, after[1]])
+            joined[0] += 1
+            joined[1] = max(joined[1], after[1])
+
+    def _leave(self, conversation: str) -> None:
+        self.leaving[conversation] = self.leaving.get(conversation, 0) + 1
+
+    def write(self, adapter: SqlAdapter) -> None:
+        """Update the counts once the messages are written; a conversation left with no message goes."""
+        adapter.executemany(
+            "INSERT INTO conversations (id, message_count, last_ts_ms) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
+            "SET message_count = message_count + excluded.message_count, last_ts_ms = max(last_ts_ms, excluded.last_ts_ms)",
+            [(conversation, count, last_ts_ms) for conversation, (count, last_ts_ms) in self.joining.items()],
         )
+        # The latest of what is left, by the (conversation, ts_ms) index: one B-tree descent, not a scan.
+        adapter.executemany(
+            "UPDATE conversations SET message_count = message_count - ?, "
+            "last_ts_ms = coalesce((SELECT max(ts_ms) FROM messages WHERE conversation = conversations.id), 0) WHERE id = ?",
+            [(count, conversation) for conversation, count in self.leaving.items()],
+        )
+        _delete_where_in(adapter, "DELETE FROM conversations WHERE message_count <= 0 AND id IN", list(self.leaving))
 
 
 def outbox_batch(adapter: SqlAdapter, keys_max: int) -> list[OutboxEntry]:

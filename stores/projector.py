@@ -93,14 +93,18 @@ class Projector:
             await getattr(self, f"_project_{target}")(actions[primary.UPSERT], actions[primary.DELETE])
 
     async def _project_analytics(self, upserts: list[str], deletes: list[str]) -> None:
+        if not await self.data.analytics_loaded():
+            return
         rows = await self.data.sql.run(
             primary.rows_by_id, "messages", "id, conversation, role, ts_ms, sentiment, response_time_ms", upserts
         )
         gone = deletes + _without_rows(upserts, rows)
 
         def apply(analytics: AnalyticsStore) -> None:
-            analytics.delete(gone)
-            analytics.upsert(AnalyticsMessage(*row) for row in rows)
+            if gone:
+                analytics.delete(gone)
+            if rows:
+                analytics.upsert(AnalyticsMessage(*row) for row in rows)
 
         await self.data.in_analytics(apply)
 

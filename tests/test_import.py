@@ -1,13 +1,17 @@
 """`aico-node import FILE.jsonl`: history stored once whatever how often it is imported, bad lines refused before
 anything is stored, and an interrupted import finished by running it again."""
 
+import hashlib
 import json
 import signal
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from node.api.params import checked_import_record
 from node.api.rpc import RpcRemoteError
 from tests.processes import RunningNode, cli, env, wait_until
 
@@ -123,3 +127,20 @@ def test_a_batch_with_a_bad_record_sent_to_the_socket_is_refused_whole(tmp_path)
         assert node.call("import.batch", records=[_message(1)])["added"]["message"] == 1
     finally:
         node.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20), min_size=2, max_size=2),
+    text=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+    ts_ms=st.integers(0, (1 << 48) - 1),
+    sentiment=st.none() | st.integers(-1, 1) | st.floats(-1, 1),
+    response_time_ms=st.none() | st.integers(0, 1 << 60) | st.floats(0, 1e300),
+)
+def test_a_message_id_is_the_hash_of_the_json_of_its_content(names, text, ts_ms, sentiment, response_time_ms):
+    # Ids must not change between versions, or a file imported again after an upgrade would be stored twice.
+    record = checked_import_record({"type": "message", "conversation": names[0], "role": names[1], "text": text,
+                                    "ts_ms": ts_ms, "sentiment": sentiment, "response_time_ms": response_time_ms})  # fmt: skip
+    content = {name: value for name, value in record.items() if name != "id"}
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    assert record["id"] == f"{ts_ms:012x}{hashlib.blake2b(canonical, digest_size=10).hexdigest()}"

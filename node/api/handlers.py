@@ -248,6 +248,10 @@ class DataHandlers:
                 checked.append(checked_import_record(record))
             except ParamError as error:
                 raise ParamError(f"record {number} of the batch: {error}") from None
+        return await self.import_checked(checked)
+
+    async def import_checked(self, checked: list[dict[str, Any]]) -> dict[str, Any]:
+        """Store history records that passed params.checked_import_record, as `import_batch` does."""
         async with self.node.unit_of_work() as uow:
             seen = uow.conversations.known(r["id"] for r in checked if r["type"] == "message")
             seen |= uow.memories.known(r["id"] for r in checked if r["type"] == "memory")

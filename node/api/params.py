@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+from json.encoder import encode_basestring
 from typing import Any
 
 from node.errors import NodeError
@@ -49,8 +50,9 @@ def checked_text(value: object, what: str, *, empty_ok: bool = False) -> str:
     """`value` as a text: a (non-empty unless `empty_ok`) string of at most TEXT_BYTES_MAX bytes in UTF-8."""
     if not isinstance(value, str) or (not value and not empty_ok):
         raise ParamError(f"{what} must be a non-empty string")
-    size = len(value.encode("utf-8", "surrogatepass"))
-    if size > TEXT_BYTES_MAX:
+    # Up to 4 bytes a character in UTF-8: most texts are short enough to need no encoding to know.
+    size = 4 * len(value)
+    if size > TEXT_BYTES_MAX and (size := len(value.encode("utf-8", "surrogatepass"))) > TEXT_BYTES_MAX:
         raise ParamError(f"{what} has {size} bytes; at most {TEXT_BYTES_MAX} are allowed")
     return value
 
@@ -116,8 +118,8 @@ def checked_import_record(value: object, *, with_id: bool = True) -> dict[str, A
     kind = value.get("type")
     if kind not in _IMPORT_FIELDS:
         raise ParamError(f"\"type\" is {kind!r}; it must be one of {', '.join(IMPORT_KINDS)}")
-    unknown = sorted(set(value) - _IMPORT_FIELDS[kind])
-    if unknown:
+    if not value.keys() <= _IMPORT_FIELDS[kind]:
+        unknown = sorted(set(value) - _IMPORT_FIELDS[kind])
         raise ParamError(f"a {kind} has no field {unknown[0]!r}; its fields are {', '.join(sorted(_IMPORT_FIELDS[kind]))}")
     if kind == "message":
         record = _checked_message(value, with_id)
@@ -153,8 +155,26 @@ def _checked_message(value: dict[str, Any], with_id: bool) -> dict[str, Any]:
     # Ids that grow with time, as new messages' do (stores/repositories.py new_id): the primary key's B-tree grows at
     # its end.
     if with_id:
-        record["id"] = _given_id(value) or f"{ts_ms:012x}{_content_hash(record, 10)}"
+        record["id"] = _given_id(value) or f"{ts_ms:012x}{_hash_hex(_canonical_message(record), 10)}"
     return record
+
+
+def _canonical_message(record: dict[str, Any]) -> str:
+    """`_canonical(record)` of a checked message, the same text built directly: 5x faster, and an import computes one
+    per message."""
+    quoted = encode_basestring
+    return (
+        f'{{"conversation":{quoted(record["conversation"])},"response_time_ms":{_json_number(record["response_time_ms"])},'
+        f'"role":{quoted(record["role"])},"sentiment":{_json_number(record["sentiment"])},'
+        f'"text":{quoted(record["text"])},"ts_ms":{record["ts_ms"]!r},"type":"message"}}'
+    )
+
+
+def _json_number(value: float | None) -> str:
+    """A finite number or None as json.dumps writes it."""
+    if value is None:
+        return "null"
+    return int.__repr__(value) if type(value) is int else float.__repr__(value)
 
 
 def _checked_memory(value: dict[str, Any], with_id: bool) -> dict[str, Any]:
@@ -172,7 +192,7 @@ def _checked_memory(value: dict[str, Any], with_id: bool) -> dict[str, Any]:
         "metadata": checked_metadata(value.get("metadata", {}), "a memory's metadata"),
     }
     if with_id:
-        record["id"] = _given_id(value) or _content_hash(record, 16)
+        record["id"] = _given_id(value) or _hash_hex(_canonical(record), 16)
     return record
 
 
@@ -181,9 +201,12 @@ def _given_id(value: dict[str, Any]) -> str | None:
     return None if given is None else checked_name(given, "the id")
 
 
-def _content_hash(record: dict[str, Any], digest_bytes: int) -> str:
-    """A hash of a record's content: the same line imported again gets the same id, so it is skipped, not doubled."""
-    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def _canonical(record: dict[str, Any]) -> str:
+    """A record's content as one text: the same line imported again gets the same id, so it is skipped, not doubled."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _hash_hex(canonical: str, digest_bytes: int) -> str:
     return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=digest_bytes).hexdigest()
 
 
