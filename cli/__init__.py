@@ -24,6 +24,7 @@ def main() -> None:
 def run(args: list[str]) -> int:
     """Run the command line on `args` and return its exit code; errors are one or two lines on stderr."""
     command = typer.main.get_command(app)
+    lifecycle.tune_interpreter()
     try:
         result = command.main(args, prog_name=PROG_NAME, standalone_mode=False)
     except typer.TyperException as error:  # click's usage errors (exit code 2) and its other refusals

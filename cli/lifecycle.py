@@ -83,8 +83,9 @@ GC_GEN0_THRESHOLD = 50_000  # allocations between young collections; CPython's d
 GIL_SWITCH_INTERVAL_S = 0.0005  # how long a thread waiting for the GIL lets the holder run; CPython's default is 5 ms
 
 
-def _tune_interpreter() -> None:
-    """Keep the garbage collector and the GIL off the hot path of a long-running node with a large heap.
+def tune_interpreter() -> None:
+    """Keep the garbage collector and the GIL off the hot path of a process with a large heap: a running node, and
+    every command that loads the replica (a `pair join` of 1M ops took 71 s with CPython's defaults).
 
     Set before the stores load: measured on a start with 100k messages, collections at the default thresholds took
     0.56 s of the start (six full ones walking the replica being built), 0.14-0.2 s with these. On a 100k-op
@@ -192,7 +193,6 @@ def _run(home: Path, fresh: bool, secret: str, make_network: Callable[[], Any], 
     from stores.datalayer import StoreConfig
 
     network = make_network()
-    _tune_interpreter()
     _import_in_background("node.net.network", *(() if gui_address is None else ("node.gui.server",)))
 
     async def serve() -> None:
@@ -343,7 +343,8 @@ def pair_join(
         network = _network(listen, [joined.address, *paired.inviter_addresses], no_mdns=True)
         async with Node.opened(home, secret, NODE_HOLDER) as node:
             async with trio.open_nursery() as nursery:
-                await nursery.start(node.serve, network)
+                # Analytics is loaded by the next `run`: filling it here, for this command's life, would slow the sync.
+                await nursery.start(functools.partial(node.serve, load_analytics=False), network)
                 await _first_sync(node, paired.peer_device_id, sync_timeout_s)
                 nursery.cancel_scope.cancel()
 
@@ -371,11 +372,12 @@ async def _first_sync(node: Any, inviter: str, timeout_s: float) -> None:
                 peer = node.network.sync.peers.get(inviter)
                 if peer is not None and peer.session is not None and peer.session.peer_device == inviter:
                     behind, _ = peer.behind(node.data.replica)
-                    have = node.data.replica.vector.total()
-                    progress.update(task, total=have + behind, completed=have)
-                    if behind == 0:
+                    have, stored = node.data.replica.vector.total(), node.data.ops_stored
+                    progress.update(task, total=have + behind, completed=stored)
+                    # Done once held on disk too: ops applied but not yet written would be lost when this command ends.
+                    if behind == 0 and stored >= have:
                         break
                 await trio.sleep(0.05)
     if waited.cancelled_caught:
         raise fail(f"enrolled, but the first sync did not finish within {timeout_s} s; `aico-node run` will resume it")
-    console.print(f"synced {node.data.replica.vector.total()} ops")
+    console.print(f"synced {node.data.ops_stored} ops")

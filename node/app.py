@@ -127,14 +127,19 @@ class Node:
                 self.bus.publish(topics.DATA_FORGOTTEN, {"collection": op.collection.value, "id": op.key})
 
     async def serve(
-        self, network: NetworkOptions | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        network: NetworkOptions | None = None,
+        *,
+        load_analytics: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run the projector, the bus services, the network (if `network`) and the local socket until cancelled."""
+        """Run the projector, the bus services, the network (if `network`) and the local socket until cancelled; load
+        the in-memory analytics store at once if `load_analytics`, else on first use (for a command that ends soon)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._rotate_again_if_needed()  # a rotation a crash cut short
-                await nursery.start(self.projector.run)
+                await nursery.start(functools.partial(self.projector.run, load_analytics=load_analytics))
                 await nursery.start(self._memory_store_service)
                 if network is not None:
                     self.network = await nursery.start(self._run_network, network)

@@ -53,6 +53,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (4, lambda adapter: _outbox_of_key_lists(adapter)),
 ]
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
+OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
 
 # Derived stores the projector keeps current.
 ANALYTICS, VECTORS, CACHE = "analytics", "vectors", "cache"
@@ -304,15 +305,23 @@ class _ConversationCounts:
 
 def outbox_batch(adapter: SqlAdapter, keys_max: int) -> list[OutboxEntry]:
     """Return the oldest outbox entries, as many as name about `keys_max` keys (at least one entry)."""
-    last_id, keys = None, 0
-    for entry_id, key_count in adapter.query("SELECT id, key_count FROM outbox ORDER BY id LIMIT ?", (keys_max,)):
-        last_id, keys = entry_id, keys + key_count
-        if keys >= keys_max:
+    entries: list[OutboxEntry] = []
+    keys, after_id = 0, 0
+    # A few rows at a time: a row's key_count sits behind its keys (in overflow pages), so every row read costs all its
+    # keys. Reading keys_max rows for a batch of four made a 1M-op catch-up's projector spend 25 s here.
+    while keys < keys_max:
+        rows = adapter.query(
+            "SELECT id, target, action, keys, key_count FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, OUTBOX_PAGE_ROWS),
+        )
+        for entry_id, target, action, packed, key_count in rows:
+            entries.append(OutboxEntry(entry_id, target, action, tuple(unpack(packed))))
+            keys, after_id = keys + key_count, entry_id
+            if keys >= keys_max:
+                break
+        if len(rows) < OUTBOX_PAGE_ROWS:
             break
-    if last_id is None:
-        return []
-    rows = adapter.query("SELECT id, target, action, keys FROM outbox WHERE id <= ? ORDER BY id", (last_id,))
-    return [OutboxEntry(entry_id, target, action, tuple(unpack(keys))) for entry_id, target, action, keys in rows]
+    return entries
 
 
 def outbox_done(adapter: SqlAdapter, up_to_id: int) -> None:

@@ -41,16 +41,17 @@ class Projector:
         """Tell the projector new outbox entries are waiting."""
         self._wake.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, load_analytics: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the outbox now and whenever woken (or every `idle_s`), and build the vector index in the
-        background, until cancelled."""
+        background, until cancelled; load the analytics store first if `load_analytics`, else on first use."""
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.index_vectors)
+            if load_analytics:
+                await self.data.analytics_ready()
             await self._drain_forever()
 
     async def _drain_forever(self) -> None:
-        await self.data.analytics_ready()  # outbox entries apply on top of the initial load
         while True:
             while self.data.write_lock.locked() or trio.current_time() - self.data.last_write_s < WRITER_QUIET_S:
                 # A writer (a sync catch-up) holds the store, or let it go only between two writes: projecting now
