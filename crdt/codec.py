@@ -9,6 +9,7 @@ import msgpack
 
 from crdt.errors import CrdtError, DecodeError
 from crdt.hlc import HLC_MAX, HybridClock
+from crdt.messages import share_names
 from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind, Op
 from crdt.replica import Replica, ReplicaConfig
 from crdt.schema import PAYLOAD_RULES as _PAYLOAD_RULES
@@ -25,6 +26,7 @@ KIND_CODES: tuple[Kind, ...] = (
 )  # fmt: skip
 _COLLECTION_CODE = {c: i for i, c in enumerate(COLLECTION_CODES)}
 _KIND_CODE = {k: i for i, k in enumerate(KIND_CODES)}
+_MESSAGES_CODE, _ADD_CODE = _COLLECTION_CODE[Collection.MESSAGES], _KIND_CODE[Kind.ADD]
 # (collection code, kind code) -> (collection, kind, payload check), for each pair an op may have.
 _RULES_BY_CODES = {
     (_COLLECTION_CODE[collection], _KIND_CODE[kind]): (collection, kind, check)
@@ -129,7 +131,20 @@ def decode_ops(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Op]:
     _expect(type(devices) is list and len(devices) <= limits.devices_max, "batch device table malformed or too long")
     _expect(all(type(d) is str and 0 < len(d) <= limits.key_chars_max for d in devices), "bad device id in batch")
     _expect(type(rows) is list and len(rows) <= limits.ops_max, f"batch holds more than {limits.ops_max} ops")
-    return [_decode_row(row, devices, limits) for row in rows]
+    ops = [_decode_row(row, devices, limits) for row in rows]
+    _share_message_names(rows)  # the rows are well-formed now
+    return ops
+
+
+def _share_message_names(rows: list) -> None:
+    """Share the conversation and role names of the added messages among these well-formed op rows.
+
+    At decoding, not when applied: a start decodes the whole log before applying it, and the copies freed by one batch
+    make room for the next batch's.
+    """
+    for row in rows:
+        if row[3] == _MESSAGES_CODE and row[5] == _ADD_CODE:
+            share_names(row[6])
 
 
 def decode_op(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Op:
@@ -153,6 +168,7 @@ def decode_stored_batch(body: bytes) -> list[Op]:
     try:
         version, devices, rows = msgpack.unpackb(zlib.decompress(body), raw=False)
         _expect(version == FORMAT_VERSION, f"stored batch format {version!r} is not {FORMAT_VERSION}")
+        _share_message_names(rows)
         return [
             Op(
                 devices[device], seq, hlc, collections[collection], key, kinds[kind], payload,

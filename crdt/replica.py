@@ -61,13 +61,40 @@ class Digest:
     counts: dict[str, int]
 
 
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _canonical(value: Any) -> Any:
     """Return a value with every mapping turned into key-sorted pairs, so it packs the same everywhere."""
+    if type(value) in _SCALARS:  # most values: no slow isinstance check against the Mapping ABC
+        return value
     if isinstance(value, Mapping):
         return [[key, _canonical(item)] for key, item in sorted(value.items())]
     if isinstance(value, (list, tuple)):
         return [_canonical(item) for item in value]
     return value
+
+
+# Levels of the views hashed piece by piece (collections, a view's parts, their entries); below, an entry is packed
+# whole. Packing a million messages' views as one value took 10-18 s and 1.3 GB beside the replica.
+_STREAMED_LEVELS = 3
+_header = msgpack.Packer(use_bin_type=True).pack_array_header
+
+
+def _hash_canonical(value: Any, update: Callable[[bytes], None], levels: int) -> None:
+    """Feed `update` the bytes of msgpack.packb(_canonical(value)), streaming the outer `levels` levels."""
+    if levels > 0 and isinstance(value, Mapping):
+        update(_header(len(value)))
+        for key in sorted(value):
+            update(_header(2))
+            update(msgpack.packb(key, use_bin_type=True))
+            _hash_canonical(value[key], update, levels - 1)
+    elif levels > 0 and isinstance(value, list | tuple):
+        update(_header(len(value)))
+        for item in value:
+            _hash_canonical(item, update, levels - 1)
+    else:
+        update(msgpack.packb(_canonical(value), use_bin_type=True))
 
 
 class Replica(LocalWrites):
@@ -153,9 +180,10 @@ class Replica(LocalWrites):
     def digest(self) -> Digest:
         """Return the sha256 and counts of the synced state (no journal, no log, nothing local)."""
         views = {collection.value: rule.view() for collection, rule in self._rules.items()}
-        encoded = msgpack.packb(_canonical(views), use_bin_type=True)
+        sha256 = hashlib.sha256()
+        _hash_canonical(views, sha256.update, _STREAMED_LEVELS)
         counts = {collection.value: len(rule) for collection, rule in self._rules.items()}
-        return Digest(hashlib.sha256(encoded).hexdigest(), counts)
+        return Digest(sha256.hexdigest(), counts)
 
     def forget(self, collection: Collection, key: str) -> tuple[Op, list[Op]]:
         """Delete a message or remove a memory, and strip its content from the log and state.

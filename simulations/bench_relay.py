@@ -27,7 +27,15 @@ from relay.mailbox_keys import MailboxKeys, mailbox_keys
 from relay.mailbox_protocol import FETCH_ITEMS_MAX, FETCH_REPLY_BYTES_MAX
 from relay.mailbox_sqlite import SqliteMailboxStore
 from relay.mailbox_store import MailboxStore
-from simulations.bench_sync import CATCH_UP_OPS, _catch_up, _CatchUp, _live_latency, _LiveLatency, _Node, _paired_homes
+from simulations.bench_sync import (
+    CATCH_UP_OPS,
+    NodeProcess,
+    _catch_up,
+    _CatchUp,
+    _live_latency,
+    _LiveLatency,
+    _paired_homes,
+)
 from simulations.metrics import Metric, metric, rss_mib
 from simulations.nats_cluster import NatsCluster
 
@@ -281,7 +289,7 @@ def bench_mailbox() -> list[Metric]:
         return trio.run(_bench, Path(root))
 
 
-def _expect_path(node: _Node, path: str) -> None:
+def _expect_path(node: NodeProcess, path: str) -> None:
     """Fail unless the node's session with its peer runs on `path`: a figure measured on the wrong path is worthless."""
     with node.client() as client:
         peers = client.call("status")["peers"]

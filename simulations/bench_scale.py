@@ -1,7 +1,8 @@
 """`bench scale`: a home holding years of history, beside an empty home and a plain SQLCipher table of the same rows.
 
 Each size is imported with `aico-node import` (the stores opened by the command, as a person with no node running
-would), then started with `aico-node run`: time to the ready line and resident memory once ready.
+would), then started with `aico-node run`: time to the ready line and resident memory once ready. Then a fresh device
+pairs with it (`pair join`, which ends once the device holds everything) and is started in its turn.
 """
 
 import json
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from simulations.bench_stores import PASSPHRASE, raw_message_insert_s, running_node
+from simulations.bench_sync import NodeProcess, pair_home
 from simulations.metrics import Metric, metric, rss_mib
 
 SCALE_SIZES = (100_000, 1_000_000)
@@ -47,6 +49,20 @@ def _ready_and_rss(home: Path) -> tuple[float, float]:
     started = time.perf_counter()
     with running_node(home) as (ready, pid):
         return ready - started, rss_mib(pid)
+
+
+def _fresh_pair(home: Path, joiner: Path) -> tuple[float, bool]:
+    """Seconds for a fresh device to pair with a running node on `home` and hold all it holds, and whether the two
+    digests are then equal."""
+    inviter = NodeProcess(home)
+    try:
+        started = time.perf_counter()
+        pair_home(inviter, joiner)
+        pair_s = time.perf_counter() - started
+        inviter_digest = _cli(home, "digest").stdout
+    finally:
+        inviter.stop()
+    return pair_s, _cli(joiner, "digest").stdout == inviter_digest
 
 
 def _home_bytes(home: Path) -> int:
@@ -84,6 +100,8 @@ def bench_scale() -> list[Metric]:
             history.unlink()
             ready_s, rss = _ready_and_rss(home)
             per_message = (_home_bytes(home) - empty_bytes) / size
+            pair_s, same = _fresh_pair(home, root / f"joined-{size}")
+            _, joined_rss = _ready_and_rss(root / f"joined-{size}")
             label = f"{size // 1000}k"
             metrics += [
                 metric(f"import_{label}_messages_s", import_s, "s", raw_s, "<= 60 s at 1M (baseline: executemany)",
@@ -94,5 +112,9 @@ def bench_scale() -> list[Metric]:
                        rss <= 1.5 * empty_rss),
                 metric(f"home_bytes_per_message_{label}", per_message, "B", raw_bytes / size,
                        "<= 1.5x a plain SQLCipher table (no compaction yet)", per_message <= 1.5 * raw_bytes / size),
+                metric(f"fresh_pair_{label}_messages_s", pair_s, "s", raw_s,
+                       "<= 60 s at 1M, equal digests (baseline: executemany)", pair_s <= 60 * size / 1_000_000 and same),
+                metric(f"rss_after_ready_paired_{label}", joined_rss, "MiB", empty_rss, "<= 1.5x an empty home",
+                       joined_rss <= 1.5 * empty_rss),
             ]  # fmt: skip
         return metrics

@@ -43,7 +43,9 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
-class _Node:
+class NodeProcess:
+    """`aico-node run` on loopback, started and ready."""
+
     def __init__(self, home: Path, *peers: str, relay: str | None = None) -> None:
         self.home = home
         command = [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]
@@ -68,7 +70,8 @@ class _Node:
         self.process.wait(timeout=60)
 
 
-def _pair(a: _Node, b_home: Path) -> None:
+def pair_home(a: NodeProcess, b_home: Path) -> None:
+    """Pair a fresh home with the running node `a` by `pair join`, which returns once the home holds all of `a`'s ops."""
     invite = subprocess.Popen(
         [sys.executable, "-m", "cli", "--home", str(a.home), "pair", "invite", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
@@ -112,8 +115,8 @@ def _paired_homes(root: Path) -> tuple[Path, Path, list[bytes]]:
     homes and the imported ops' encodings."""
     a_home, b_home = root / "a", root / "b"
     _cli(a_home, "init")
-    a = _Node(a_home)
-    _pair(a, b_home)
+    a = NodeProcess(a_home)
+    pair_home(a, b_home)
     a.stop()
     return a_home, b_home, _import(a_home, CATCH_UP_OPS)
 
@@ -122,8 +125,8 @@ def _paired_homes(root: Path) -> tuple[Path, Path, list[bytes]]:
 class _CatchUp:
     """Two running nodes after B caught up with A's imported ops, and how long that took."""
 
-    a: _Node
-    b: _Node
+    a: NodeProcess
+    b: NodeProcess
     catch_up_s: float  # from B's ready line until B holds every op
     sender_start_s: float
     receiver_start_s: float
@@ -133,11 +136,11 @@ class _CatchUp:
 def _catch_up(a_home: Path, b_home: Path, relay: str | None = None) -> _CatchUp:
     """Start A, then B dialling A (at A's address through `relay` when given, else directly), and time B's catch-up."""
     started = time.perf_counter()
-    a = _Node(a_home, relay=relay)
+    a = NodeProcess(a_home, relay=relay)
     a_start_s = time.perf_counter() - started
     a_address = a.address if relay is None else _circuit_address(a)
     started = time.perf_counter()
-    b = _Node(b_home, a_address, relay=relay)
+    b = NodeProcess(b_home, a_address, relay=relay)
     # The rate is timed from B's ready line: process start and imports are the same for any amount of data, so
     # they are reported on their own, beside A's start of the same node code with 100k ops in its store.
     ready = time.perf_counter()
@@ -150,14 +153,14 @@ def _catch_up(a_home: Path, b_home: Path, relay: str | None = None) -> _CatchUp:
     return _CatchUp(a, b, catch_up_s, a_start_s, b_start_s, peer)
 
 
-def _circuit_address(node: _Node) -> str:
+def _circuit_address(node: NodeProcess) -> str:
     """The node's address through its relay, once its reservation is granted."""
     with node.client() as client:
         _wait(lambda: client.call("status")["relay"]["circuit_address"], 60)
         return client.call("status")["relay"]["circuit_address"]
 
 
-def _bench_catch_up(root: Path) -> tuple[list[Metric], _Node, _Node]:
+def _bench_catch_up(root: Path) -> tuple[list[Metric], NodeProcess, NodeProcess]:
     """Time CATCH_UP_RUNS catch-ups, each from copies of the same two paired homes; leave the last run's nodes up."""
     a_home, b_home, encoded = _paired_homes(root / "homes")
     runs: list[_CatchUp] = []
@@ -248,7 +251,7 @@ class _LiveLatency:
     local_p50_ms: float
 
 
-def _live_latency(a: _Node, b: _Node) -> _LiveLatency:
+def _live_latency(a: NodeProcess, b: NodeProcess) -> _LiveLatency:
     """Time LIVE_CHANGES pref changes written on A until each is watched on B's bus, beside local writes on A."""
     # Steady state: both nodes have finished projecting the catch-up into their derived stores.
     for node in (a, b):
@@ -275,7 +278,7 @@ def _live_latency(a: _Node, b: _Node) -> _LiveLatency:
     return _LiveLatency(p50, p99, sorted(local)[len(local) // 2] * 1000)
 
 
-def _bench_live(a: _Node, b: _Node) -> list[Metric]:
+def _bench_live(a: NodeProcess, b: NodeProcess) -> list[Metric]:
     live = _live_latency(a, b)
     return [
         metric("live_latency_p50_ms", live.p50_ms, "ms", live.local_p50_ms, "<= 20 ms", live.p50_ms <= 20),
@@ -283,7 +286,7 @@ def _bench_live(a: _Node, b: _Node) -> list[Metric]:
     ]
 
 
-def _bench_idle(a: _Node, b: _Node) -> list[Metric]:
+def _bench_idle(a: NodeProcess, b: NodeProcess) -> list[Metric]:
     before = a.cpu_s() + b.cpu_s()
     time.sleep(IDLE_S)
     share = (a.cpu_s() + b.cpu_s() - before) / (2 * IDLE_S)

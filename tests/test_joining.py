@@ -115,3 +115,19 @@ def test_the_joined_device_is_known_by_its_name_everywhere(inviter, tmp_path):
         assert joining(tmp_path / "b", code, inviter.address).returncode == 0
     names = {device["name"] for device in inviter.call("devices.list")}
     assert names == {"inviter", "joiner"}
+
+
+def test_a_join_ends_once_the_device_holds_everything_on_disk(inviter, tmp_path):
+    # Ops applied but not yet written when the command ended were lost to the joined device's stores: a join of a
+    # 1M-message home said "synced 1000302 ops" and held 976k.
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(
+        json.dumps({"type": "message", "conversation": f"c{number % 7}", "text": f"message {number}", "ts_ms": number})
+        + "\n" for number in range(30_000)
+    ))  # fmt: skip
+    assert cli(inviter.home, "import", str(history), timeout_s=300).returncode == 0
+    with invite(inviter) as (code, _):
+        joined = joining(tmp_path / "b", code, inviter.address)
+    assert joined.returncode == 0, joined.stderr
+    on_disk = json.loads(cli(tmp_path / "b", "digest").stdout)
+    assert on_disk == inviter.call("digest") and on_disk["counts"]["messages"] == 30_000

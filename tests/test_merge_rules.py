@@ -1,9 +1,13 @@
 """Example-based checks of each merge rule's meaning (the properties file checks convergence)."""
 
+import hashlib
+
+import msgpack
 import numpy as np
 import pytest
 
 from crdt import Collection, InvalidOpError, ValueTooLargeError
+from crdt.replica import _canonical
 from tests.conftest import make_replica
 
 
@@ -193,3 +197,22 @@ def test_a_message_row_carries_its_edits_and_is_gone_once_deleted(clock):
     assert a.messages.get("m1")["text"] == "hello"
     a.delete_message("m1")
     assert a.messages.row("m1") is None and a.messages.row("never") is None
+
+
+def test_the_digest_is_the_sha256_of_the_whole_canonical_state_packed_at_once():
+    # Hashed piece by piece so a million messages need no second copy; the value must not change with that.
+    a = make_replica("dev-a")
+    a.set_preference("theme", "dark")
+    for number in range(50):
+        a.add_message(f"m{number:02}", {"conversation": f"c{number % 3}", "role": "user", "text": f"t{number}",
+                                        "ts_ms": number, "sentiment": 0.5 if number % 2 else None, "response_time_ms": None})  # fmt: skip
+    a.edit_message("m07", "text", "edited")
+    a.delete_message("m08")
+    a.add_memory("mem", "likes tea", None, {"topic": "food"})
+    a.edit_note("partner", "Sam")
+    a.increment("chats", 3)
+    views = {collection.value: dict(rule.view()) for collection, rule in a._rules.items()}
+    views["messages"]["messages"] = dict(views["messages"]["messages"])
+    whole = hashlib.sha256(msgpack.packb(_canonical(views), use_bin_type=True)).hexdigest()
+    assert a.digest().sha256 == whole
+    assert views["messages"]["messages"]["m07"]["text"] == "edited" and "m08" not in views["messages"]["messages"]
