@@ -53,9 +53,17 @@ class NodeProcess:
             command += ["--peer", peer]
         if relay is not None:
             command += ["--relay", relay]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+        # Its log goes to a file beside the home, so a node that fails to start says why.
+        log = home.parent / f"{home.name}.log"
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
         assert self.process.stdout is not None
-        ready = json.loads(self.process.stdout.readline())
+        line = self.process.stdout.readline()
+        if '"ready": true' not in line:
+            self.process.kill()
+            self.process.wait(timeout=60)
+            raise RuntimeError(f"the node on {home} did not start: {log.read_text()[-2000:]}")
+        ready = json.loads(line)
         self.address, self.device_id = ready["addresses"][0], ready["device_id"]
 
     def client(self) -> RpcClient:
@@ -140,7 +148,11 @@ def _catch_up(a_home: Path, b_home: Path, relay: str | None = None) -> _CatchUp:
     a_start_s = time.perf_counter() - started
     a_address = a.address if relay is None else _circuit_address(a)
     started = time.perf_counter()
-    b = NodeProcess(b_home, a_address, relay=relay)
+    try:
+        b = NodeProcess(b_home, a_address, relay=relay)
+    except BaseException:
+        a.stop()
+        raise
     # The rate is timed from B's ready line: process start and imports are the same for any amount of data, so
     # they are reported on their own, beside A's start of the same node code with 100k ops in its store.
     ready = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from crdt import HybridClock, Replica, encode_op
-from stores import migrate, open_sql, primary
+from stores import datalayer, migrate, open_sql, primary
 from stores.analytics import MESSAGE_COLUMNS
 from stores.datalayer import DataLayer, StoreConfig, _message_columns
 from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
@@ -300,6 +300,22 @@ def test_message_columns_hold_every_message_with_its_edits_applied():
         "sentiment": [-0.25, 0.5],
         "response_time_ms": [None, 20],
     }
+    replica.delete_message("m1")
+    assert _message_columns(replica, ["m1", "m2"])["id"] == ["m2"]  # a slice's message deleted meanwhile is left out
+
+
+@pytest.mark.trio
+async def test_the_analytics_store_loads_in_slices_and_holds_every_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(datalayer, "ANALYTICS_LOAD_ROWS", 2)
+    data = await open_data(tmp_path)
+    try:
+        async with UnitOfWork(data) as uow:
+            for number in range(5):
+                uow.conversations.add_message("chat", f"m{number}", ts_ms=number)
+            await uow.commit()
+        assert (await data.analytics_ready()).count() == 5
+    finally:
+        await data.close()
 
 
 @pytest.mark.trio
