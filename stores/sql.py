@@ -158,8 +158,9 @@ class SqlAdapter:
         with self._live() as connection:
             connection.executemany(sql, [tuple(row) for row in rows])
 
-    def insert_rows(self, insert: str, rows: Sequence[Sequence[SqlValue]]) -> None:
-        """Run `insert` (an INSERT ending in VALUES) for every row, many rows to a statement.
+    def insert_rows(self, insert: str, rows: Sequence[Sequence[SqlValue]], upsert: str = "") -> None:
+        """Run `insert` (an INSERT ending in VALUES, then `upsert`, an ON CONFLICT clause, if given) for every row, many
+        rows to a statement.
 
         A statement per row (executemany) gives up and retakes the GIL around each row: with another thread busy in
         Python, every retake waits for the switch interval. Measured with one busy thread: 473 rows/s one per
@@ -173,7 +174,7 @@ class SqlAdapter:
         with self._live() as connection:
             for count in _statement_row_counts(len(rows), max(1, VALUES_PER_STATEMENT_MAX // width)):
                 values = tuple(itertools.chain.from_iterable(rows[start : start + count]))
-                connection.execute(f"{insert} {', '.join([placeholders] * count)}", values)
+                connection.execute(f"{insert} {', '.join([placeholders] * count)} {upsert}", values)
                 start += count
 
     def query(self, sql: str, params: Sequence[SqlValue] = ()) -> list[Row]:
