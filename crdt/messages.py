@@ -11,7 +11,6 @@ from crdt.ops import Collection, Kind, Op
 EDITABLE_FIELDS = frozenset({"text", "role", "sentiment", "response_time_ms"})
 ROW_FIELDS = ("conversation", "role", "text", "ts_ms", "sentiment", "response_time_ms")  # a row's after its id
 Stamp = tuple[int, str]
-_intern = sys.intern
 
 
 def with_edits(fields: dict[str, Any], edits: dict[str, Register]) -> dict[str, Any]:
@@ -25,8 +24,8 @@ def with_edits(fields: dict[str, Any], edits: dict[str, Register]) -> dict[str, 
 def share_names(fields: dict[str, Any]) -> None:
     """Point a well-formed message's conversation and role at the one copy of each name, not at a copy per message: a
     decoded message brings its own, and they cost about 120 bytes of every message held (12% of a 1M-message node)."""
-    fields["conversation"] = _intern(fields["conversation"])
-    fields["role"] = _intern(fields["role"])
+    fields["conversation"] = sys.intern(fields["conversation"])
+    fields["role"] = sys.intern(fields["role"])
 
 
 class _MessagesView(Mapping[str, dict[str, Any]]):

@@ -289,7 +289,7 @@ class _ConversationCounts:
 
     def write(self, adapter: SqlAdapter) -> None:
         """Update the counts once the messages are written; a conversation left with no message goes."""
-        # Many rows to a statement: a statement per row retook the GIL per row, which cost a catch-up 13% of its rate.
+        # Many rows to a statement, as SqlAdapter.insert_rows says why.
         adapter.insert_rows(
             "INSERT INTO conversations (id, message_count, last_ts_ms) VALUES",
             [(conversation, count, last_ts_ms) for conversation, (count, last_ts_ms) in self.joining.items()],
