@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench_stores import PASSPHRASE, raw_message_insert_s, running_node
-from simulations.bench_sync import NodeProcess, pair_home
+from simulations.bench_stores import raw_message_insert_s
+from simulations.bench_sync import PASSPHRASE, NodeProcess, pair_home
 from simulations.metrics import Metric, metric, rss_mib
 
 SCALE_SIZES = (100_000, 1_000_000)
@@ -47,21 +47,18 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 def _ready_and_rss(home: Path) -> tuple[float, float]:
     """Seconds from `aico-node run` to its ready line, and its resident memory then, in MiB."""
     started = time.perf_counter()
-    with running_node(home) as (ready, pid):
-        return ready - started, rss_mib(pid)
+    with NodeProcess(home) as node:
+        return node.ready_at - started, rss_mib(node.process.pid)
 
 
 def _fresh_pair(home: Path, joiner: Path) -> tuple[float, bool]:
     """Seconds for a fresh device to pair with a running node on `home` and hold all it holds, and whether the two
     digests are then equal."""
-    inviter = NodeProcess(home)
-    try:
+    with NodeProcess(home) as inviter:
         started = time.perf_counter()
         pair_home(inviter, joiner)
         pair_s = time.perf_counter() - started
         inviter_digest = _cli(home, "digest").stdout
-    finally:
-        inviter.stop()
     return pair_s, _cli(joiner, "digest").stdout == inviter_digest
 
 

@@ -1,25 +1,21 @@
 """`bench stores`: the data layer on the real engines, each figure beside a same-run baseline."""
 
-import contextlib
-import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import trio
 
 from node.trust.identity import DeviceIdentity
+from simulations.bench_sync import PASSPHRASE, NodeProcess
 from simulations.metrics import Metric, metric
 from stores import open_sql
 from stores.datalayer import DataLayer
 from stores.projector import INDEX_STEP_TARGET_S, Projector
 from stores.repositories import UnitOfWork
 
-PASSPHRASE = "bench passphrase"
 SINGLE_WRITES = 300
 IMPORT_MESSAGES = 100_000
 SEARCH_SIZES = (10_000, 100_000)
@@ -162,32 +158,11 @@ def _best_of(times: int, fn: Callable[[], object]) -> float:
     return best
 
 
-@contextlib.contextmanager
-def running_node(home: Path) -> Iterator[tuple[float, int]]:
-    """Run `aico-node run` on loopback for the block; yield when its ready line arrived (perf_counter seconds) and
-    its process id."""
-    env = {**os.environ, "AICO_PASSPHRASE": PASSPHRASE}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        ready = time.perf_counter()
-        if '"ready": true' not in line:
-            raise RuntimeError(f"node did not become ready: {line!r}")
-        yield ready, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
 def _ready_s(home: Path) -> float:
     """Seconds from starting `aico-node run` to its ready line."""
     started = time.perf_counter()
-    with running_node(home) as (ready, _):
-        return ready - started
+    with NodeProcess(home) as node:
+        return node.ready_at - started
 
 
 async def _bench_search(root: Path) -> list[Metric]:
@@ -373,9 +348,9 @@ def _first_memory_add_s(home: Path) -> tuple[float, float]:
     and of a second."""
     from node.api.rpc import RpcClient
 
-    with running_node(home) as (ready, _), RpcClient.connect(home / "node.sock", timeout_s=60) as client:
+    with NodeProcess(home) as node, RpcClient.connect(home / "node.sock", timeout_s=60) as client:
         client.call("memory.add", text=EMBED_SENTENCE)
-        first_s = time.perf_counter() - ready
+        first_s = time.perf_counter() - node.ready_at
         started = time.perf_counter()
         client.call("memory.add", text="I went hiking in the Alps")
         return first_s, time.perf_counter() - started

@@ -44,7 +44,8 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 class NodeProcess:
-    """`aico-node run` on loopback, started and ready."""
+    """`aico-node run` on loopback, started and ready (`ready_at`: perf_counter seconds at its ready line); as a
+    context manager, stopped at the end of the block."""
 
     def __init__(self, home: Path, *peers: str, relay: str | None = None) -> None:
         self.home = home
@@ -56,9 +57,12 @@ class NodeProcess:
         # Its log goes to a file beside the home, so a node that fails to start says why.
         log = home.parent / f"{home.name}.log"
         with log.open("w") as stderr:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env(), stdin=subprocess.DEVNULL
+            )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
+        self.ready_at = time.perf_counter()
         if '"ready": true' not in line:
             self.process.kill()
             self.process.wait(timeout=60)
@@ -76,6 +80,12 @@ class NodeProcess:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
+
+    def __enter__(self) -> "NodeProcess":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 def pair_home(a: NodeProcess, b_home: Path) -> None:
