@@ -29,6 +29,7 @@ from crdt.errors import (
 )
 from crdt.hlc import HybridClock, hlc_pack, hlc_wall_ms
 from crdt.journal import Conflict, ConflictJournal
+from crdt.oplog import MemoryLog, OpLog, redacted_op
 from crdt.ops import Collection, Kind, Op, OpId
 from crdt.replica import ApplyResult, Digest, Replica, ReplicaConfig
 from crdt.vector import VersionVector
@@ -50,6 +51,8 @@ __all__ = [
     "Kind",
     "Op",
     "OpId",
+    "MemoryLog",
+    "OpLog",
     "Replica",
     "ReplicaConfig",
     "SnapshotRequired",
@@ -67,5 +70,6 @@ __all__ = [
     "hlc_wall_ms",
     "load_replica",
     "merge_state",
+    "redacted_op",
     "save_replica",
 ]

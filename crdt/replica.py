@@ -17,6 +17,7 @@ from crdt.lww import LwwMap
 from crdt.memories import MemorySet
 from crdt.messages import MessageSet
 from crdt.notes import NoteSet
+from crdt.oplog import MemoryLog, OpLog
 from crdt.ops import Collection, Kind, Op
 from crdt.registry import DeviceRegistry
 from crdt.revocation import Settlement, settle
@@ -26,12 +27,6 @@ from crdt.writes import LocalWrites
 
 _by_hlc = attrgetter("hlc")
 _kind_of = attrgetter("kind")
-
-
-def _tail(log: list[Op], start: int) -> Iterator[Op]:
-    """Yield the ops of a log from index `start` on, without copying the list."""
-    for index in range(start, len(log)):
-        yield log[index]
 
 
 @attrs.frozen
@@ -100,10 +95,13 @@ def _hash_canonical(value: Any, update: Callable[[bytes], None], levels: int) ->
 class Replica(LocalWrites):
     """One device's merged state of every synced collection, fed by local writes and remote ops."""
 
-    def __init__(self, device_id: str, clock: HybridClock, config: ReplicaConfig | None = None) -> None:
+    def __init__(
+        self, device_id: str, clock: HybridClock, config: ReplicaConfig | None = None, log: OpLog | None = None
+    ) -> None:
         self.device_id = device_id
         self.clock = clock
         self.config = config or ReplicaConfig()
+        self.log: OpLog = MemoryLog() if log is None else log
         self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
         self.clear()
         # Set by the node: returns why a remote registry op must be refused (e.g. its record has a bad signature), or
@@ -111,12 +109,12 @@ class Replica(LocalWrites):
         self.admit_registry_op: Callable[[Op, DeviceRegistry], str | None] | None = None
 
     def clear(self) -> None:
-        """Forget every op and all merged state (the clock, the config and the hooks stay), as a new replica."""
+        """Forget all merged state and every op the log does not keep durably (the clock, the config and the hooks
+        stay), as a new replica."""
         self.journal = ConflictJournal(self.config.journal_entries_max)
         self._fresh_rules()
         self._vector: dict[str, int] = {}
-        self._log: dict[str, list[Op]] = {}
-        self._log_base: dict[str, int] = {}  # seq just below the first op still in the log
+        self.log.reset()
         self._held: dict[str, dict[int, Op]] = {}
         self._held_count = 0
         self._revocations: list[Op] = []  # every logged revocation op, and any a snapshot brought
@@ -164,10 +162,10 @@ class Replica(LocalWrites):
             known = vector.get(device, 0)
             if known >= have:
                 continue
-            base = self._log_base.get(device, 0)
+            base = self.log.base(device)
             if known < base:
                 raise SnapshotRequired(f"ops of {device} up to seq {base} were compacted; send a state snapshot")
-            runs.append(_tail(self._log[device], known - base))
+            runs.append(self.log.tail(device, known))
         if not runs:
             return []
         merged = runs[0] if len(runs) == 1 else heapq.merge(*runs, key=_by_hlc)
@@ -175,7 +173,7 @@ class Replica(LocalWrites):
 
     def logged_keys(self) -> set[tuple[Collection, str]]:
         """Return every (collection, key) an op in the log wrote."""
-        return {(op.collection, op.key) for log in self._log.values() for op in log}
+        return {(op.collection, op.key) for op in self.log.ops()}
 
     def digest(self) -> Digest:
         """Return the sha256 and counts of the synced state (no journal, no log, nothing local)."""
@@ -185,11 +183,10 @@ class Replica(LocalWrites):
         counts = {collection.value: len(rule) for collection, rule in self._rules.items()}
         return Digest(sha256.hexdigest(), counts)
 
-    def forget(self, collection: Collection, key: str) -> tuple[Op, list[Op]]:
-        """Delete a message or remove a memory, and strip its content from the log and state.
+    def forget(self, collection: Collection, key: str) -> Op:
+        """Delete a message or remove a memory, strip its content from the log and state, and return the deleting op.
 
-        Returns the deleting op and the logged ops whose payloads were redacted (for the stores
-        to rewrite). Redacted ops still merge: a peer that lacks them gets them without content.
+        Redacted ops still merge: a peer that lacks them gets them without content.
         """
         if collection is Collection.MESSAGES:
             op = self.delete_message(key)
@@ -198,15 +195,8 @@ class Replica(LocalWrites):
             self.memories.redact(key, redacted_payload(Collection.MEMORIES, Kind.ADD, None))
         else:
             raise InvalidOpError(f"only messages and memories can be forgotten, not {collection}")
-        redacted = []
-        for log in self._log.values():
-            for index, logged in enumerate(log):
-                if logged.collection is collection and logged.key == key:
-                    payload = redacted_payload(collection, logged.kind, logged.payload)
-                    if payload != logged.payload:
-                        log[index] = attrs.evolve(logged, payload=payload)
-                        redacted.append(log[index])
-        return op, redacted
+        self.log.redact(collection, key)
+        return op
 
     def replay(self, ops: Iterable[Op]) -> None:
         """Re-apply this device's own stored ops at start, in their stored order, without drift checks."""
@@ -218,7 +208,7 @@ class Replica(LocalWrites):
             self._revocations += [op for op in ops if op.kind is Kind.REVOKE]
             self._settlement = settle(self._revocations)
         voids = self._settlement.voids
-        vector, log, rules, journal = self._vector, self._log, self._rules, self.journal
+        vector, append, rules, journal = self._vector, self.log.append, self._rules, self.journal
         last = self.clock.last
         for op in ops:
             device = op.device
@@ -226,7 +216,7 @@ class Replica(LocalWrites):
                 raise CrdtError(f"stored op {device}:{op.seq} is out of order; the op log is damaged")
             if not voids(op):
                 rules[op.collection].apply(op, journal)
-            log.setdefault(device, []).append(op)
+            append(op)
             vector[device] = op.seq
             if op.hlc > last:
                 last = op.hlc
@@ -284,7 +274,7 @@ class Replica(LocalWrites):
         # An op of a revoked device past its cut-off is logged and counted, so it is never resent, but has no effect.
         if not self._settlement.voids(op):
             self._rules[op.collection].apply(op, self.journal)
-        self._log.setdefault(op.device, []).append(op)
+        self.log.append(op)
         self._vector[op.device] = op.seq
         if op.kind is Kind.REVOKE:
             self._settle_again(self._revocations + [op])
@@ -294,7 +284,8 @@ class Replica(LocalWrites):
         before, after = self._settlement, settle(revocations)
         self._revocations, self._settlement = revocations, after
         revoked = {*before.cutoff_seq, *before.cutoff_hlc, *after.cutoff_seq, *after.cutoff_hlc}
-        if any(before.voids(op) != after.voids(op) for device in revoked for op in self._log.get(device, ())):
+        logged = (op for device in revoked for op in self.log.tail(device, self.log.base(device)))
+        if any(before.voids(op) != after.voids(op) for op in logged):
             self._rebuild_state()
 
     def _rebuild_state(self) -> None:
@@ -302,10 +293,10 @@ class Replica(LocalWrites):
 
         Needed when a revocation arrives after ops it voids were applied, or voids a revocation that had counted.
         """
-        if any(self._log_base.values()):
+        if any(self.log.base(device) for device in self._vector):
             # A compacted log cannot be replayed; the voided ops keep their effect (docs/spec/sync.md).
             return
-        logged = sorted((op for log in self._log.values() for op in log), key=_by_hlc)
+        logged = sorted(self.log.ops(), key=_by_hlc)
         self._fresh_rules()
         self.rebuilds += 1
         scratch = ConflictJournal(self.config.journal_entries_max)  # conflicts were journalled when first seen
@@ -314,19 +305,7 @@ class Replica(LocalWrites):
             if not voids(op):
                 self._rules[op.collection].apply(op, scratch)
 
-    # -- compaction and snapshots ----------------------------------------------------------------
-
-    def compact(self, applied_everywhere: Mapping[str, int]) -> int:
-        """Drop logged ops every trusted device has applied; return how many were dropped."""
-        dropped = 0
-        for device, log in self._log.items():
-            base = self._log_base.get(device, 0)
-            upto = min(applied_everywhere.get(device, 0), self._vector.get(device, 0))
-            if upto > base:
-                del log[: upto - base]
-                self._log_base[device] = upto
-                dropped += upto - base
-        return dropped
+    # -- snapshots -------------------------------------------------------------------------------
 
     def state(self) -> dict:
         """Return the merged state of every collection as plain values."""
@@ -349,8 +328,7 @@ class Replica(LocalWrites):
         for device, seq in vector.items():
             if seq > self._vector.get(device, 0):
                 # The snapshot holds these ops' effects but not the ops, so the log restarts after them.
-                self._log[device] = []
-                self._log_base[device] = seq
+                self.log.restart(device, seq)
                 self._vector[device] = seq
         for device in list(self._held):
             held = self._held.pop(device)
@@ -359,7 +337,8 @@ class Replica(LocalWrites):
 
     def log_state(self) -> tuple[dict[str, int], dict[str, list[Op]]]:
         """Return the log's base seqs and its ops, for saving."""
-        return dict(self._log_base), {device: list(log) for device, log in self._log.items()}
+        bases = {device: self.log.base(device) for device in self._vector}
+        return bases, {device: list(self.log.tail(device, base)) for device, base in bases.items()}
 
     def restore_log(self, log_base: Mapping[str, int], log: Mapping[str, list[Op]]) -> None:
         """Install a saved log into an empty replica whose state was restored from the same save."""
@@ -369,8 +348,9 @@ class Replica(LocalWrites):
             base = log_base.get(device, 0)
             if any(op.seq != base + i + 1 or op.device != device for i, op in enumerate(ops)):
                 raise CrdtError(f"saved log of {device} is not contiguous from seq {base + 1}")
-            self._log[device] = list(ops)
-            self._log_base[device] = base
+            self.log.restart(device, base)
+            for op in ops:
+                self.log.append(op)
             if base + len(ops):
                 self._vector[device] = base + len(ops)
         # The restored state was settled when saved; what voids later ops is settled here again.

@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import trio
 
-from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Op, Replica, ReplicaConfig
+from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Kind, Op, Replica, ReplicaConfig
 from crdt.memories import MemorySet
 from crdt.messages import with_edits
 from crdt.registry import DeviceRegistry
@@ -25,6 +25,7 @@ from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
 from stores.cache import CacheInUseError, SealedKv
 from stores.errors import StoreError
+from stores.oplog import SqlLog
 from stores.primary import Changes, LogBatch
 from stores.sql import SQL_ENGINES, AsyncSql
 from stores.vectors import VectorIndex
@@ -110,7 +111,7 @@ class PendingWrite:
     log: Sequence[LogBatch]  # the applied ops, as the batches to log them in
     changes: Changes
     conflicts: Sequence[Conflict]
-    redacted: Sequence[Op]
+    forgotten: Sequence[tuple[Collection, str]]  # keys whose logged ops lose their content
 
     @property
     def ops(self) -> list[Op]:
@@ -127,6 +128,7 @@ class DataLayer:
         home: Path,
         config: StoreConfig,
         sql: AsyncSql,
+        log: SqlLog,
         replica: Replica,
         analytics: AnalyticsStore,
         cache: SealedKv,
@@ -137,6 +139,7 @@ class DataLayer:
         self.now_ms = now_ms
         self.config = config
         self.sql = sql
+        self.log = log  # the replica's
         self.replica = replica
         self.analytics = analytics
         self.cache = cache
@@ -170,9 +173,11 @@ class DataLayer:
         now_ms = now_ms or _wall_clock_ms
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         sql = await AsyncSql.open(config.engine, home / PRIMARY_FILE, store_key("sql"), timeout_s=config.sql_timeout_s)
+        log: SqlLog | None = None
         try:
             await sql.run(primary.open_schema)
-            replica = await cls._load_replica(sql, device_id, now_ms)
+            log = SqlLog.open(config.engine, home / PRIMARY_FILE, store_key("sql"))
+            replica = await cls._load_replica(sql, log, device_id, now_ms)
             _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)  # once the home has proved to be this device's
             analytics = AnalyticsStore()
 
@@ -182,9 +187,11 @@ class DataLayer:
 
             cache, mended = _mended_if_damaged(home / CACHE_DIR, open_cache)
         except BaseException:
+            if log is not None:
+                log.close()
             await sql.close()
             raise
-        data = cls(home, config, sql, replica, analytics, cache, open_cache, now_ms)
+        data = cls(home, config, sql, log, replica, analytics, cache, open_cache, now_ms)
         data.cache_refill_owed = mended
         return data
 
@@ -195,13 +202,13 @@ class DataLayer:
         self.cache_refill_owed = True
 
     @staticmethod
-    async def _load_replica(sql: AsyncSql, device_id: str, now_ms: Callable[[], int]) -> Replica:
+    async def _load_replica(sql: AsyncSql, log: SqlLog, device_id: str, now_ms: Callable[[], int]) -> Replica:
         stored_device = await sql.run(primary.get_meta, "device_id")
         if stored_device is None:
             await sql.run(primary.set_meta, "device_id", device_id)
         elif stored_device != device_id:
             raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
-        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig())
+        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log)
         await _replay_log(sql, replica)
         return replica
 
@@ -304,14 +311,15 @@ class DataLayer:
             await self._load_vectors()
         return self.vectors.count()
 
-    async def persist(self, ops: Sequence[Op], redacted: Sequence[Op] = ()) -> None:
-        """Write ops already applied to the replica, with their effects, in one transaction.
+    async def persist(self, ops: Sequence[Op], forgotten: Sequence[tuple[Collection, str]] = ()) -> None:
+        """Write ops already applied to the replica, with their effects, in one transaction; the logged ops of the
+        forgotten keys lose their content in it.
 
         If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
         """
-        await self.write(self.prepare([LogBatch(ops)], redacted))
+        await self.write(self.prepare([LogBatch(ops)], forgotten))
 
-    def prepare(self, log: Sequence[LogBatch], redacted: Sequence[Op] = ()) -> PendingWrite:
+    def prepare(self, log: Sequence[LogBatch], forgotten: Sequence[tuple[Collection, str]] = ()) -> PendingWrite:
         """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
 
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
@@ -325,16 +333,17 @@ class DataLayer:
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        return PendingWrite(log, materialise(self.replica, keys), conflicts, redacted)
+        return PendingWrite(log, materialise(self.replica, keys), conflicts, forgotten)
 
     async def write(self, pending: PendingWrite) -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
-            await self.sql.run(primary.persist, pending.log, pending.changes, pending.conflicts, pending.redacted)
+            await self.sql.run(primary.persist, pending.log, pending.changes, pending.conflicts, pending.forgotten)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()
             raise
+        self.log.record_written(pending.ops, pending.forgotten)
         self.ops_stored += sum(len(logged.ops) for logged in pending.log)
         self.last_write_s = trio.current_time()
 
@@ -343,14 +352,25 @@ class DataLayer:
         self.vectors.close()
         self.cache.close()
         self.analytics.close()
+        self.log.close()
         await self.sql.close()
 
 
 async def _replay_log(sql: AsyncSql, replica: Replica) -> None:
-    """Replay the op log of the primary store into an empty replica."""
-    ops = await sql.run(primary.load_ops)
+    """Replay the op log of the primary store into an empty replica, a page at a time (a replica holds no logged op,
+    so the log's ops never sit in memory all at once)."""
+    after = 0
     try:
-        replica.replay(ops)
+        while pages := await sql.run(primary.logged_pages, after, primary.LOG_PAGE_OPS):
+            after = pages[-1][0]
+            ops = [op for _, batch in pages for op in batch]
+            if any(op.kind is Kind.REVOKE for op in ops):
+                # A revocation voids its device's later ops wherever they are logged, even before it: knowing every
+                # revocation first takes the whole log at once (only a home with a revocation in it pays for this).
+                replica.clear()
+                replica.replay(await sql.run(primary.load_ops))
+                break
+            replica.replay(ops)
     except CrdtError as error:
         raise StoreError(f"cannot rebuild state from the op log: {error}") from None
     # Replaying re-detects old conflicts; those are already in the conflicts table.

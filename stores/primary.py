@@ -7,14 +7,14 @@ in the derived stores.
 """
 
 import itertools
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import msgpack
 
-from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, deflate, encode_ops
-from stores.errors import StoreError
+from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, deflate, encode_ops, redacted_op
 from stores.sql import Migration, SqlAdapter, migrate
 from stores.where import matches as where_matches
 
@@ -54,6 +54,8 @@ MIGRATIONS: list[tuple[int, Migration]] = [
 ]
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
+LOG_PAGE_BATCHES = 16  # logged batches read per query when reading the whole log
+LOG_PAGE_OPS = 20_000  # logged ops decoded per page when reading the whole log: the page is transient, but the memory it took stays the process's
 
 # Derived stores the projector keeps current.
 ANALYTICS, VECTORS, CACHE = "analytics", "vectors", "cache"
@@ -177,27 +179,76 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch]) -> None:
     adapter.insert_rows("INSERT INTO op_runs VALUES", runs)
 
 
-def _rewrite_logged(adapter: SqlAdapter, ops: Sequence[Op]) -> None:
-    """Replace logged ops (found by device and seq) with these versions of them."""
-    by_batch: dict[int, dict[tuple[str, int], Op]] = {}
-    for op in ops:
-        row = adapter.query_one(
-            "SELECT batch FROM op_runs WHERE device = ? AND seq_first <= ? ORDER BY seq_first DESC LIMIT 1",
-            (op.device, op.seq),
-        )
-        if row is None:
-            raise StoreError(f"op {op.device}:{op.seq} is not in the op log")
-        by_batch.setdefault(row[0], {})[(op.device, op.seq)] = op
-    for batch, replacements in by_batch.items():
-        (body,) = _one_row(adapter, "SELECT body FROM op_batches WHERE id = ?", (batch,))
-        logged = [replacements.get((op.device, op.seq), op) for op in decode_stored_batch(body)]
-        adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(logged)), batch))
+def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, str]]) -> None:
+    """Strip the content from every logged op of the forgotten keys, rewriting the batches that hold one."""
+    if not forgotten:
+        return
+    keys = set(forgotten)
+    names = [key.encode() for _, key in keys]
+    # Nothing indexes the log by key (an index cost every op a B-tree insert), so a forget reads it all, in the
+    # forget's own transaction. Only a batch whose bytes hold a forgotten key is decoded: inflating and searching
+    # 1M logged messages takes about a tenth of decoding them.
+    after = 0
+    while rows := adapter.query(
+        "SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after, LOG_PAGE_BATCHES)
+    ):
+        after = rows[-1][0]
+        for batch, body in rows:
+            plain = zlib.decompress(body)
+            if not any(name in plain for name in names):
+                continue
+            logged = decode_stored_batch(body)
+            if any((op.collection, op.key) in keys for op in logged):
+                rewritten = [redacted_op(op) if (op.collection, op.key) in keys else op for op in logged]
+                adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(rewritten)), batch))
 
 
 def load_ops(adapter: SqlAdapter) -> list[Op]:
     """Return every logged op in the order it was applied (each device's in seq order)."""
-    bodies = adapter.query("SELECT body FROM op_batches ORDER BY id")
-    return [op for (body,) in bodies for op in decode_stored_batch(body)]
+    return [op for _, ops in logged_pages(adapter, 0, 1 << 62) for op in ops]
+
+
+def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tuple[int, list[Op]]]:
+    """Return the logged batches after batch id `after_batch`, each as (id, its ops), oldest first, stopping once they
+    hold `ops_max` ops."""
+    pages: list[tuple[int, list[Op]]] = []
+    held = 0
+    while held < ops_max:
+        rows = adapter.query(
+            "SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after_batch, LOG_PAGE_BATCHES)
+        )
+        for after_batch, body in rows:
+            pages.append((after_batch, decode_stored_batch(body)))
+            held += len(pages[-1][1])
+            if held >= ops_max:
+                break
+        if len(rows) < LOG_PAGE_BATCHES:
+            break
+    return pages
+
+
+def logged_runs(adapter: SqlAdapter, device: str, after_seq: int, runs_max: int) -> list[tuple[int, int, int]]:
+    """Return (seq_first, seq_last, batch) of up to `runs_max` logged runs of a device's ops holding seqs above
+    `after_seq`, in seq order."""
+    # The run holding after_seq + 1 starts at or before it; found by one descent of the primary key, not a scan.
+    start = adapter.query_one(
+        "SELECT seq_first FROM op_runs WHERE device = ? AND seq_first <= ? ORDER BY seq_first DESC LIMIT 1",
+        (device, after_seq + 1),
+    )
+    return adapter.query(
+        "SELECT seq_first, seq_last, batch FROM op_runs WHERE device = ? AND seq_first >= ? ORDER BY seq_first LIMIT ?",
+        (device, after_seq + 1 if start is None else start[0], runs_max),
+    )
+
+
+def logged_bodies(adapter: SqlAdapter, batches: Iterable[int]) -> dict[int, bytes]:
+    """Return the stored (deflated) body of each of these logged batches."""
+    return dict(_rows_where_in(adapter, "SELECT id, body FROM op_batches WHERE id IN", (), batches))
+
+
+def logged_vector(adapter: SqlAdapter) -> dict[str, int]:
+    """Return the highest logged seq of each device."""
+    return dict(adapter.query("SELECT device, max(seq_last) FROM op_runs GROUP BY device"))
 
 
 _UPSERT_SQL = {
@@ -223,13 +274,14 @@ def persist(
     log: Sequence[LogBatch],
     changes: Changes,
     conflicts: Sequence[Conflict],
-    redacted: Sequence[Op] = (),
+    forgotten: Sequence[tuple[Collection, str]] = (),
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction."""
+    """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction, and strip the
+    content of the forgotten keys from the log."""
     with adapter.transaction():
         _log_batches(adapter, log)
-        _rewrite_logged(adapter, redacted)
+        _redact_logged(adapter, forgotten)
         counts = _ConversationCounts(adapter, changes)
         for collection, keys in changes.deletes.items():
             _delete_where_in(adapter, _DELETE_SQL[collection], keys)
@@ -363,7 +415,7 @@ def preference_rows(adapter: SqlAdapter, keys: Iterable[str]) -> list[tuple]:
     return _rows_where_in(adapter, "SELECT key, value FROM preferences WHERE collection = ? AND key IN", ("preferences",), keys)
 
 
-def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iterable[str]) -> list[tuple]:
+def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iterable[str | int]) -> list[tuple]:
     rows: list[tuple] = []
     for chunk, in_list in _in_lists(list(values)):
         rows += adapter.query(f"{select} {in_list}", (*params, *chunk))
@@ -382,7 +434,7 @@ def _one_row(adapter: SqlAdapter, sql: str, params: tuple = ()) -> tuple:
     return row
 
 
-def _in_lists(values: list[str]) -> Iterable[tuple[list[str], str]]:
+def _in_lists(values: Sequence[str | int]) -> Iterable[tuple[Sequence[str | int], str]]:
     """Yield the values in chunks of at most 500, each with its "(?,?,...)" for an IN clause."""
     # So no statement exceeds SQLite's limit on bound variables.
     for start in range(0, len(values), 500):

@@ -18,7 +18,7 @@ from stores.datalayer import DataLayer
 from stores.errors import DataError, StoreCorruptError, StoreError
 from stores.where import check_where
 
-Intent = Callable[[Replica], tuple[list[Op], list[Op]]]  # -> (ops made, logged ops redacted)
+Intent = Callable[[Replica], tuple[list[Op], list[tuple[Collection, str]]]]  # -> (ops made, keys forgotten)
 SEARCH_OVERFETCH = 4  # near-duplicates collapse after the vector query, so ask for more than k
 
 
@@ -52,7 +52,7 @@ class Memory:
     distance: float | None = None
 
 
-def _one(op: Op) -> tuple[list[Op], list[Op]]:
+def _one(op: Op) -> tuple[list[Op], list[tuple[Collection, str]]]:
     return [op], []
 
 
@@ -148,12 +148,11 @@ class ConversationRepository(_Repository):
         return await self._data.sql.query("SELECT id, message_count, last_ts_ms FROM conversations ORDER BY last_ts_ms DESC")
 
 
-def _forget(replica: Replica, collection: Collection, key: str) -> tuple[list[Op], list[Op]]:
+def _forget(replica: Replica, collection: Collection, key: str) -> tuple[list[Op], list[tuple[Collection, str]]]:
     exists = replica.messages.get(key) if collection is Collection.MESSAGES else replica.memories.is_live(key)
     if not exists:
         raise DataError(f"no {collection.value[:-1]} with id {key}")
-    op, redacted = replica.forget(collection, key)
-    return [op], redacted
+    return [replica.forget(collection, key)], [(collection, key)]
 
 
 class MemoryRepository(_Repository):
@@ -363,17 +362,17 @@ class UnitOfWork:
         data = self.data
         async with data.write_lock:
             ops: list[Op] = []
-            redacted: list[Op] = []
+            forgotten: list[tuple[Collection, str]] = []
             try:
                 for intent in intents:
-                    made, stripped = intent(data.replica)
+                    made, keys = intent(data.replica)
                     ops += made
-                    redacted += stripped
+                    forgotten += keys
             except (CrdtError, StoreError) as error:
                 if ops:  # earlier intents of this unit already changed the replica
                     await data.reload_replica()
                 raise error if isinstance(error, StoreError) else DataError(str(error)) from None
-            await data.persist(ops, redacted)
+            await data.persist(ops, forgotten)
         if self._on_commit is not None:
             self._on_commit(ops)
         return ops

@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from crdt import DecodeLimits, decode_stored_batch
+from crdt import DecodeLimits, MemoryLog, decode_stored_batch
 from framing import LocalProtocolError, RemoteProtocolError
 from node.errors import EndReason, UnsealError
 from node.sync.session import (
@@ -108,7 +108,8 @@ def test_bytes_may_arrive_in_any_chunking(clock):
 
 def test_a_peer_behind_compacted_ops_catches_up_from_a_state_snapshot(clock):
     a, b = seeded_pair(clock, ops_each=50)
-    a.compact(a.vector)
+    assert isinstance(a.log, MemoryLog)
+    a.log.compact(a.vector)
     sa, sb = SyncSession(a), SyncSession(b)
     events = []
     for _ in range(4):

@@ -1,0 +1,137 @@
+"""A replica's op log kept in the primary store, not in memory: a peer's catch-up reads its ops back from SQL."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from crdt import Collection, Op, decode_stored_batch, redacted_op
+from stores import primary
+from stores.errors import StoreError
+from stores.sql import SqlAdapter, open_sql
+
+RUNS_PAGE = 16  # logged runs (and at most as many batch bodies) read per query while serving a tail
+DECODED_BATCHES_MAX = 8  # decoded batches kept: a catch-up batch holds the ops of several devices, read one by one
+
+
+class SqlLog:
+    """The ops of the primary store's log, plus those applied and not written yet; an OpLog (crdt/oplog.py).
+
+    Held in memory were 190 bytes per op (a third of a node's memory at 1M messages). Reads run on the calling thread,
+    on a connection of their own (WAL lets it read beside the writer), a bounded page at a time.
+    """
+
+    def __init__(self, reader: SqlAdapter) -> None:
+        self._reader = reader
+        self._written: dict[str, int] = {}  # per device, the highest seq the store holds
+        self._pending: dict[str, list[Op]] = {}  # per device, applied ops above it, in seq order
+        self._owed: set[tuple[Collection, str]] = set()  # forgotten keys whose stored ops are not redacted yet
+        self._decoded: collections.OrderedDict[int, dict[str, list[Op]]] = collections.OrderedDict()
+        self.reset()
+
+    @classmethod
+    def open(cls, engine: str, path: Path, key: bytes) -> SqlLog:
+        """Open a log reading the primary store at `path` (its schema already current)."""
+        reader = open_sql(engine, path, key)
+        try:
+            return cls(reader)
+        except BaseException:
+            reader.close()
+            raise
+
+    def close(self) -> None:
+        self._reader.close()
+
+    # -- OpLog -----------------------------------------------------------------------------------
+
+    def append(self, op: Op) -> None:
+        # Replaying the store at start appends what it already holds.
+        if op.seq > self._written.get(op.device, 0):
+            self._pending.setdefault(op.device, []).append(op)
+
+    def base(self, device: str) -> int:
+        return 0  # the stored log is never compacted yet: see restart
+
+    def tail(self, device: str, after_seq: int) -> Iterator[Op]:
+        last = after_seq
+        written = self._written.get(device, 0)
+        while last < written:
+            runs = primary.logged_runs(self._reader, device, last, RUNS_PAGE)
+            if not runs or runs[0][0] > last + 1:
+                raise StoreError(f"the op log lacks ops of {device} after seq {last}: the primary store is damaged")
+            # A batch decoded for an earlier call is not read again: a catch-up asks for 2000 ops at a time, and one
+            # logged batch may hold 100k (a large unit of work).
+            bodies = primary.logged_bodies(self._reader, [batch for *_, batch in runs if batch not in self._decoded])
+            for seq_first, seq_last, batch in runs:
+                # The run's ops are the batch's ops of this device, seq_first..seq_last in order (primary._log_batches).
+                ops = self._batch(batch, bodies)[device]
+                upto = min(seq_last, written)
+                for op in ops[last + 1 - seq_first : upto + 1 - seq_first]:
+                    yield self._as_stored(op)
+                last = max(last, upto)
+        for op in self._pending.get(device, ()):
+            if op.seq > last:
+                yield op
+
+    def ops(self) -> Iterator[Op]:
+        after = 0
+        while pages := primary.logged_pages(self._reader, after, primary.LOG_PAGE_OPS):
+            after = pages[-1][0]
+            yield from (self._as_stored(op) for _, ops in pages for op in ops)
+        for ops in self._pending.values():
+            yield from ops
+
+    def redact(self, collection: Collection, key: str) -> None:
+        # Stored ops are rewritten by the write that carries the forget (primary.persist); until then they are
+        # redacted as read, so no peer is sent the content meanwhile.
+        self._owed.add((collection, key))
+        for ops in self._pending.values():
+            for index, op in enumerate(ops):
+                if op.collection is collection and op.key == key:
+                    ops[index] = redacted_op(op)
+
+    def restart(self, device: str, seq: int) -> None:
+        raise StoreError("a node's stored op log cannot skip ops: it does not accept state snapshots yet")
+
+    def reset(self) -> None:
+        self._written = primary.logged_vector(self._reader)
+        self._pending.clear()
+        self._owed.clear()
+        self._decoded.clear()
+
+    # -- the store's side ------------------------------------------------------------------------
+
+    def record_written(self, ops: Iterable[Op], forgotten: Iterable[tuple[Collection, str]]) -> None:
+        """Note that a write committed these ops and redacted the stored ops of these keys."""
+        written, pending = self._written, self._pending
+        for op in ops:
+            if op.seq > written.get(op.device, 0):
+                written[op.device] = op.seq
+        for device, ops_held in pending.items():
+            top = written.get(device, 0)
+            if ops_held and ops_held[0].seq <= top:
+                pending[device] = [op for op in ops_held if op.seq > top]
+        redacted = set(forgotten)
+        if redacted:
+            self._owed -= redacted
+            self._decoded.clear()  # batches decoded before the rewrite
+
+    def _batch(self, batch: int, bodies: dict[int, bytes]) -> dict[str, list[Op]]:
+        """Return a logged batch's ops by device, decoding it unless it was decoded lately."""
+        by_device = self._decoded.get(batch)
+        if by_device is not None:
+            self._decoded.move_to_end(batch)
+            return by_device
+        # A body not read with its page was decoded then, and dropped since by another device's tail.
+        body = bodies[batch] if batch in bodies else primary.logged_bodies(self._reader, [batch])[batch]
+        by_device = {}
+        for op in decode_stored_batch(body):
+            by_device.setdefault(op.device, []).append(op)
+        self._decoded[batch] = by_device
+        if len(self._decoded) > DECODED_BATCHES_MAX:
+            self._decoded.popitem(last=False)
+        return by_device
+
+    def _as_stored(self, op: Op) -> Op:
+        return redacted_op(op) if self._owed and (op.collection, op.key) in self._owed else op
