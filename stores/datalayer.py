@@ -22,7 +22,7 @@ from crdt.memories import MemorySet
 from crdt.messages import with_edits
 from crdt.registry import DeviceRegistry
 from stores import primary
-from stores.analytics import MESSAGE_COLUMNS, AnalyticsStore
+from stores.analytics import MESSAGE_COLUMNS, AnalyticsMessage, AnalyticsStore
 from stores.cache import CacheInUseError, SealedKv
 from stores.errors import StoreError
 from stores.oplog import SqlLog
@@ -249,12 +249,24 @@ class DataLayer:
         analytics = await self.analytics_ready()
         return await trio.to_thread.run_sync(work, analytics, limiter=self.analytics_limiter)
 
-    async def analytics_loaded(self) -> bool:
-        """Whether the analytics store is loaded, once any load under way is over. Until then, projections to it can be
-        skipped: the load reads the replica, which holds their changes already (so a command's import fills no store
-        its exit throws away)."""
+    async def project_analytics(self, upserts: Sequence[str], deletes: Sequence[str]) -> None:
+        """Bring changed and deleted messages into the analytics store from primary SQL, if the store is loaded: its
+        load reads the replica, which holds their changes already (so a command's import fills no store its exit
+        throws away)."""
         async with self._analytics_lock:
-            return self._analytics_loaded
+            if not self._analytics_loaded:
+                return
+            columns = "id, conversation, role, ts_ms, sentiment, response_time_ms"
+            rows = await self.sql.run(primary.rows_by_id, "messages", columns, upserts)
+            gone = [*deletes, *_without_rows(upserts, rows)]
+
+            def apply(analytics: AnalyticsStore) -> None:
+                if gone:
+                    analytics.delete(gone)
+                if rows:
+                    analytics.upsert(AnalyticsMessage(*row) for row in rows)
+
+            await trio.to_thread.run_sync(apply, self.analytics, limiter=self.analytics_limiter)
 
     async def vectors_ready(self) -> VectorIndex:
         """Return the vector index, loading every memory's vector from the primary store on first use."""
@@ -293,17 +305,19 @@ class DataLayer:
         index = await self.vectors_ready()
         return await trio.to_thread.run_sync(work, index, limiter=self.vectors_limiter)
 
-    async def project_vectors(self, rows: Sequence[tuple[str, bytes]], deletes: Sequence[str]) -> None:
-        """Apply changed memories' (id, embedding) rows and deleted ids to the vector index, if it is loaded: a load
+    async def project_vectors(self, upserts: Sequence[str], deletes: Sequence[str]) -> None:
+        """Bring changed and deleted memories into the vector index from primary SQL, if the index is loaded: its load
         reads the primary store after them."""
         async with self._vectors_lock:
             if not self._vectors_loaded:
                 return
-            if deletes:
-                await trio.to_thread.run_sync(self.vectors.delete, deletes, limiter=self.vectors_limiter)
+            rows = await self.sql.run(primary.rows_by_id, "memories", "id, embedding", upserts)
+            with_vectors = [row for row in rows if row[1]]
+            if gone := [*deletes, *_without_rows(upserts, with_vectors)]:
+                await trio.to_thread.run_sync(self.vectors.delete, gone, limiter=self.vectors_limiter)
                 self.vectors_changed.set()
-            if rows:
-                await self._upsert_vectors(rows)
+            if with_vectors:
+                await self._upsert_vectors(with_vectors)
 
     async def reload_vectors(self) -> int:
         """Replace the vector index's contents with the vectors of the primary store; return how many there are."""
@@ -375,6 +389,12 @@ async def _replay_log(sql: AsyncSql, replica: Replica) -> None:
         raise StoreError(f"cannot rebuild state from the op log: {error}") from None
     # Replaying re-detects old conflicts; those are already in the conflicts table.
     replica.journal = ConflictJournal(replica.config.journal_entries_max)
+
+
+def _without_rows(keys: Sequence[str], rows: Sequence[tuple]) -> list[str]:
+    """Return the keys that have no row (keyed by its first column): gone from primary SQL since queued."""
+    present = {row[0] for row in rows}
+    return [key for key in keys if key not in present]
 
 
 def _wall_clock_ms() -> int:

@@ -126,7 +126,7 @@ class SqlLog:
         # A body not read with its page was decoded then, and dropped since by another device's tail.
         body = bodies[batch] if batch in bodies else primary.logged_bodies(self._reader, [batch])[batch]
         by_device = {}
-        for op in decode_stored_batch(body):
+        for op in decode_stored_batch(body, held=False):
             by_device.setdefault(op.device, []).append(op)
         self._decoded[batch] = by_device
         if len(self._decoded) > DECODED_BATCHES_MAX:

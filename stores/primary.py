@@ -197,7 +197,7 @@ def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, st
             plain = zlib.decompress(body)
             if not any(name in plain for name in names):
                 continue
-            logged = decode_stored_batch(body)
+            logged = decode_stored_batch(body, held=False)
             if any((op.collection, op.key) in keys for op in logged):
                 rewritten = [redacted_op(op) if (op.collection, op.key) in keys else op for op in logged]
                 adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(rewritten)), batch))

@@ -7,7 +7,6 @@ from collections import defaultdict
 import trio
 
 from stores import primary
-from stores.analytics import AnalyticsMessage, AnalyticsStore
 from stores.datalayer import DataLayer, _reload_analytics
 from stores.errors import StoreCorruptError, StoreError
 from stores.vectors import INDEX_STEP_ITEMS_MAX, VectorIndex
@@ -94,25 +93,10 @@ class Projector:
             await getattr(self, f"_project_{target}")(actions[primary.UPSERT], actions[primary.DELETE])
 
     async def _project_analytics(self, upserts: list[str], deletes: list[str]) -> None:
-        if not await self.data.analytics_loaded():
-            return
-        rows = await self.data.sql.run(
-            primary.rows_by_id, "messages", "id, conversation, role, ts_ms, sentiment, response_time_ms", upserts
-        )
-        gone = deletes + _without_rows(upserts, rows)
-
-        def apply(analytics: AnalyticsStore) -> None:
-            if gone:
-                analytics.delete(gone)
-            if rows:
-                analytics.upsert(AnalyticsMessage(*row) for row in rows)
-
-        await self.data.in_analytics(apply)
+        await self.data.project_analytics(upserts, deletes)
 
     async def _project_vectors(self, upserts: list[str], deletes: list[str]) -> None:
-        rows = await self.data.sql.run(primary.rows_by_id, "memories", "id, embedding", upserts)
-        with_vectors = [row for row in rows if row[1]]
-        await self.data.project_vectors(with_vectors, deletes + _without_rows(upserts, with_vectors))
+        await self.data.project_vectors(upserts, deletes)
 
     async def _project_cache(self, upserts: list[str], deletes: list[str]) -> None:
         rows = await self.data.sql.run(primary.preference_rows, upserts)
@@ -181,9 +165,3 @@ class Projector:
             vectors = await data.reload_vectors()
             preferences = await self._rebuild_cache()
         return {"analytics": messages, "vectors": vectors, "cache": preferences}
-
-
-def _without_rows(keys: list[str], rows: list[tuple]) -> list[str]:
-    """Return the keys that have no row (keyed by its first column): gone from primary SQL since queued."""
-    present = {row[0] for row in rows}
-    return [key for key in keys if key not in present]
