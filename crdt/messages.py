@@ -29,22 +29,25 @@ def share_names(fields: dict[str, Any]) -> None:
 
 
 class _MessagesView(Mapping[str, dict[str, Any]]):
-    """Every live message by id, each built when read: a digest reads a million one at a time."""
+    """Every live message by id at one moment, each built when read: a digest reads a million one at a time."""
 
     def __init__(self, messages: "MessageSet") -> None:
-        self._messages = messages
+        # Copies of the maps, not of the messages: a record and its fields are never changed, only replaced, so the
+        # view stays as it was while the set changes (a node hashes it on a worker thread, off the write lock).
+        self._records = dict(messages.records)
+        self._edits = {message_id: dict(fields) for message_id, fields in messages.edits.items()}
 
     def __getitem__(self, message_id: str) -> dict[str, Any]:
         # An unedited message is its record's own fields, not a copy: the view is read, never written.
-        record = self._messages.records[message_id]
-        edits = self._messages.edits.get(message_id)
+        record = self._records[message_id]
+        edits = self._edits.get(message_id)
         return record.value if edits is None else with_edits(record.value, edits)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._messages.records)
+        return iter(self._records)
 
     def __len__(self) -> int:
-        return len(self._messages.records)
+        return len(self._records)
 
 
 class MessageSet:

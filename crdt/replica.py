@@ -56,6 +56,20 @@ class Digest:
     counts: dict[str, int]
 
 
+@attrs.frozen
+class StateViews:
+    """Every collection's view of the synced state, taken at one moment, and its counts then."""
+
+    views: dict[str, Any]
+    counts: dict[str, int]
+
+    def digest(self) -> Digest:
+        """Return the digest of the state these views were taken from; safe on another thread than its replica's."""
+        sha256 = hashlib.sha256()
+        _hash_canonical(self.views, sha256.update, _STREAMED_LEVELS)
+        return Digest(sha256.hexdigest(), self.counts)
+
+
 _SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
 
 
@@ -177,11 +191,14 @@ class Replica(LocalWrites):
 
     def digest(self) -> Digest:
         """Return the sha256 and counts of the synced state (no journal, no log, nothing local)."""
-        views = {collection.value: rule.view() for collection, rule in self._rules.items()}
-        sha256 = hashlib.sha256()
-        _hash_canonical(views, sha256.update, _STREAMED_LEVELS)
-        counts = {collection.value: len(rule) for collection, rule in self._rules.items()}
-        return Digest(sha256.hexdigest(), counts)
+        return self.views().digest()
+
+    def views(self) -> StateViews:
+        """Return the views of the synced state as it is now: later changes to the replica leave them as they are."""
+        return StateViews(
+            {collection.value: rule.view() for collection, rule in self._rules.items()},
+            {collection.value: len(rule) for collection, rule in self._rules.items()},
+        )
 
     def forget(self, collection: Collection, key: str) -> Op:
         """Delete a message or remove a memory, strip its content from the log and state, and return the deleting op.

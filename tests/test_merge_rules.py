@@ -199,6 +199,23 @@ def test_a_message_row_carries_its_edits_and_is_gone_once_deleted(clock):
     assert a.messages.row("m1") is None and a.messages.row("never") is None
 
 
+def test_views_taken_before_changes_still_give_the_digest_of_that_moment():
+    # A node takes the views under its write lock and hashes them on a worker thread while writes go on.
+    a = make_replica("dev-a")
+    for number in range(20):
+        a.add_message(f"m{number:02}", {"conversation": "c", "role": "user", "text": f"t{number}", "ts_ms": number})
+    a.edit_message("m03", "text", "first edit")
+    a.add_memory("mem", "likes tea", None, {"topic": "food"})
+    before, views = a.digest(), a.views()
+    a.add_message("m99", {"conversation": "c", "role": "user", "text": "later", "ts_ms": 99})
+    a.edit_message("m03", "text", "second edit")
+    a.edit_message("m04", "role", "assistant")
+    a.delete_message("m05")
+    a.edit_memory("mem", "text", "likes coffee")
+    a.set_preference("theme", "dark")
+    assert views.digest() == before != a.digest()
+
+
 def test_the_digest_is_the_sha256_of_the_whole_canonical_state_packed_at_once():
     # Hashed piece by piece so a million messages need no second copy; the value must not change with that.
     a = make_replica("dev-a")

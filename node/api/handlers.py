@@ -305,11 +305,11 @@ class DataHandlers:
         return [{**attrs.asdict(row), "day": row.day.isoformat()} for row in rows]
 
     async def digest(self, params: dict[str, Any]) -> dict[str, Any]:
-        # On a worker thread (a million messages take seconds), under the write lock that every change to the replica
-        # is made under, so the state hashed is one state and the event loop keeps serving meanwhile.
+        # The views are taken under the write lock that every change to the replica is made under, so they show one
+        # state; hashed on a worker thread after it (a million messages take seconds), while writes go on.
         async with self.node.data.write_lock:
-            digest = await trio.to_thread.run_sync(self.node.data.replica.digest)
-        return attrs.asdict(digest)
+            views = self.node.data.replica.views()
+        return attrs.asdict(await trio.to_thread.run_sync(views.digest))
 
     async def conflicts(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.node.unit_of_work() as uow:
