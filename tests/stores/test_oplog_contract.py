@@ -109,6 +109,25 @@ def test_a_tail_spans_more_runs_than_a_page_and_more_batches_than_are_kept_decod
     assert list(harness.log.tail("device-b", 5)) == _of(ops, "device-b", 5)
 
 
+def test_tails_read_in_turns_give_every_op_though_each_evicts_the_batches_the_other_decoded(harness):
+    # As a catch-up's merge of several devices' tails reads them: one tail's batches are dropped from the decoded
+    # ones while the other still needs them.
+    ops = _ops(3 * (RUNS_PAGE + DECODED_BATCHES_MAX) * 4)
+    harness.append(ops)
+    harness.write()
+    tails = {device: harness.log.tail(device, 0) for device in ("device-a", "device-b")}
+    read: dict[str, list[Op]] = {device: [] for device in tails}
+    while tails:
+        for device in list(tails):
+            for _ in range(5):
+                op = next(tails[device], None)
+                if op is None:
+                    del tails[device]
+                    break
+                read[device].append(op)
+    assert read == {device: _of(ops, device) for device in read}
+
+
 def test_a_forgotten_key_loses_its_content_in_every_op_read_back_before_and_after_the_write(harness):
     ops = _ops(40)
     harness.append(ops[:30])
