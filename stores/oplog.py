@@ -6,13 +6,31 @@ import collections
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from crdt import Collection, Op, decode_stored_batch, redacted_op
+from crdt import Collection, Op, StoredBatchReader, redacted_op
 from stores import primary
 from stores.errors import StoreError
 from stores.sql import SqlAdapter, open_sql
 
 RUNS_PAGE = 16  # logged runs (and at most as many batch bodies) read per query while serving a tail
 DECODED_BATCHES_MAX = 8  # decoded batches kept: a catch-up batch holds the ops of several devices, read one by one
+DECODE_STEP_OPS = 1000  # ops of a batch decoded at a time: a read decodes as far as it needs, not the whole batch
+
+
+class _DecodedBatch:
+    """A logged batch decoded as far as its readers needed, its ops by device in seq order."""
+
+    def __init__(self, reader: StoredBatchReader) -> None:
+        self._reader = reader
+        self._by_device: dict[str, list[Op]] = {}
+
+    def through(self, device: str, seq: int) -> list[Op]:
+        """Return the device's ops decoded so far, decoding on until its op `seq` is among them or the batch ends."""
+        by_device = self._by_device
+        ops = by_device.setdefault(device, [])
+        while (not ops or ops[-1].seq < seq) and self._reader.ops_left:
+            for op in self._reader.read(DECODE_STEP_OPS):
+                by_device.setdefault(op.device, []).append(op)
+        return ops
 
 
 class SqlLog:
@@ -27,7 +45,7 @@ class SqlLog:
         self._written: dict[str, int] = {}  # per device, the highest seq the store holds
         self._pending: dict[str, list[Op]] = {}  # per device, applied ops above it, in seq order
         self._owed: set[tuple[Collection, str]] = set()  # forgotten keys whose stored ops are not redacted yet
-        self._decoded: collections.OrderedDict[int, dict[str, list[Op]]] = collections.OrderedDict()
+        self._decoded: collections.OrderedDict[int, _DecodedBatch] = collections.OrderedDict()
         self.reset()
 
     @classmethod
@@ -59,17 +77,18 @@ class SqlLog:
         while last < written:
             runs = primary.logged_runs(self._reader, device, last, RUNS_PAGE)
             if not runs or runs[0][0] > last + 1:
-                raise StoreError(f"the op log lacks ops of {device} after seq {last}: the primary store is damaged")
-            # A batch decoded for an earlier call is not read again: a catch-up asks for 2000 ops at a time, and one
-            # logged batch may hold 100k (a large unit of work).
+                raise self._damaged(device, last)
             bodies = primary.logged_bodies(self._reader, [batch for *_, batch in runs if batch not in self._decoded])
             for seq_first, seq_last, batch in runs:
                 # The run's ops are the batch's ops of this device, seq_first..seq_last in order (primary._log_batches).
-                ops = self._batch(batch, bodies)[device]
-                upto = min(seq_last, written)
-                for op in ops[last + 1 - seq_first : upto + 1 - seq_first]:
-                    yield self._as_stored(op)
-                last = max(last, upto)
+                decoded, upto = self._batch(batch, bodies), min(seq_last, written)
+                while last < upto:
+                    ops = decoded.through(device, last + 1)[last + 1 - seq_first : upto + 1 - seq_first]
+                    if not ops:
+                        raise self._damaged(device, last)
+                    for op in ops:
+                        yield self._as_stored(op)
+                    last = ops[-1].seq
         for op in self._pending.get(device, ()):
             if op.seq > last:
                 yield op
@@ -117,21 +136,22 @@ class SqlLog:
             self._owed -= redacted
             self._decoded.clear()  # batches decoded before the rewrite
 
-    def _batch(self, batch: int, bodies: dict[int, bytes]) -> dict[str, list[Op]]:
-        """Return a logged batch's ops by device, decoding it unless it was decoded lately."""
-        by_device = self._decoded.get(batch)
-        if by_device is not None:
+    def _batch(self, batch: int, bodies: dict[int, bytes]) -> _DecodedBatch:
+        """Return a logged batch, decoded as far as earlier reads needed if they were lately."""
+        decoded = self._decoded.get(batch)
+        if decoded is not None:
             self._decoded.move_to_end(batch)
-            return by_device
+            return decoded
         # A body not read with its page was decoded then, and dropped since by another device's tail.
         body = bodies[batch] if batch in bodies else primary.logged_bodies(self._reader, [batch])[batch]
-        by_device = {}
-        for op in decode_stored_batch(body, held=False):
-            by_device.setdefault(op.device, []).append(op)
-        self._decoded[batch] = by_device
+        decoded = self._decoded[batch] = _DecodedBatch(StoredBatchReader(body, held=False))
         if len(self._decoded) > DECODED_BATCHES_MAX:
             self._decoded.popitem(last=False)
-        return by_device
+        return decoded
+
+    @staticmethod
+    def _damaged(device: str, seq: int) -> StoreError:
+        return StoreError(f"the op log lacks ops of {device} after seq {seq}: the primary store is damaged")
 
     def _as_stored(self, op: Op) -> Op:
         return redacted_op(op) if self._owed and (op.collection, op.key) in self._owed else op

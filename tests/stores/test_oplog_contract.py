@@ -7,7 +7,7 @@ import pytest
 
 from crdt import Collection, HybridClock, MemoryLog, Op, Replica
 from stores import open_sql, primary
-from stores.oplog import DECODED_BATCHES_MAX, RUNS_PAGE, SqlLog
+from stores.oplog import DECODE_STEP_OPS, DECODED_BATCHES_MAX, RUNS_PAGE, SqlLog
 from stores.primary import Changes, LogBatch
 
 KEY = bytes(range(32))
@@ -25,7 +25,7 @@ class _Memory:
     def forget(self, collection: Collection, key: str) -> None:
         self.log.redact(collection, key)
 
-    def write(self) -> None:
+    def write(self, batch_ops: int = 3) -> None:
         """Nothing to write: the memory log holds what it holds."""
 
     def close(self) -> None:
@@ -49,11 +49,12 @@ class _Sql:
         self.log.redact(collection, key)
         self._forgotten.append((collection, key))
 
-    def write(self) -> None:
-        """Commit the appended ops (in batches of 3, so runs and batches are many) and the forgets, as a node does."""
+    def write(self, batch_ops: int = 3) -> None:
+        """Commit the appended ops (in batches of 3 by default, so runs and batches are many) and the forgets, as a
+        node does."""
         ops, self._unwritten = self._unwritten, []
         forgotten, self._forgotten = self._forgotten, []
-        batches = [LogBatch(ops[start : start + 3]) for start in range(0, len(ops), 3)]
+        batches = [LogBatch(ops[start : start + batch_ops]) for start in range(0, len(ops), batch_ops)]
         primary.persist(self.writer, batches, Changes(), [], forgotten)
         self.log.record_written(ops, forgotten)
 
@@ -126,6 +127,17 @@ def test_tails_read_in_turns_give_every_op_though_each_evicts_the_batches_the_ot
                     break
                 read[device].append(op)
     assert read == {device: _of(ops, device) for device in read}
+
+
+def test_a_batch_larger_than_a_decoding_step_is_read_in_steps_from_any_seq(harness):
+    ops = _ops(3 * DECODE_STEP_OPS + 10)
+    harness.append(ops)
+    harness.write(batch_ops=len(ops))  # one batch, as one large unit of work logs it
+    # A few ops from its start first: the batch is left decoded in part, and read on from there.
+    assert [op for op, _ in zip(harness.log.tail("device-b", 3), range(7))] == _of(ops, "device-b", 3)[:7]
+    count_a = len(_of(ops, "device-a"))
+    for after in (DECODE_STEP_OPS, 0, count_a - 1, count_a // 2):
+        assert list(harness.log.tail("device-a", after)) == _of(ops, "device-a", after)
 
 
 def test_a_forgotten_key_loses_its_content_in_every_op_read_back_before_and_after_the_write(harness):
