@@ -401,13 +401,13 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _message_columns(replica: Replica, ids: Iterable[str] | None = None) -> dict[str, list]:
-    """Return the analytics facts of these messages (default: all), column-wise, as the replica holds them; ids of
-    messages it no longer holds are left out."""
+def _message_columns(replica: Replica, ids: Iterable[str]) -> dict[str, list]:
+    """Return the analytics facts of these messages, column-wise, as the replica holds them; ids of messages it no
+    longer holds are left out."""
     # Runs on the event loop as a node starts: unedited messages are read in place, and each column is one C loop.
     messages = replica.messages
     records, edits = messages.records, messages.edits
-    held = list(records) if ids is None else [key for key in ids if key in records]
+    held = [key for key in ids if key in records]
     fields = [records[key].value if key not in edits else with_edits(records[key].value, edits[key]) for key in held]
     columns = {name: list(map(dict.get, fields, itertools.repeat(name))) for name in MESSAGE_COLUMNS[1:]}
     return {"id": held, **columns}

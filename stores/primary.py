@@ -189,9 +189,7 @@ def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, st
     # forget's own transaction. Only a batch whose bytes hold a forgotten key is decoded: inflating and searching
     # 1M logged messages takes about a tenth of decoding them.
     after = 0
-    while rows := adapter.query(
-        "SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after, LOG_PAGE_BATCHES)
-    ):
+    while rows := _logged_rows(adapter, after):
         after = rows[-1][0]
         for batch, body in rows:
             plain = zlib.decompress(body)
@@ -214,9 +212,7 @@ def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tu
     pages: list[tuple[int, list[Op]]] = []
     held = 0
     while held < ops_max:
-        rows = adapter.query(
-            "SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after_batch, LOG_PAGE_BATCHES)
-        )
+        rows = _logged_rows(adapter, after_batch)
         for after_batch, body in rows:
             pages.append((after_batch, decode_stored_batch(body)))
             held += len(pages[-1][1])
@@ -225,6 +221,11 @@ def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tu
         if len(rows) < LOG_PAGE_BATCHES:
             break
     return pages
+
+
+def _logged_rows(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
+    """Return (id, deflated body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch`, oldest first."""
+    return adapter.query("SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after_batch, LOG_PAGE_BATCHES))
 
 
 def logged_runs(adapter: SqlAdapter, device: str, after_seq: int, runs_max: int) -> list[tuple[int, int, int]]:

@@ -348,12 +348,12 @@ def test_new_ids_are_unique_and_sort_by_creation_time():
 
 def test_message_columns_hold_every_message_with_its_edits_applied():
     replica = Replica(DEVICE, HybridClock(lambda: 1_000))
-    assert _message_columns(replica) == {name: [] for name in MESSAGE_COLUMNS}
+    assert _message_columns(replica, []) == {name: [] for name in MESSAGE_COLUMNS}
     replica.add_message("m1", {"conversation": "c1", "role": "user", "text": "a", "ts_ms": 5})
     replica.add_message("m2", {"conversation": "c2", "role": "ai", "text": "b", "ts_ms": 6, "sentiment": 0.5})
     replica.edit_message("m1", "sentiment", -0.25)
     replica.edit_message("m2", "response_time_ms", 20)
-    assert _message_columns(replica) == {
+    assert _message_columns(replica, ["m1", "m2"]) == {
         "id": ["m1", "m2"],
         "conversation": ["c1", "c2"],
         "role": ["user", "ai"],
