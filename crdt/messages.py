@@ -1,9 +1,11 @@
 """Conversation messages: a grow-only set of immutable messages, LWW field edits, winning tombstones."""
 
+import abc
 import sys
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
+from crdt.errors import CrdtError
 from crdt.journal import ConflictJournal
 from crdt.lww import Register, journal_sink, merge_register
 from crdt.ops import Collection, Kind, Op
@@ -28,8 +30,58 @@ def share_names(fields: dict[str, Any]) -> None:
     fields["role"] = sys.intern(fields["role"])
 
 
-class _MessagesView(Mapping[str, dict[str, Any]]):
-    """Every live message by id at one moment, each built when read: a digest reads a million one at a time."""
+def viewed(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a message's fields as a digest sees them: every row field, a number that may be fractional as a float.
+
+    A store keeps a message as a table row (stores/primary.py): an absent field reads back as None and a whole
+    sentiment as a float, so the same message must look the same whether held in memory or read from a store.
+    """
+    message = dict(zip(ROW_FIELDS, map(fields.get, ROW_FIELDS)))
+    for field in _FRACTIONAL_FIELDS:
+        value = message[field]
+        if value is not None:
+            message[field] = float(value)
+    return message
+
+
+_FRACTIONAL_FIELDS = ("sentiment", "response_time_ms")
+
+
+class StoredMessages(NamedTuple):
+    """The merged state of some messages as a store holds it: winning adds, winning edits and tombstones by id."""
+
+    records: dict[str, Register]
+    edits: dict[str, dict[str, Register]]
+    tombstones: dict[str, Stamp]
+
+
+class MessagesView(abc.ABC):
+    """Every live message of a set at one moment as `viewed` gives it, read in id order, never changed after."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Return how many live messages there are."""
+
+    @abc.abstractmethod
+    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (id, message) of every live message, ids ascending (as Python orders str, and SQLite orders UTF-8)."""
+
+
+class MessageStore(Protocol):
+    """Where a node keeps its messages' merged state durably; a set backed by one holds only some of it at a time."""
+
+    def load(self, message_ids: Sequence[str]) -> StoredMessages:
+        """Return the stored state of these messages (those the store has any of)."""
+
+    def count(self) -> int:
+        """Return how many live messages the store holds."""
+
+    def snapshot(self) -> tuple[MessagesView, list[str]]:
+        """Return the live messages and the sorted deleted ids as stored now, readable later from any thread."""
+
+
+class _HeldMessagesView(MessagesView):
+    """The live messages of a set that holds them all, at one moment."""
 
     def __init__(self, messages: "MessageSet") -> None:
         # Copies of the maps, not of the messages: a record and its fields are never changed, only replaced, so the
@@ -37,30 +89,99 @@ class _MessagesView(Mapping[str, dict[str, Any]]):
         self._records = dict(messages.records)
         self._edits = {message_id: dict(fields) for message_id, fields in messages.edits.items()}
 
-    def __getitem__(self, message_id: str) -> dict[str, Any]:
-        # An unedited message is its record's own fields, not a copy: the view is read, never written.
-        record = self._records[message_id]
-        edits = self._edits.get(message_id)
-        return record.value if edits is None else with_edits(record.value, edits)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
-
     def __len__(self) -> int:
         return len(self._records)
 
+    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        records, edits = self._records, self._edits
+        for message_id in sorted(records):
+            fields = records[message_id].value
+            yield message_id, viewed(fields if message_id not in edits else with_edits(fields, edits[message_id]))
+
+
+CACHED_MESSAGES_MAX = 20_000  # messages a store-backed set keeps once written (those not written yet are all kept)
+
 
 class MessageSet:
-    """Messages keyed by id; a delete tombstones the id for good and purges its content."""
+    """Messages keyed by id; a delete tombstones the id for good and purges its content.
+
+    With a store, the set holds only a cache of the merged state: each message it reads or changes is loaded first,
+    changes stay until `written` says the store holds them, and past CACHED_MESSAGES_MAX the written ones are dropped.
+    A million messages held took 750 bytes each.
+    """
 
     collection = Collection.MESSAGES
 
-    def __init__(self) -> None:
+    def __init__(self, store: MessageStore | None = None, *, rebuilding: bool = False) -> None:
         self.records: dict[str, Register] = {}
         self.edits: dict[str, dict[str, Register]] = {}
         self.tombstones: dict[str, Stamp] = {}
+        self._store = store
+        # A set recomputed from the log holds every message until that is written: the store's copy is stale.
+        self._reads_store = store is not None and not rebuilding
+        self._held: dict[str, None] = {}  # ids whose whole state is here (loaded or changed), oldest first
+        self._unwritten: dict[str, int] = {}  # changed ids, each with the seal its last change falls in
+        self._seal = 1
+
+    # -- the cache of a store-backed set ---------------------------------------------------------
+
+    def prefetch(self, message_ids: Iterable[str]) -> None:
+        """Load the stored state of these messages that the set does not hold, in one read of the store."""
+        if not self._reads_store:
+            return
+        held = self._held
+        missing = list(dict.fromkeys(message_id for message_id in message_ids if message_id not in held))
+        if not missing:
+            return
+        assert self._store is not None
+        stored = self._store.load(missing)
+        self.records.update(stored.records)
+        self.edits.update(stored.edits)
+        self.tombstones.update(stored.tombstones)
+        held.update(dict.fromkeys(missing))
+
+    def seal(self) -> int:
+        """Return a mark covering every change made so far, for `written` once the store holds them."""
+        self._seal += 1
+        return self._seal - 1
+
+    def written(self, seal: int) -> None:
+        """Note that the store now holds every change up to `seal`; drop written messages past the cache's bound."""
+        if self._store is None:
+            return
+        self._unwritten = {message_id: mark for message_id, mark in self._unwritten.items() if mark > seal}
+        self._reads_store = True
+        if len(self._held) > CACHED_MESSAGES_MAX:
+            # Oldest first, down to half the bound, so the scan is paid once per many writes.
+            unwritten, records, edits, tombstones = self._unwritten, self.records, self.edits, self.tombstones
+            for message_id in list(self._held):
+                if len(self._held) <= CACHED_MESSAGES_MAX // 2:
+                    break
+                if message_id not in unwritten:
+                    del self._held[message_id]
+                    records.pop(message_id, None)
+                    edits.pop(message_id, None)
+                    tombstones.pop(message_id, None)
+
+    def _changing(self, message_id: str) -> None:
+        """Load a message about to change, and keep it until the change is written."""
+        if self._store is None:
+            return
+        if message_id not in self._held:
+            self.prefetch((message_id,))
+            self._held[message_id] = None
+        self._unwritten[message_id] = self._seal
+
+    def _stored_whole(self) -> bool:
+        """Whether the store alone holds the whole state: it is read through, and nothing is left to write."""
+        if self._reads_store and self._unwritten:
+            raise CrdtError("the messages have changes the store does not hold yet: read them once written")
+        return self._reads_store
+
+    # -- merging ---------------------------------------------------------------------------------
 
     def apply(self, op: Op, journal: ConflictJournal) -> bool:
+        self._changing(op.key)
         if op.kind is Kind.ADD:
             return self._add(op.key, Register.of(op, op.payload))
         if op.kind is Kind.EDIT:
@@ -95,23 +216,37 @@ class MessageSet:
 
     def get(self, message_id: str) -> dict[str, Any] | None:
         """Return a message with its edits applied, or None if absent or deleted."""
+        self.prefetch((message_id,))
         record = self.records.get(message_id)
         if record is None:
             return None
         return with_edits(record.value, self.edits.get(message_id, {}))
 
     def row(self, message_id: str) -> tuple | None:
-        """Return (id, conversation, role, text, ts_ms, sentiment, response_time_ms) of a message, edits applied, or None
-        if absent or deleted."""
+        """Return (id, conversation, role, text, ts_ms, sentiment, response_time_ms, and its add's hlc, device and seq) of
+        a message, edits applied, or None if absent or deleted."""
         record = self.records.get(message_id)
         if record is None:
             return None
         # On a catch-up's hot path: an unedited message is read in place, with no copy, and its fields in one C loop.
         edits = self.edits.get(message_id)
         message = record.value if edits is None else with_edits(record.value, edits)
-        return (message_id, *map(message.get, ROW_FIELDS))
+        return (message_id, *map(message.get, ROW_FIELDS), record.hlc, record.device, record.seq)
+
+    def edit_of(self, message_id: str, field: str) -> Register | None:
+        """Return the winning edit of a message's field, or None if it has none."""
+        self.prefetch((message_id,))
+        return self.edits.get(message_id, {}).get(field)
+
+    def seen(self, message_ids: Iterable[str]) -> set[str]:
+        """Return which of these messages were ever added or deleted here."""
+        message_ids = list(message_ids)
+        self.prefetch(message_ids)
+        return {message_id for message_id in message_ids if message_id in self.records or message_id in self.tombstones}
 
     def to_state(self) -> dict:
+        if self._stored_whole():
+            raise CrdtError("a node's messages are kept in its store: it does not send them as a state snapshot yet")
         return {
             "records": {mid: list(r) for mid, r in self.records.items()},
             "edits": {mid: {f: list(r) for f, r in fields.items()} for mid, fields in self.edits.items()},
@@ -119,6 +254,10 @@ class MessageSet:
         }
 
     def join_state(self, state: dict, journal: ConflictJournal) -> None:
+        changed = {**state["tombstones"], **state["records"], **state["edits"]}
+        self.prefetch(changed)
+        for message_id in changed:
+            self._changing(message_id)
         for message_id, stamp in state["tombstones"].items():
             self._delete(message_id, (stamp[0], stamp[1]))
         for message_id, row in state["records"].items():
@@ -128,7 +267,14 @@ class MessageSet:
                 self._edit(message_id, field, Register.from_state(row), journal)
 
     def view(self) -> dict:
-        return {"messages": _MessagesView(self), "deleted": sorted(self.tombstones)}
+        if self._stored_whole():
+            assert self._store is not None
+            messages, deleted = self._store.snapshot()
+            return {"messages": messages, "deleted": deleted}
+        return {"messages": _HeldMessagesView(self), "deleted": sorted(self.tombstones)}
 
     def __len__(self) -> int:
+        if self._stored_whole():
+            assert self._store is not None
+            return self._store.count()
         return len(self.records)

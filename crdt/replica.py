@@ -15,7 +15,7 @@ from crdt.hlc import HybridClock
 from crdt.journal import ConflictJournal
 from crdt.lww import LwwMap
 from crdt.memories import MemorySet
-from crdt.messages import MessageSet
+from crdt.messages import MessageSet, MessageStore, MessagesView
 from crdt.notes import NoteSet
 from crdt.oplog import MemoryLog, OpLog
 from crdt.ops import Collection, Kind, Op
@@ -92,12 +92,13 @@ _header = msgpack.Packer(use_bin_type=True).pack_array_header
 
 def _hash_canonical(value: Any, update: Callable[[bytes], None], levels: int) -> None:
     """Feed `update` the bytes of msgpack.packb(_canonical(value)), streaming the outer `levels` levels."""
-    if levels > 0 and isinstance(value, Mapping):
+    if levels > 0 and isinstance(value, Mapping | MessagesView):
+        items = value.sorted_items() if isinstance(value, MessagesView) else ((key, value[key]) for key in sorted(value))
         update(_header(len(value)))
-        for key in sorted(value):
+        for key, item in items:
             update(_header(2))
             update(msgpack.packb(key, use_bin_type=True))
-            _hash_canonical(value[key], update, levels - 1)
+            _hash_canonical(item, update, levels - 1)
     elif levels > 0 and isinstance(value, list | tuple):
         update(_header(len(value)))
         for item in value:
@@ -110,12 +111,18 @@ class Replica(LocalWrites):
     """One device's merged state of every synced collection, fed by local writes and remote ops."""
 
     def __init__(
-        self, device_id: str, clock: HybridClock, config: ReplicaConfig | None = None, log: OpLog | None = None
+        self,
+        device_id: str,
+        clock: HybridClock,
+        config: ReplicaConfig | None = None,
+        log: OpLog | None = None,
+        message_store: MessageStore | None = None,
     ) -> None:
         self.device_id = device_id
         self.clock = clock
         self.config = config or ReplicaConfig()
         self.log: OpLog = MemoryLog() if log is None else log
+        self._message_store = message_store  # with one, the messages' merged state is kept there, not here
         self.rebuilds = 0  # how many times revocations made the state be recomputed from the log
         self.clear()
         # Set by the node: returns why a remote registry op must be refused (e.g. its record has a bad signature), or
@@ -134,11 +141,11 @@ class Replica(LocalWrites):
         self._revocations: list[Op] = []  # every logged revocation op, and any a snapshot brought
         self._settlement = Settlement()
 
-    def _fresh_rules(self) -> None:
-        """Give every collection an empty merge state."""
+    def _fresh_rules(self, rebuilding: bool = False) -> None:
+        """Give every collection an empty merge state (the messages' read through their store, unless `rebuilding`)."""
         self.preferences = LwwMap(Collection.PREFERENCES)
         self.settings = LwwMap(Collection.SETTINGS)
-        self.messages = MessageSet()
+        self.messages = MessageSet(self._message_store, rebuilding=rebuilding)
         self.memories = MemorySet(self.config.dedup_cosine_min)
         self.notes = NoteSet(self.device_id)
         self.counters = CounterSet()
@@ -226,6 +233,7 @@ class Replica(LocalWrites):
             self._settlement = settle(self._revocations)
         voids = self._settlement.voids
         vector, append, rules, journal = self._vector, self.log.append, self._rules, self.journal
+        self.messages.prefetch(op.key for op in ops if op.collection is Collection.MESSAGES)
         last = self.clock.last
         for op in ops:
             device = op.device
@@ -239,12 +247,32 @@ class Replica(LocalWrites):
                 last = op.hlc
         self.clock.last = last
 
+    def resume(self, vector: Mapping[str, int], clock_last: int, ops: Iterable[Op]) -> None:
+        """Take up, in an empty replica, what a store kept: the vector and clock of its log, and its logged ops of every
+        collection but messages (their merged state is the message store's), to re-apply in their stored order."""
+        if self._message_store is None:
+            raise CrdtError("only a replica whose messages are kept in a store can resume without its messages' ops")
+        ops = list(ops)
+        self._revocations = [op for op in ops if op.kind is Kind.REVOKE]
+        self._settlement = settle(self._revocations)
+        voids, rules, journal = self._settlement.voids, self._rules, self.journal
+        for op in ops:
+            if op.collection is Collection.MESSAGES:
+                raise CrdtError(f"op {op.device}:{op.seq} is a message's: their state is the message store's")
+            if not voids(op):
+                rules[op.collection].apply(op, journal)
+        self._vector.update(vector)
+        self.clock.last = max(self.clock.last, clock_last, *(op.hlc for op in ops))
+
     # -- remote ops ------------------------------------------------------------------------------
 
     def apply(self, ops: Iterable[Op]) -> ApplyResult:
         """Apply remote ops in any order: duplicates are skipped, ops after a gap are held."""
         applied: list[Op] = []
         refused: list[tuple[Op, str]] = []
+        ops = ops if isinstance(ops, list | tuple) else list(ops)
+        # The stored state of every message the ops touch, in one read, not one read per op.
+        self.messages.prefetch(op.key for op in ops if op.collection is Collection.MESSAGES)
         # A catch-up's hot loop: the wall clock is read once per call, not per op.
         horizon = self.clock.horizon()
         vector, held = self._vector, self._held
@@ -314,7 +342,7 @@ class Replica(LocalWrites):
             # A compacted log cannot be replayed; the voided ops keep their effect (docs/spec/sync.md).
             return
         logged = sorted(self.log.ops(), key=_by_hlc)
-        self._fresh_rules()
+        self._fresh_rules(rebuilding=True)
         self.rebuilds += 1
         scratch = ConflictJournal(self.config.journal_entries_max)  # conflicts were journalled when first seen
         voids = self._settlement.voids

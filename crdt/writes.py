@@ -46,7 +46,7 @@ class LocalWrites:
 
     def edit_message(self, message_id: str, field: str, value: Any) -> Op:
         """Change one field of a message (last writer wins) and return the op."""
-        current = self.messages.edits.get(message_id, {}).get(field)
+        current = self.messages.edit_of(message_id, field)
         return self._write(Collection.MESSAGES, message_id, Kind.EDIT, [field, value], current and current.op_id)
 
     def delete_message(self, message_id: str) -> Op:

@@ -19,14 +19,15 @@ import trio
 
 from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Kind, Op, Replica, ReplicaConfig
 from crdt.memories import MemorySet
-from crdt.messages import with_edits
+from crdt.messages import MessageSet
 from crdt.registry import DeviceRegistry
 from stores import primary
 from stores.analytics import MESSAGE_COLUMNS, AnalyticsMessage, AnalyticsStore
 from stores.cache import CacheInUseError, SealedKv
 from stores.errors import StoreError
+from stores.messages import SqlMessages
 from stores.oplog import SqlLog
-from stores.primary import Changes, LogBatch
+from stores.primary import Changes, LogBatch, MergedMessages
 from stores.sql import SQL_ENGINES, AsyncSql
 from stores.vectors import VectorIndex
 
@@ -71,7 +72,25 @@ def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]]) -> C
                 rows[key] = row
             else:
                 changes.deletes.setdefault(collection, []).append(key)
+    if Collection.MESSAGES in keys:
+        changes = attrs.evolve(changes, merged_messages=_merged_messages(replica.messages, keys[Collection.MESSAGES]))
     return changes
+
+
+def _merged_messages(messages: MessageSet, keys: Iterable[str]) -> MergedMessages:
+    """Return the edits and tombstones these changed messages now have."""
+    ids = list(keys)
+    edits, tombstones = messages.edits, messages.tombstones
+    return MergedMessages(
+        ids,
+        [
+            (key, field, edit.hlc, edit.device, edit.seq, *(edit.prev or (None, None)), primary.pack(edit.value))
+            for key in ids
+            if key in edits
+            for field, edit in edits[key].items()
+        ],
+        [(key, *tombstones[key]) for key in ids if key in tombstones],
+    )
 
 
 def _row_reader(replica: Replica, collection: Collection) -> Callable[[str], tuple | None]:
@@ -112,6 +131,8 @@ class PendingWrite:
     changes: Changes
     conflicts: Sequence[Conflict]
     forgotten: Sequence[tuple[Collection, str]]  # keys whose logged ops lose their content
+    messages: MessageSet  # the replica's when prepared, and its seal then: what it may drop once this is written
+    messages_seal: int
 
     @property
     def ops(self) -> list[Op]:
@@ -129,6 +150,7 @@ class DataLayer:
         config: StoreConfig,
         sql: AsyncSql,
         log: SqlLog,
+        messages: SqlMessages,
         replica: Replica,
         analytics: AnalyticsStore,
         cache: SealedKv,
@@ -140,6 +162,7 @@ class DataLayer:
         self.config = config
         self.sql = sql
         self.log = log  # the replica's
+        self.messages = messages  # the replica's message store
         self.replica = replica
         self.analytics = analytics
         self.cache = cache
@@ -174,10 +197,12 @@ class DataLayer:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         sql = await AsyncSql.open(config.engine, home / PRIMARY_FILE, store_key("sql"), timeout_s=config.sql_timeout_s)
         log: SqlLog | None = None
+        messages: SqlMessages | None = None
         try:
             await sql.run(primary.open_schema)
             log = SqlLog.open(config.engine, home / PRIMARY_FILE, store_key("sql"))
-            replica = await cls._load_replica(sql, log, device_id, now_ms)
+            messages = SqlMessages.open(config.engine, home / PRIMARY_FILE, store_key("sql"))
+            replica = await cls._load_replica(sql, log, messages, device_id, now_ms)
             _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)  # once the home has proved to be this device's
             analytics = AnalyticsStore()
 
@@ -187,11 +212,12 @@ class DataLayer:
 
             cache, mended = _mended_if_damaged(home / CACHE_DIR, open_cache)
         except BaseException:
-            if log is not None:
-                log.close()
+            for reader in (log, messages):
+                if reader is not None:
+                    reader.close()
             await sql.close()
             raise
-        data = cls(home, config, sql, log, replica, analytics, cache, open_cache, now_ms)
+        data = cls(home, config, sql, log, messages, replica, analytics, cache, open_cache, now_ms)
         data.cache_refill_owed = mended
         return data
 
@@ -202,14 +228,19 @@ class DataLayer:
         self.cache_refill_owed = True
 
     @staticmethod
-    async def _load_replica(sql: AsyncSql, log: SqlLog, device_id: str, now_ms: Callable[[], int]) -> Replica:
+    async def _load_replica(
+        sql: AsyncSql, log: SqlLog, messages: SqlMessages, device_id: str, now_ms: Callable[[], int]
+    ) -> Replica:
         stored_device = await sql.run(primary.get_meta, "device_id")
         if stored_device is None:
             await sql.run(primary.set_meta, "device_id", device_id)
         elif stored_device != device_id:
             raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
-        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log)
-        await _replay_log(sql, replica)
+        if not await sql.run(primary.get_meta, primary.MESSAGES_MERGED):
+            await _store_merged_messages(sql, Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log))
+            log.reset()
+        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log, messages)
+        await _resume(sql, replica)
         return replica
 
     async def reload_replica(self) -> None:
@@ -218,28 +249,44 @@ class DataLayer:
         The replica object stays the same, so every session and service holding it sees the reloaded state.
         """
         self.replica.clear()
-        await _replay_log(self.sql, self.replica)
+        await _resume(self.sql, self.replica)
         self._conflicts_seen = 0
         self._rebuilds_seen = self.replica.rebuilds
         self.ops_stored = self.replica.vector.total()
 
     async def analytics_ready(self) -> AnalyticsStore:
-        """Return the analytics store, loading it from the replica's messages on first use.
+        """Return the analytics store, loading it from the primary store's messages on first use.
 
         A node starts serving before this load (it is the slowest part of a start with many
         messages); whatever needs analytics waits here instead. Use it through `in_analytics`.
         """
         async with self._analytics_lock:
             if not self._analytics_loaded:
-                # In slices: a million messages' columns at once held 350 MB beside the table. Changes made between
-                # slices are projected once the load is over (projections wait for this lock).
-                ids = list(self.replica.messages.records)
-                for start in range(0, len(ids), ANALYTICS_LOAD_ROWS):
-                    columns = _message_columns(self.replica, ids[start : start + ANALYTICS_LOAD_ROWS])
-                    if columns["id"]:
-                        await trio.to_thread.run_sync(self.analytics.load, columns, limiter=self.analytics_limiter)
+                await self._load_analytics()
                 self._analytics_loaded = True
         return self.analytics
+
+    async def _load_analytics(self) -> int:
+        """Fill the analytics store from the primary store's messages, a slice at a time; return how many there are.
+
+        A million messages' columns at once held 350 MB beside the table. A message written during the load is
+        projected once it is over (projections wait for the analytics lock).
+        """
+        after, loaded = 0, 0
+        while rows := await self.sql.run(primary.message_columns_after, after, ", ".join(MESSAGE_COLUMNS), ANALYTICS_LOAD_ROWS):
+            after = rows[-1][0]
+            columns = {name: [row[i + 1] for row in rows] for i, name in enumerate(MESSAGE_COLUMNS)}
+            loaded += await trio.to_thread.run_sync(self.analytics.load, columns, limiter=self.analytics_limiter)
+        return loaded
+
+    async def reload_analytics(self) -> int:
+        """Replace the analytics store's messages with those of primary SQL; return how many there are."""
+        async with self._analytics_lock:
+            await trio.to_thread.run_sync(self.analytics.clear, limiter=self.analytics_limiter)
+            self._analytics_loaded = False  # a reload cut short leaves a store that loads again on next use
+            loaded = await self._load_analytics()
+            self._analytics_loaded = True
+        return loaded
 
     async def in_analytics(self, work: Callable[[AnalyticsStore], T]) -> T:
         """Run `work` on the loaded analytics store on a worker thread, one at a time, and return its result.
@@ -251,8 +298,7 @@ class DataLayer:
 
     async def project_analytics(self, upserts: Sequence[str], deletes: Sequence[str]) -> None:
         """Bring changed and deleted messages into the analytics store from primary SQL, if the store is loaded: its
-        load reads the replica, which holds their changes already (so a command's import fills no store its exit
-        throws away)."""
+        load reads primary SQL after them (so a command's import fills no store its exit throws away)."""
         async with self._analytics_lock:
             if not self._analytics_loaded:
                 return
@@ -347,7 +393,8 @@ class DataLayer:
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        return PendingWrite(log, materialise(self.replica, keys), conflicts, forgotten)
+        messages = self.replica.messages
+        return PendingWrite(log, materialise(self.replica, keys), conflicts, forgotten, messages, messages.seal())
 
     async def write(self, pending: PendingWrite) -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
@@ -358,6 +405,7 @@ class DataLayer:
                 await self.reload_replica()
             raise
         self.log.record_written(pending.ops, pending.forgotten)
+        pending.messages.written(pending.messages_seal)
         self.ops_stored += sum(len(logged.ops) for logged in pending.log)
         self.last_write_s = trio.current_time()
 
@@ -367,28 +415,50 @@ class DataLayer:
         self.cache.close()
         self.analytics.close()
         self.log.close()
+        self.messages.close()
         await self.sql.close()
 
 
-async def _replay_log(sql: AsyncSql, replica: Replica) -> None:
-    """Replay the op log of the primary store into an empty replica, a page at a time (a replica holds no logged op,
-    so the log's ops never sit in memory all at once)."""
-    after = 0
+async def _resume(sql: AsyncSql, replica: Replica) -> None:
+    """Take up the primary store's state in an empty replica: the messages stay in the store, and only the logged ops
+    of the other collections (a few hundred in a home of a million messages) are replayed."""
+    vector = await sql.run(primary.logged_vector)
+    clock_last = await sql.run(primary.get_meta, primary.CLOCK_LAST) or 0
     try:
-        while pages := await sql.run(primary.logged_pages, after, primary.LOG_PAGE_OPS):
-            after = pages[-1][0]
-            ops = [op for _, batch in pages for op in batch]
-            if any(op.kind is Kind.REVOKE for op in ops):
-                # A revocation voids its device's later ops wherever they are logged, even before it: knowing every
-                # revocation first takes the whole log at once (only a home with a revocation in it pays for this).
-                replica.clear()
-                replica.replay(await sql.run(primary.load_ops))
-                break
-            replica.replay(ops)
+        replica.resume(vector, clock_last, await sql.run(primary.logged_ops_besides_messages))
     except CrdtError as error:
         raise StoreError(f"cannot rebuild state from the op log: {error}") from None
     # Replaying re-detects old conflicts; those are already in the conflicts table.
     replica.journal = ConflictJournal(replica.config.journal_entries_max)
+
+
+async def _store_merged_messages(sql: AsyncSql, scratch: Replica) -> None:
+    """Once, in a home from before the store kept the messages' merge state: replay the whole log into a replica that
+    holds its messages in memory (as every start did then), and write that state, so no start replays it again."""
+    log.warning("storing the merge state of this home's messages, once: its whole op log is replayed")
+    other_ops: dict[int, int] = {}
+    after = 0
+    try:
+        while pages := await sql.run(primary.logged_pages, after, primary.LOG_PAGE_OPS):
+            after = pages[-1][0]
+            other_ops |= {batch: primary.other_ops(ops) for batch, ops in pages}
+            ops = [op for _, batch in pages for op in batch]
+            if any(op.kind is Kind.REVOKE for op in ops):
+                # A revocation voids its device's later ops wherever they are logged, even before it: knowing every
+                # revocation first takes the whole log at once (only a home with a revocation in it pays for this).
+                pages = await sql.run(primary.logged_pages, 0, 1 << 62)
+                other_ops |= {batch: primary.other_ops(ops) for batch, ops in pages}
+                scratch.clear()
+                scratch.replay([op for _, batch in pages for op in batch])
+                break
+            scratch.replay(ops)
+    except CrdtError as error:
+        raise StoreError(f"cannot rebuild state from the op log: {error}") from None
+    messages = scratch.messages
+    ids = [*messages.records, *messages.tombstones]
+    stamps = [(record.hlc, record.device, record.seq, message_id) for message_id, record in messages.records.items()]
+    merged = _merged_messages(messages, ids)
+    await sql.run(primary.store_merged_messages, stamps, merged, other_ops, scratch.clock.last)
 
 
 def _without_rows(keys: Sequence[str], rows: Sequence[tuple]) -> list[str]:
@@ -399,30 +469,6 @@ def _without_rows(keys: Sequence[str], rows: Sequence[tuple]) -> list[str]:
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _message_columns(replica: Replica, ids: Iterable[str]) -> dict[str, list]:
-    """Return the analytics facts of these messages, column-wise, as the replica holds them; ids of messages it no
-    longer holds are left out."""
-    # Runs on the event loop as a node starts: unedited messages are read in place, and each column is one C loop.
-    messages = replica.messages
-    records, edits = messages.records, messages.edits
-    held = [key for key in ids if key in records]
-    fields = [records[key].value if key not in edits else with_edits(records[key].value, edits[key]) for key in held]
-    columns = {name: list(map(dict.get, fields, itertools.repeat(name))) for name in MESSAGE_COLUMNS[1:]}
-    return {"id": held, **columns}
-
-
-async def _reload_analytics(data: DataLayer) -> int:
-    """Replace the analytics store's messages with those of primary SQL; return how many there are."""
-    rows = await data.sql.query(f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages")
-    columns = {name: [row[i] for row in rows] for i, name in enumerate(MESSAGE_COLUMNS)}
-
-    def reload(analytics: AnalyticsStore) -> int:
-        analytics.clear()
-        return analytics.load(columns) if rows else 0
-
-    return await data.in_analytics(reload)
 
 
 def _remove_legacy_vectors(folder: Path) -> None:

@@ -15,6 +15,7 @@ import attrs
 import msgpack
 
 from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, deflate, encode_ops, redacted_op
+from crdt.messages import ROW_FIELDS as MESSAGE_ROW_FIELDS
 from stores.sql import Migration, SqlAdapter, migrate
 from stores.where import matches as where_matches
 
@@ -51,7 +52,11 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (2, "DROP INDEX ops_by_key;"),
     (3, lambda adapter: _log_ops_in_batches(adapter)),
     (4, lambda adapter: _outbox_of_key_lists(adapter)),
+    (5, lambda adapter: _merge_state_of_messages(adapter)),
 ]
+# Set in meta once the messages' merge state is stored (a home from before has it written once at start, from its log).
+MESSAGES_MERGED = "messages_merged"
+CLOCK_LAST = "clock_last"  # the newest HLC of any logged op, so a start need not read the log for it
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
 LOG_PAGE_BATCHES = 16  # logged batches read per query when reading the whole log
@@ -76,6 +81,16 @@ class Changes:
 
     upserts: dict[Collection, dict[str, tuple]] = attrs.field(factory=dict)
     deletes: dict[Collection, list[str]] = attrs.field(factory=dict)
+    merged_messages: "MergedMessages | None" = None
+
+
+@attrs.frozen
+class MergedMessages:
+    """The merge state of changed messages that their rows do not hold: their winning edits and tombstones."""
+
+    ids: Sequence[str]  # the changed messages: their stored edits and tombstone are replaced by these
+    edits: Sequence[tuple]  # (id, field, hlc, device, seq, prev device, prev seq, packed value)
+    tombstones: Sequence[tuple]  # (id, hlc, device)
 
 
 @attrs.frozen
@@ -141,6 +156,30 @@ def _target_action(entry: tuple[str, str, str]) -> tuple[str, str]:
     return entry[0], entry[1]
 
 
+def _merge_state_of_messages(adapter: SqlAdapter) -> None:
+    # A node held every message's merge state in memory (750 bytes a message) and rebuilt it at start from the whole
+    # log. The store now keeps it: each message's winning add stamp in its row, winning edits and tombstones in tables.
+    # A batch counts the ops it holds of other collections, so a start reads only the batches it must replay.
+    # A row names its add's device by number: a device id as text would cost 52 bytes of every message.
+    adapter.execute("CREATE TABLE stamp_devices (number INTEGER PRIMARY KEY, device TEXT NOT NULL UNIQUE)")
+    adapter.execute("ALTER TABLE messages ADD COLUMN add_hlc INTEGER")
+    adapter.execute("ALTER TABLE messages ADD COLUMN add_device INTEGER")
+    adapter.execute("ALTER TABLE messages ADD COLUMN add_seq INTEGER")
+    adapter.execute(
+        "CREATE TABLE message_edits (id TEXT NOT NULL, field TEXT NOT NULL, hlc INTEGER NOT NULL, device TEXT NOT NULL, "
+        "seq INTEGER NOT NULL, prev_device TEXT, prev_seq INTEGER, value BLOB NOT NULL, PRIMARY KEY (id, field)) "
+        "WITHOUT ROWID"
+    )
+    adapter.execute(
+        "CREATE TABLE message_tombstones (id TEXT PRIMARY KEY, hlc INTEGER NOT NULL, device TEXT NOT NULL) WITHOUT ROWID"
+    )
+    # Until counted (at the first start, see MESSAGES_MERGED), a batch may hold ops of any collection.
+    adapter.execute("ALTER TABLE op_batches ADD COLUMN other_ops INTEGER NOT NULL DEFAULT 1")
+    adapter.execute("CREATE INDEX op_batches_with_other_ops ON op_batches (id) WHERE other_ops > 0")
+    if _one_row(adapter, "SELECT count(*) FROM op_batches")[0] == 0:
+        set_meta(adapter, MESSAGES_MERGED, 1)
+
+
 def _log_ops_in_batches(adapter: SqlAdapter) -> None:
     # A row per op cost a catch-up two B-tree inserts per op (rowid and primary key), as much as every other write
     # together. The log now keeps each transaction's ops as one batch, deflated (a catch-up logs batches as they
@@ -152,23 +191,29 @@ def _log_ops_in_batches(adapter: SqlAdapter) -> None:
     )
     after = 0
     while rows := adapter.query("SELECT rowid, body FROM ops WHERE rowid > ? ORDER BY rowid LIMIT 2000", (after,)):
-        _log_batches(adapter, [LogBatch([decode_op(body) for _, body in rows])])
+        _log_batches(adapter, [LogBatch([decode_op(body) for _, body in rows])], counted=False)
         after = rows[-1][0]
     adapter.execute("DROP TABLE ops")
 
 
-def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch]) -> None:
+def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = True) -> None:
     """Log each batch as one row, and per device the run of seqs it holds; a few statements for any number of
-    batches (each statement retakes the GIL, which waits for the switch interval while the main thread is busy)."""
+    batches (each statement retakes the GIL, which waits for the switch interval while the main thread is busy).
+    A batch is `counted` (its ops of other collections than messages) in a schema of version 5 on."""
     log = [logged for logged in log if logged.ops]
     if not log:
         return
     (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
     batch_ids = range(newest + 1, newest + 1 + len(log))
-    adapter.insert_rows(
-        "INSERT INTO op_batches (id, body) VALUES",
-        [(batch, logged.deflated or deflate(encode_ops(logged.ops))) for batch, logged in zip(batch_ids, log)],
-    )
+    bodies = [logged.deflated or deflate(encode_ops(logged.ops)) for logged in log]
+    if counted:
+        rows = [(batch, body, other_ops(logged.ops)) for batch, body, logged in zip(batch_ids, bodies, log)]
+        adapter.insert_rows("INSERT INTO op_batches (id, body, other_ops) VALUES", rows)
+    else:
+        adapter.insert_rows("INSERT INTO op_batches (id, body) VALUES", list(zip(batch_ids, bodies)))
+    clock_last = max(op.hlc for logged in log for op in logged.ops)
+    if clock_last > (get_meta(adapter, CLOCK_LAST) or 0):
+        set_meta(adapter, CLOCK_LAST, clock_last)
     runs: list[tuple[str, int, int, int]] = []
     for batch, logged in zip(batch_ids, log):
         # A device's ops are applied in seq order, so those in one batch are one run of seqs.
@@ -177,6 +222,11 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch]) -> None:
             seqs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
         runs += [(device, first, last, batch) for device, (first, last) in seqs.items()]
     adapter.insert_rows("INSERT INTO op_runs VALUES", runs)
+
+
+def other_ops(ops: Sequence[Op]) -> int:
+    """Return how many of these ops are of another collection than messages (those a start replays)."""
+    return sum(op.collection is not Collection.MESSAGES for op in ops)
 
 
 def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, str]]) -> None:
@@ -223,6 +273,21 @@ def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tu
     return pages
 
 
+def logged_ops_besides_messages(adapter: SqlAdapter) -> list[Op]:
+    """Return every logged op of another collection than messages, in the order applied (each device's in seq order)."""
+    ops: list[Op] = []
+    after = 0
+    # By the partial index, a batch of messages only is never read: a home of a million messages has a few hundred
+    # ops to replay, not all of its log.
+    while rows := adapter.query(
+        "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
+        "ORDER BY id LIMIT ?", (after, LOG_PAGE_BATCHES)
+    ):
+        after = rows[-1][0]
+        ops += [op for _, body in rows for op in decode_stored_batch(body) if op.collection is not Collection.MESSAGES]
+    return ops
+
+
 def _logged_rows(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
     """Return (id, deflated body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch`, oldest first."""
     return adapter.query("SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after_batch, LOG_PAGE_BATCHES))
@@ -256,7 +321,7 @@ _UPSERT_SQL = {
     Collection.PREFERENCES: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES",
     Collection.SETTINGS: "INSERT OR REPLACE INTO preferences (collection, key, value) VALUES",
     Collection.MESSAGES: "INSERT OR REPLACE INTO messages "
-    "(id, conversation, role, text, ts_ms, sentiment, response_time_ms) VALUES",
+    "(id, conversation, role, text, ts_ms, sentiment, response_time_ms, add_hlc, add_device, add_seq) VALUES",
     Collection.MEMORIES: "INSERT OR REPLACE INTO memories (id, text, embedding, metadata) VALUES",
     Collection.NOTES: "INSERT OR REPLACE INTO notes (name, text) VALUES",
     Collection.COUNTERS: "INSERT OR REPLACE INTO counters (name, value) VALUES",
@@ -287,7 +352,13 @@ def persist(
         for collection, keys in changes.deletes.items():
             _delete_where_in(adapter, _DELETE_SQL[collection], keys)
         for collection, rows in changes.upserts.items():
-            adapter.insert_rows(_UPSERT_SQL[collection], list(rows.values()))
+            upserts = list(rows.values())
+            if collection is Collection.MESSAGES:
+                numbers = _device_numbers(adapter, {row[8] for row in upserts})
+                upserts = [(*row[:8], numbers[row[8]], row[9]) for row in upserts]
+            adapter.insert_rows(_UPSERT_SQL[collection], upserts)
+        if changes.merged_messages is not None:
+            _write_merged_messages(adapter, changes.merged_messages)
         counts.write(adapter)
         _queue_projections(
             adapter,
@@ -307,6 +378,70 @@ def persist(
         )
         for name, value in (meta or {}).items():
             set_meta(adapter, name, value)
+
+
+def _device_numbers(adapter: SqlAdapter, devices: Iterable[str]) -> dict[str, int]:
+    """Return the number each device has in message rows (stamp_devices), numbering those new to it."""
+    devices = list(devices)
+    adapter.insert_rows("INSERT INTO stamp_devices (device) VALUES", [(device,) for device in devices], "ON CONFLICT DO NOTHING")
+    return {device: number for number, device in _rows_where_in(adapter, "SELECT number, device FROM stamp_devices WHERE device IN", (), devices)}
+
+
+def _write_merged_messages(adapter: SqlAdapter, merged: MergedMessages) -> None:
+    ids = list(merged.ids)
+    _delete_where_in(adapter, "DELETE FROM message_edits WHERE id IN", ids)
+    _delete_where_in(adapter, "DELETE FROM message_tombstones WHERE id IN", ids)
+    adapter.insert_rows("INSERT INTO message_edits VALUES", merged.edits)
+    adapter.insert_rows("INSERT INTO message_tombstones VALUES", merged.tombstones)
+
+
+def store_merged_messages(
+    adapter: SqlAdapter, stamps: Sequence[tuple], merged: MergedMessages, other_ops: dict[int, int], clock_last: int
+) -> None:
+    """Write the merge state of every message, replayed from the log, into a home from before it was stored: each row's
+    add stamp ((hlc, device, seq, id) per message), the edits and tombstones, each batch's count of ops of other
+    collections and the newest HLC; then mark the home as holding it (MESSAGES_MERGED)."""
+    with adapter.transaction():
+        numbers = _device_numbers(adapter, {device for _, device, _, _ in stamps})
+        adapter.executemany(
+            "UPDATE messages SET add_hlc = ?, add_device = ?, add_seq = ? WHERE id = ?",
+            [(hlc, numbers[device], seq, message_id) for hlc, device, seq, message_id in stamps],
+        )
+        _write_merged_messages(adapter, merged)
+        adapter.executemany(
+            "UPDATE op_batches SET other_ops = ? WHERE id = ?", [(count, batch) for batch, count in other_ops.items()]
+        )
+        set_meta(adapter, CLOCK_LAST, max(clock_last, get_meta(adapter, CLOCK_LAST) or 0))
+        set_meta(adapter, MESSAGES_MERGED, 1)
+
+
+_STORED_MESSAGES = (
+    f"SELECT id, {', '.join(MESSAGE_ROW_FIELDS)}, add_hlc, stamp_devices.device, add_seq FROM messages "
+    "JOIN stamp_devices ON stamp_devices.number = messages.add_device WHERE id IN"
+)
+
+
+def stored_messages(adapter: SqlAdapter, ids: Sequence[str]) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """Return, of these messages, the rows (id, the row fields, add hlc, device, seq), the edits and the tombstones."""
+    return (
+        _rows_where_in(adapter, _STORED_MESSAGES, (), ids),
+        _rows_where_in(adapter, "SELECT * FROM message_edits WHERE id IN", (), ids),
+        _rows_where_in(adapter, "SELECT * FROM message_tombstones WHERE id IN", (), ids),
+    )
+
+
+def message_columns_after(adapter: SqlAdapter, after_rowid: int, columns: str, rows_max: int) -> list[tuple]:
+    """Return (rowid, the columns) of up to `rows_max` messages after `after_rowid`, in rowid order."""
+    return adapter.query(
+        f"SELECT rowid, {columns} FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?", (after_rowid, rows_max)
+    )
+
+
+def message_rows_after(adapter: SqlAdapter, after_id: str, rows_max: int) -> list[tuple]:
+    """Return up to `rows_max` messages' (id, the row fields) with an id above `after_id`, ids ascending."""
+    return adapter.query(
+        f"SELECT id, {', '.join(MESSAGE_ROW_FIELDS)} FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after_id, rows_max)
+    )
 
 
 class _ConversationCounts:

@@ -7,7 +7,7 @@ from collections import defaultdict
 import trio
 
 from stores import primary
-from stores.datalayer import DataLayer, _reload_analytics
+from stores.datalayer import DataLayer
 from stores.errors import StoreCorruptError, StoreError
 from stores.vectors import INDEX_STEP_ITEMS_MAX, VectorIndex
 
@@ -161,7 +161,7 @@ class Projector:
         data = self.data
         async with self._draining:
             await data.sql.run(primary.outbox_clear)
-            messages = await _reload_analytics(data)
+            messages = await data.reload_analytics()
             vectors = await data.reload_vectors()
             preferences = await self._rebuild_cache()
         return {"analytics": messages, "vectors": vectors, "cache": preferences}

@@ -121,8 +121,7 @@ class ConversationRepository(_Repository):
 
     def known(self, message_ids: Iterable[str]) -> set[str]:
         """Return which of these ids a message was ever added under (forgotten ones included)."""
-        messages = self._data.replica.messages
-        return {id_ for id_ in message_ids if id_ in messages.records or id_ in messages.tombstones}
+        return self._data.replica.messages.seen(message_ids)
 
     def forget(self, message_id: str) -> None:
         """Stage deleting a message everywhere, its content purged from every store."""

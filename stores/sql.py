@@ -68,20 +68,21 @@ class _Connection(Protocol):
 
 @attrs.frozen
 class _EngineSpec:
-    connect: Callable[[Path, bytes], _Connection]
+    connect: Callable[[Path, bytes, bool], _Connection]  # path, key, and whether any thread may use it
     errors: tuple[type[Exception], ...]
 
 
-def _connect_sqlcipher(path: Path, key: bytes) -> _Connection:
+def _connect_sqlcipher(path: Path, key: bytes, any_thread: bool) -> _Connection:
     # isolation_level=None: no implicit BEGIN, so transaction() alone decides transaction boundaries.
-    connection = sqlcipher3.connect(str(path), isolation_level=None)
+    connection = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=not any_thread)
     connection.execute("PRAGMA cipher_log_level = NONE")
     # A raw hex key skips SQLCipher's PBKDF2: the store key is already random, not a passphrase.
     connection.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
     return connection
 
 
-def _connect_libsql(path: Path, key: bytes) -> _Connection:
+def _connect_libsql(path: Path, key: bytes, any_thread: bool) -> _Connection:
+    # A libsql connection may be used from any thread already.
     return libsql_experimental.connect(str(path), isolation_level=None, encryption_key=key.hex())
 
 
@@ -216,15 +217,16 @@ class SqlAdapter:
             connection.close()
 
 
-def open_sql(engine: str, path: Path, key: bytes) -> SqlAdapter:
-    """Open, creating if absent, the encrypted SQL store at path; a wrong key raises WrongKeyError."""
+def open_sql(engine: str, path: Path, key: bytes, *, any_thread: bool = False) -> SqlAdapter:
+    """Open, creating if absent, the encrypted SQL store at path (to be used from one thread at a time, any thread if
+    `any_thread`, else the opening one); a wrong key raises WrongKeyError."""
     spec = _ENGINES.get(engine)
     if spec is None:
         raise StoreError(f"unknown SQL engine {engine!r}; valid engines: {', '.join(SQL_ENGINES)}")
     if len(key) != STORE_KEY_BYTES:
         raise StoreError(f"a store key is {STORE_KEY_BYTES} bytes, got {len(key)}")
     try:
-        connection = spec.connect(path, key)
+        connection = spec.connect(path, key, any_thread)
     except spec.errors as error:
         raise StoreError(f"cannot open {engine} store {path}: {error}") from error
     try:

@@ -10,8 +10,7 @@ import trio
 
 from crdt import HybridClock, Replica, encode_op
 from stores import datalayer, migrate, open_sql, primary
-from stores.analytics import MESSAGE_COLUMNS
-from stores.datalayer import DataLayer, StoreConfig, _message_columns
+from stores.datalayer import DataLayer, StoreConfig
 from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
 from stores.repositories import DataError, UnitOfWork, new_id
 from tests.conftest import ManualClock, make_replica
@@ -295,7 +294,8 @@ async def test_forgetting_leaves_no_content_in_the_primary_store_file(tmp_path, 
         uow.conversations.forget(message_id)
         uow.memories.forget(memory_id)
         await uow.commit()
-    assert secret not in repr(data.replica.state())
+    assert data.replica.messages.get(message_id) is None  # the messages' state is the store's (checked below)
+    assert secret not in repr(data.replica.memories.to_state())
     assert all(secret not in repr(op.payload) for op in data.replica.ops_since({}, 1000))
     rows = await data.sql.query("SELECT count(*) FROM messages")
     assert rows == [(0,)]
@@ -346,35 +346,24 @@ def test_new_ids_are_unique_and_sort_by_creation_time():
     assert max(earlier) < later
 
 
-def test_message_columns_hold_every_message_with_its_edits_applied():
-    replica = Replica(DEVICE, HybridClock(lambda: 1_000))
-    assert _message_columns(replica, []) == {name: [] for name in MESSAGE_COLUMNS}
-    replica.add_message("m1", {"conversation": "c1", "role": "user", "text": "a", "ts_ms": 5})
-    replica.add_message("m2", {"conversation": "c2", "role": "ai", "text": "b", "ts_ms": 6, "sentiment": 0.5})
-    replica.edit_message("m1", "sentiment", -0.25)
-    replica.edit_message("m2", "response_time_ms", 20)
-    assert _message_columns(replica, ["m1", "m2"]) == {
-        "id": ["m1", "m2"],
-        "conversation": ["c1", "c2"],
-        "role": ["user", "ai"],
-        "ts_ms": [5, 6],
-        "sentiment": [-0.25, 0.5],
-        "response_time_ms": [None, 20],
-    }
-    replica.delete_message("m1")
-    assert _message_columns(replica, ["m1", "m2"])["id"] == ["m2"]  # a slice's message deleted meanwhile is left out
-
-
 @pytest.mark.trio
-async def test_the_analytics_store_loads_in_slices_and_holds_every_message(tmp_path, monkeypatch):
+async def test_the_analytics_store_loads_in_slices_and_holds_every_message_as_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(datalayer, "ANALYTICS_LOAD_ROWS", 2)
     data = await open_data(tmp_path)
+    now_ms = time.time_ns() // 1_000_000
     try:
         async with UnitOfWork(data) as uow:
-            for number in range(5):
-                uow.conversations.add_message("chat", f"m{number}", ts_ms=number)
+            ids = [uow.conversations.add_message("chat", f"m{number}", ts_ms=now_ms - number) for number in range(5)]
             await uow.commit()
-        assert (await data.analytics_ready()).count() == 5
+        async with UnitOfWork(data) as uow:
+            uow.conversations.edit_message(ids[1], "sentiment", -0.5)
+            uow.conversations.forget(ids[0])
+            await uow.commit()
+        analytics = await data.analytics_ready()
+        assert analytics.count() == 4
+        (today,) = analytics.daily(1, now_ms)
+        assert (today.message_count, today.sentiment_avg) == (4, -0.5)  # the edit applied, the forgotten message gone
+        assert await data.reload_analytics() == 4 and analytics.count() == 4
     finally:
         await data.close()
 

@@ -191,9 +191,10 @@ def test_a_device_that_knows_it_was_revoked_can_no_longer_write(clock):
 def test_a_message_row_carries_its_edits_and_is_gone_once_deleted(clock):
     a = make_replica("dev-a", clock)
     a.add_message("m1", {"conversation": "c", "role": "user", "text": "hi", "ts_ms": 1, "sentiment": 0.5})
-    assert a.messages.row("m1") == ("m1", "c", "user", "hi", 1, 0.5, None)
+    stamp = a.messages.records["m1"][:3]  # the add's hlc, device and seq, which the row carries after its fields
+    assert a.messages.row("m1") == ("m1", "c", "user", "hi", 1, 0.5, None, *stamp)
     a.edit_message("m1", "text", "hello")
-    assert a.messages.row("m1") == ("m1", "c", "user", "hello", 1, 0.5, None)
+    assert a.messages.row("m1") == ("m1", "c", "user", "hello", 1, 0.5, None, *stamp)
     assert a.messages.get("m1")["text"] == "hello"
     a.delete_message("m1")
     assert a.messages.row("m1") is None and a.messages.row("never") is None
@@ -229,7 +230,10 @@ def test_the_digest_is_the_sha256_of_the_whole_canonical_state_packed_at_once():
     a.edit_note("partner", "Sam")
     a.increment("chats", 3)
     views = {collection.value: dict(rule.view()) for collection, rule in a._rules.items()}
-    views["messages"]["messages"] = dict(views["messages"]["messages"])
+    views["messages"]["messages"] = dict(views["messages"]["messages"].sorted_items())
     whole = hashlib.sha256(msgpack.packb(_canonical(views), use_bin_type=True)).hexdigest()
     assert a.digest().sha256 == whole
     assert views["messages"]["messages"]["m07"]["text"] == "edited" and "m08" not in views["messages"]["messages"]
+    # Every row field, and a sentiment as a float, as a store's row reads back (crdt/messages.py viewed).
+    assert views["messages"]["messages"]["m00"] == {"conversation": "c0", "role": "user", "text": "t0", "ts_ms": 0,
+                                                    "sentiment": None, "response_time_ms": None}  # fmt: skip

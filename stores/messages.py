@@ -1,0 +1,88 @@
+"""The messages' merged state kept in the primary store, not in memory: a replica's MessageSet reads it as needed."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from crdt.lww import Register
+from crdt.messages import ROW_FIELDS, MessagesView, StoredMessages, viewed
+from stores import primary
+from stores.sql import SqlAdapter, open_sql
+
+VIEW_PAGE_ROWS = 5000  # messages read per query while a digest reads them all
+
+
+class SqlMessages:
+    """The merge state of the primary store's messages; a MessageStore (crdt/messages.py).
+
+    Loads run on the calling thread, on a connection of their own (WAL lets it read beside the writer).
+    """
+
+    def __init__(self, reader: SqlAdapter, open_reader: Callable[[], SqlAdapter]) -> None:
+        self._reader = reader
+        self._open_reader = open_reader  # opens a connection any thread may use, for snapshots
+
+    @classmethod
+    def open(cls, engine: str, path: Path, key: bytes) -> SqlMessages:
+        """Open the messages of the primary store at `path` (its schema already current)."""
+        return cls(open_sql(engine, path, key), functools.partial(open_sql, engine, path, key, any_thread=True))
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def load(self, message_ids: Sequence[str]) -> StoredMessages:
+        rows, edit_rows, tombstone_rows = primary.stored_messages(self._reader, message_ids)
+        records = {
+            row[0]: Register(row[7], row[8], row[9], dict(zip(ROW_FIELDS, row[1:7])), None) for row in rows
+        }
+        edits: dict[str, dict[str, Register]] = {}
+        for message_id, field, hlc, device, seq, prev_device, prev_seq, value in edit_rows:
+            prev = None if prev_device is None else (prev_device, prev_seq)
+            edits.setdefault(message_id, {})[field] = Register(hlc, device, seq, primary.unpack(value), prev)
+        tombstones = {message_id: (hlc, device) for message_id, hlc, device in tombstone_rows}
+        return StoredMessages(records, edits, tombstones)
+
+    def count(self) -> int:
+        row = self._reader.query_one("SELECT count(*) FROM messages")
+        assert row is not None
+        return row[0]
+
+    def snapshot(self) -> tuple[MessagesView, list[str]]:
+        reader = self._open_reader()
+        try:
+            # A read transaction keeps what this connection sees as it is now, whatever is written later (WAL).
+            reader.execute("BEGIN")
+            count = reader.query_one("SELECT count(*) FROM messages")
+            deleted = [message_id for (message_id,) in reader.query("SELECT id FROM message_tombstones ORDER BY id")]
+        except BaseException:
+            reader.close()
+            raise
+        assert count is not None
+        return _StoredMessagesView(reader, count[0]), deleted
+
+
+class _StoredMessagesView(MessagesView):
+    """The live messages of the primary store as one read transaction sees them; read once, then closed."""
+
+    def __init__(self, reader: SqlAdapter, count: int) -> None:
+        self._reader = reader
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        try:
+            after = ""
+            while rows := primary.message_rows_after(self._reader, after, VIEW_PAGE_ROWS):
+                after = rows[-1][0]
+                for row in rows:
+                    yield row[0], viewed(dict(zip(ROW_FIELDS, row[1:])))
+        finally:
+            self._reader.close()
+
+    def __del__(self) -> None:
+        self._reader.close()
