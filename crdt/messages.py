@@ -1,6 +1,7 @@
 """Conversation messages: a grow-only set of immutable messages, LWW field edits, winning tombstones."""
 
 import abc
+import itertools
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -120,8 +121,10 @@ class MessageSet:
         # A set recomputed from the log holds every message until that is written: the store's copy is stale.
         self._reads_store = store is not None and not rebuilding
         self._held: dict[str, None] = {}  # ids whose whole state is here (loaded or changed), oldest first
-        self._unwritten: dict[str, int] = {}  # changed ids, each with the seal its last change falls in
+        # The ids changed under each seal not yet written; a catch-up changes a message per op, so no per-id bookkeeping.
         self._seal = 1
+        self._changed: dict[str, None] = {}  # those of the current seal
+        self._unwritten: dict[int, dict[str, None]] = {self._seal: self._changed}
 
     # -- the cache of a store-backed set ---------------------------------------------------------
 
@@ -130,10 +133,11 @@ class MessageSet:
         if not self._reads_store:
             return
         held = self._held
-        missing = list(dict.fromkeys(message_id for message_id in message_ids if message_id not in held))
+        missing = [message_id for message_id in message_ids if message_id not in held]
         if not missing:
             return
         assert self._store is not None
+        missing = list(dict.fromkeys(missing))
         stored = self._store.load(missing)
         self.records.update(stored.records)
         self.edits.update(stored.edits)
@@ -142,46 +146,43 @@ class MessageSet:
 
     def seal(self) -> int:
         """Return a mark covering every change made so far, for `written` once the store holds them."""
+        sealed = self._seal
         self._seal += 1
-        return self._seal - 1
+        self._changed = self._unwritten[self._seal] = {}
+        return sealed
 
     def written(self, seal: int) -> None:
         """Note that the store now holds every change up to `seal`; drop written messages past the cache's bound."""
         if self._store is None:
             return
-        self._unwritten = {message_id: mark for message_id, mark in self._unwritten.items() if mark > seal}
+        for written in [mark for mark in self._unwritten if mark <= seal]:
+            del self._unwritten[written]
         self._reads_store = True
-        if len(self._held) > CACHED_MESSAGES_MAX:
-            # Oldest first, down to half the bound, so the scan is paid once per many writes.
-            unwritten, records, edits, tombstones = self._unwritten, self.records, self.edits, self.tombstones
-            for message_id in list(self._held):
-                if len(self._held) <= CACHED_MESSAGES_MAX // 2:
-                    break
-                if message_id not in unwritten:
-                    del self._held[message_id]
-                    records.pop(message_id, None)
-                    edits.pop(message_id, None)
-                    tombstones.pop(message_id, None)
-
-    def _changing(self, message_id: str) -> None:
-        """Load a message about to change, and keep it until the change is written."""
-        if self._store is None:
-            return
-        if message_id not in self._held:
-            self.prefetch((message_id,))
-            self._held[message_id] = None
-        self._unwritten[message_id] = self._seal
+        held = self._held
+        if len(held) > CACHED_MESSAGES_MAX:
+            # The oldest, down to half the bound, so the cost is paid once per many writes.
+            stale = list(itertools.islice(held, len(held) - CACHED_MESSAGES_MAX // 2))
+            if pinned := set().union(*self._unwritten.values()):
+                stale = [message_id for message_id in stale if message_id not in pinned]
+            for held_map in (held, self.records, self.edits, self.tombstones):
+                if held_map:
+                    for message_id in stale:
+                        held_map.pop(message_id, None)
 
     def _stored_whole(self) -> bool:
         """Whether the store alone holds the whole state: it is read through, and nothing is left to write."""
-        if self._reads_store and self._unwritten:
+        if self._reads_store and any(self._unwritten.values()):
             raise CrdtError("the messages have changes the store does not hold yet: read them once written")
         return self._reads_store
 
     # -- merging ---------------------------------------------------------------------------------
 
     def apply(self, op: Op, journal: ConflictJournal) -> bool:
-        self._changing(op.key)
+        if self._store is not None:  # loaded first if not held, and kept until written (a catch-up's hot path)
+            if op.key not in self._held:
+                self.prefetch((op.key,))
+                self._held[op.key] = None
+            self._changed[op.key] = None
         if op.kind is Kind.ADD:
             return self._add(op.key, Register.of(op, op.payload))
         if op.kind is Kind.EDIT:
@@ -256,8 +257,9 @@ class MessageSet:
     def join_state(self, state: dict, journal: ConflictJournal) -> None:
         changed = {**state["tombstones"], **state["records"], **state["edits"]}
         self.prefetch(changed)
-        for message_id in changed:
-            self._changing(message_id)
+        if self._store is not None:
+            self._held.update(changed)
+            self._changed.update(changed)
         for message_id, stamp in state["tombstones"].items():
             self._delete(message_id, (stamp[0], stamp[1]))
         for message_id, row in state["records"].items():

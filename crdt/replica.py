@@ -272,7 +272,7 @@ class Replica(LocalWrites):
         refused: list[tuple[Op, str]] = []
         ops = ops if isinstance(ops, list | tuple) else list(ops)
         # The stored state of every message the ops touch, in one read, not one read per op.
-        self.messages.prefetch(op.key for op in ops if op.collection is Collection.MESSAGES)
+        self.messages.prefetch([op.key for op in ops if op.collection is Collection.MESSAGES])
         # A catch-up's hot loop: the wall clock is read once per call, not per op.
         horizon = self.clock.horizon()
         vector, held = self._vector, self._held

@@ -61,8 +61,9 @@ def changed_keys(ops: Iterable[Op]) -> dict[Collection, dict[str, None]]:
     return keys
 
 
-def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]]) -> Changes:
-    """Return the table row each changed key (by collection) now has in the replica, or that it is gone."""
+def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]], rebuilt: bool = False) -> Changes:
+    """Return the table row each changed key (by collection) now has in the replica, or that it is gone (with every
+    row of its merge state replaced if the replica was `rebuilt` from its log)."""
     changes = Changes()
     for collection, collection_keys in keys.items():
         read = _row_reader(replica, collection)
@@ -73,16 +74,17 @@ def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]]) -> C
             else:
                 changes.deletes.setdefault(collection, []).append(key)
     if Collection.MESSAGES in keys:
-        changes = attrs.evolve(changes, merged_messages=_merged_messages(replica.messages, keys[Collection.MESSAGES]))
+        merged = _merged_messages(replica.messages, keys[Collection.MESSAGES], rebuilt)
+        changes = attrs.evolve(changes, merged_messages=merged)
     return changes
 
 
-def _merged_messages(messages: MessageSet, keys: Iterable[str]) -> MergedMessages:
-    """Return the edits and tombstones these changed messages now have."""
+def _merged_messages(messages: MessageSet, keys: Iterable[str], rebuilt: bool) -> MergedMessages:
+    """Return the edits and tombstones these changed messages now have (all they have, if the state was `rebuilt`)."""
     ids = list(keys)
     edits, tombstones = messages.edits, messages.tombstones
     return MergedMessages(
-        ids,
+        ids if rebuilt else [key for key in ids if key in tombstones],
         [
             (key, field, edit.hlc, edit.device, edit.seq, *(edit.prev or (None, None)), primary.pack(edit.value))
             for key in ids
@@ -386,7 +388,8 @@ class DataLayer:
         `write` so a caller can apply further ops while this write runs: their effects stay out of it.
         """
         keys = changed_keys(itertools.chain.from_iterable(logged.ops for logged in log))
-        if self.replica.rebuilds != self._rebuilds_seen:
+        rebuilt = self.replica.rebuilds != self._rebuilds_seen
+        if rebuilt:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
             for collection, key in self.replica.logged_keys():
                 keys[collection][key] = None
@@ -394,7 +397,7 @@ class DataLayer:
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
         messages = self.replica.messages
-        return PendingWrite(log, materialise(self.replica, keys), conflicts, forgotten, messages, messages.seal())
+        return PendingWrite(log, materialise(self.replica, keys, rebuilt), conflicts, forgotten, messages, messages.seal())
 
     async def write(self, pending: PendingWrite) -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
@@ -457,7 +460,7 @@ async def _store_merged_messages(sql: AsyncSql, scratch: Replica) -> None:
     messages = scratch.messages
     ids = [*messages.records, *messages.tombstones]
     stamps = [(record.hlc, record.device, record.seq, message_id) for message_id, record in messages.records.items()]
-    merged = _merged_messages(messages, ids)
+    merged = _merged_messages(messages, ids, rebuilt=False)
     await sql.run(primary.store_merged_messages, stamps, merged, other_ops, scratch.clock.last)
 
 
