@@ -3,7 +3,7 @@
 import abc
 import itertools
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from crdt.errors import CrdtError
@@ -31,21 +31,23 @@ def share_names(fields: dict[str, Any]) -> None:
     fields["role"] = sys.intern(fields["role"])
 
 
-def viewed(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a message's fields as a digest sees them: every row field, a number that may be fractional as a float.
+def canonical(
+    conversation: str, role: str, text: str, ts_ms: int, sentiment: float | None, response_time_ms: float | None
+) -> list[list]:
+    """Return a message's fields (ROW_FIELDS) as a digest packs them: [name, value] pairs by name, every row field, a
+    number that may be fractional as a float.
 
     A store keeps a message as a table row (stores/primary.py): an absent field reads back as None and a whole
     sentiment as a float, so the same message must look the same whether held in memory or read from a store.
     """
-    message = dict(zip(ROW_FIELDS, map(fields.get, ROW_FIELDS)))
-    for field in _FRACTIONAL_FIELDS:
-        value = message[field]
-        if value is not None:
-            message[field] = float(value)
-    return message
-
-
-_FRACTIONAL_FIELDS = ("sentiment", "response_time_ms")
+    return [
+        ["conversation", conversation],
+        ["response_time_ms", None if response_time_ms is None else float(response_time_ms)],
+        ["role", role],
+        ["sentiment", None if sentiment is None else float(sentiment)],
+        ["text", text],
+        ["ts_ms", ts_ms],
+    ]
 
 
 class StoredMessages(NamedTuple):
@@ -57,15 +59,16 @@ class StoredMessages(NamedTuple):
 
 
 class MessagesView(abc.ABC):
-    """Every live message of a set at one moment as `viewed` gives it, read in id order, never changed after."""
+    """Every live message of a set at one moment, never changed after, read once in id order."""
 
     @abc.abstractmethod
     def __len__(self) -> int:
         """Return how many live messages there are."""
 
     @abc.abstractmethod
-    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (id, message) of every live message, ids ascending (as Python orders str, and SQLite orders UTF-8)."""
+    def canonical_items(self) -> Iterator[list]:
+        """Yield [id, its `canonical` fields] of every live message, ids ascending (as Python orders str, and SQLite
+        orders UTF-8)."""
 
 
 class MessageStore(Protocol):
@@ -93,11 +96,13 @@ class _HeldMessagesView(MessagesView):
     def __len__(self) -> int:
         return len(self._records)
 
-    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def canonical_items(self) -> Iterator[list]:
         records, edits = self._records, self._edits
         for message_id in sorted(records):
             fields = records[message_id].value
-            yield message_id, viewed(fields if message_id not in edits else with_edits(fields, edits[message_id]))
+            if message_id in edits:
+                fields = with_edits(fields, edits[message_id])
+            yield [message_id, canonical(*map(fields.get, ROW_FIELDS))]
 
 
 CACHED_MESSAGES_MAX = 20_000  # messages a store-backed set keeps once written (those not written yet are all kept)

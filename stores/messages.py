@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from crdt.lww import Register
-from crdt.messages import ROW_FIELDS, MessagesView, StoredMessages, viewed
+from crdt.messages import ROW_FIELDS, MessagesView, StoredMessages, canonical
 from stores import primary
 from stores.sql import SqlAdapter, open_sql
 
@@ -74,13 +73,13 @@ class _StoredMessagesView(MessagesView):
     def __len__(self) -> int:
         return self._count
 
-    def sorted_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def canonical_items(self) -> Iterator[list]:
         try:
             after = ""
             while rows := primary.message_rows_after(self._reader, after, VIEW_PAGE_ROWS):
                 after = rows[-1][0]
-                for row in rows:
-                    yield row[0], viewed(dict(zip(ROW_FIELDS, row[1:])))
+                for message_id, *fields in rows:
+                    yield [message_id, canonical(*fields)]
         finally:
             self._reader.close()
 

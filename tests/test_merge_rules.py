@@ -230,10 +230,10 @@ def test_the_digest_is_the_sha256_of_the_whole_canonical_state_packed_at_once():
     a.edit_note("partner", "Sam")
     a.increment("chats", 3)
     views = {collection.value: dict(rule.view()) for collection, rule in a._rules.items()}
-    views["messages"]["messages"] = dict(views["messages"]["messages"].sorted_items())
+    views["messages"]["messages"] = {key: dict(fields) for key, fields in views["messages"]["messages"].canonical_items()}
     whole = hashlib.sha256(msgpack.packb(_canonical(views), use_bin_type=True)).hexdigest()
     assert a.digest().sha256 == whole
     assert views["messages"]["messages"]["m07"]["text"] == "edited" and "m08" not in views["messages"]["messages"]
-    # Every row field, and a sentiment as a float, as a store's row reads back (crdt/messages.py viewed).
+    # Every row field, and a sentiment as a float, as a store's row reads back (crdt/messages.py canonical).
     assert views["messages"]["messages"]["m00"] == {"conversation": "c0", "role": "user", "text": "t0", "ts_ms": 0,
                                                     "sentiment": None, "response_time_ms": None}  # fmt: skip
