@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from crdt import HybridClock, Replica, encode_op
+from crdt import messages as message_rules
 from stores import datalayer, migrate, open_sql, primary
 from stores.datalayer import DataLayer, StoreConfig
 from stores.projector import PREFERENCE_CACHE_PREFIX, Projector
@@ -17,6 +18,7 @@ from tests.conftest import ManualClock, make_replica
 from tests.test_revocation_cutoff import backdated, revoke
 
 DIMS = 8
+MESSAGE = {"conversation": "chat", "role": "user", "text": "hi", "ts_ms": 1}
 DEVICE = "12D3KooWTestDevice"
 
 
@@ -133,29 +135,43 @@ async def test_state_survives_reopening_and_the_replica_is_rebuilt_from_the_op_l
 
 
 @pytest.mark.trio
-async def test_a_revocation_logged_after_the_ops_it_voids_still_voids_them_when_the_log_is_replayed_in_pages(
+async def test_a_revocation_logged_after_the_ops_it_voids_undoes_them_in_the_store_and_after_a_restart(
     tmp_path, engine, monkeypatch
 ):
+    monkeypatch.setattr(message_rules, "CACHED_MESSAGES_MAX", 1)  # the messages read back from the store
     clock = ManualClock()
     admin, revoked = make_replica("admin", clock), make_replica("revoked", clock)
     enrolment = admin.enrol_device("revoked", {"signer": "admin"})
-    before = revoked.set_preference("theme", "dark")
-    admin.apply([before])
+    before = [revoked.set_preference("theme", "dark"), revoked.add_message("kept", {**MESSAGE, "text": "kept"})]
+    admin.apply(before)
     clock.now += 10
     revocation = revoke(admin, "revoked")
     clock.now += 10
-    forged = [backdated(op, revocation) for op in (revoked.set_preference("theme", "stolen"), revoked.increment("v", 5))]
+    writes = (
+        revoked.set_preference("theme", "stolen"),
+        revoked.increment("v", 5),
+        revoked.add_message("forged", MESSAGE),
+        revoked.edit_message("kept", "text", "forged"),
+        revoked.delete_message("kept"),
+    )
+    forged = [backdated(op, revocation) for op in writes]
     data = await open_data(tmp_path, engine)
-    for ops in ([enrolment, before], forged, [revocation]):  # logged in this order: the forged ops first took effect
+    for ops in ([enrolment, *before], forged, [revocation]):  # logged in this order: the forged ops first took effect
         await data.persist(data.replica.apply(ops).applied)
-    assert data.replica.preferences.get("theme") == "dark" and data.replica.counters.value("v") == 0
+
+    async def undone() -> None:
+        assert data.replica.preferences.get("theme") == "dark" and data.replica.counters.value("v") == 0
+        assert data.replica.messages.get("kept")["text"] == "kept" and data.replica.messages.get("forged") is None
+        assert await data.sql.query("SELECT id, text FROM messages") == [("kept", "kept")]
+        assert await data.sql.query("SELECT * FROM message_edits UNION ALL SELECT *, 0, 0, 0, 0, 0 FROM message_tombstones") == []
+
+    await undone()
     digest = data.replica.digest()
     await data.close()
-    monkeypatch.setattr(primary, "LOG_PAGE_OPS", 1)  # each batch a page: the revocation comes after the forged ops
     data = await open_data(tmp_path, engine)
     try:
         assert data.replica.digest() == digest
-        assert data.replica.preferences.get("theme") == "dark" and data.replica.counters.value("v") == 0
+        await undone()
     finally:
         await data.close()
 
