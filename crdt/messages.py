@@ -149,6 +149,12 @@ class MessageSet:
         self.tombstones.update(stored.tombstones)
         held.update(dict.fromkeys(missing))
 
+    def hold_new(self, message_ids: Iterable[str]) -> None:
+        """Hold these messages as having no state anywhere yet, without reading the store: their ids were just made,
+        from enough random bits that no device has written under them (a live write skips a read of the store)."""
+        if self._reads_store:
+            self._held.update(dict.fromkeys(message_ids))
+
     def seal(self) -> int:
         """Return a mark covering every change made so far, for `written` once the store holds them."""
         sealed = self._seal

@@ -213,9 +213,7 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
         adapter.insert_rows("INSERT INTO op_batches (id, body, other_ops) VALUES", rows)
     else:
         adapter.insert_rows("INSERT INTO op_batches (id, body) VALUES", list(zip(batch_ids, bodies)))
-    clock_last = max(op.hlc for logged in log for op in logged.ops)
-    if clock_last > (get_meta(adapter, CLOCK_LAST) or 0):
-        set_meta(adapter, CLOCK_LAST, clock_last)
+    _raise_clock_last(adapter, max(op.hlc for logged in log for op in logged.ops))
     runs: list[tuple[str, int, int, int]] = []
     for batch, logged in zip(batch_ids, log):
         # A device's ops are applied in seq order, so those in one batch are one run of seqs.
@@ -224,6 +222,17 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
             seqs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
         runs += [(device, first, last, batch) for device, (first, last) in seqs.items()]
     adapter.insert_rows("INSERT INTO op_runs VALUES", runs)
+
+
+def _raise_clock_last(adapter: SqlAdapter, hlc: int) -> None:
+    """Store `hlc` as the newest logged HLC unless a newer one is stored, in one statement (a write is a few)."""
+    # Compared as packed: msgpack packs a non-negative int in the smallest of its types, whose codes grow with their
+    # range, and big-endian within one, so the bytes of two such ints order as the ints do.
+    adapter.execute(
+        "INSERT INTO meta (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE excluded.value > meta.value",
+        (CLOCK_LAST, pack(hlc)),
+    )
 
 
 def other_ops(ops: Sequence[Op]) -> int:
@@ -385,8 +394,12 @@ def persist(
 def _device_numbers(adapter: SqlAdapter, devices: Iterable[str]) -> dict[str, int]:
     """Return the number each device has in message rows (stamp_devices), numbering those new to it."""
     devices = list(devices)
-    adapter.insert_rows("INSERT INTO stamp_devices (device) VALUES", [(device,) for device in devices], "ON CONFLICT DO NOTHING")
-    return {device: number for number, device in _rows_where_in(adapter, "SELECT number, device FROM stamp_devices WHERE device IN", (), devices)}
+    select = "SELECT device, number FROM stamp_devices WHERE device IN"
+    numbers = dict(_rows_where_in(adapter, select, (), devices))
+    if new := [device for device in devices if device not in numbers]:
+        adapter.insert_rows("INSERT INTO stamp_devices (device) VALUES", [(device,) for device in new])
+        numbers |= dict(_rows_where_in(adapter, select, (), new))
+    return numbers
 
 
 def _write_merged_messages(adapter: SqlAdapter, merged: MergedMessages) -> None:
@@ -413,7 +426,7 @@ def store_merged_messages(
         adapter.executemany(
             "UPDATE op_batches SET other_ops = ? WHERE id = ?", [(count, batch) for batch, count in other_ops.items()]
         )
-        set_meta(adapter, CLOCK_LAST, max(clock_last, get_meta(adapter, CLOCK_LAST) or 0))
+        _raise_clock_last(adapter, clock_last)
         set_meta(adapter, MESSAGES_MERGED, 1)
 
 
@@ -427,17 +440,14 @@ def stored_messages(adapter: SqlAdapter, ids: Sequence[str]) -> tuple[list[tuple
     """Return, of these messages, the rows (id, the row fields, add hlc, device, seq), the edits and the tombstones."""
     # A probe costs about 0.45 us an id even of an empty table (the IN list is sorted into a B-tree first): most homes
     # have no edit or delete, and a catch-up probes every message it is sent.
+    any_edits, any_tombstones = _one_row(
+        adapter, "SELECT EXISTS (SELECT 1 FROM message_edits), EXISTS (SELECT 1 FROM message_tombstones)"
+    )
     return (
         _rows_where_in(adapter, _STORED_MESSAGES, (), ids),
-        _rows_where_in(adapter, "SELECT * FROM message_edits WHERE id IN", (), ids) if _has_rows(adapter, "message_edits") else [],
-        _rows_where_in(adapter, "SELECT * FROM message_tombstones WHERE id IN", (), ids)
-        if _has_rows(adapter, "message_tombstones")
-        else [],
+        _rows_where_in(adapter, "SELECT * FROM message_edits WHERE id IN", (), ids) if any_edits else [],
+        _rows_where_in(adapter, "SELECT * FROM message_tombstones WHERE id IN", (), ids) if any_tombstones else [],
     )
-
-
-def _has_rows(adapter: SqlAdapter, table: str) -> bool:
-    return adapter.query_one(f"SELECT 1 FROM {table} LIMIT 1") is not None
 
 
 def message_columns_after(adapter: SqlAdapter, after_rowid: int, columns: str, rows_max: int) -> list[tuple]:

@@ -104,7 +104,9 @@ class ConversationRepository(_Repository):
         message_id: str | None = None,
     ) -> str:
         """Stage a new message and return its id (a new one unless given)."""
-        message_id = message_id or new_id()
+        if message_id is None:
+            message_id = new_id()
+            self._uow.made_message_ids.append(message_id)
         fields = {
             "conversation": conversation,
             "role": role,
@@ -113,11 +115,11 @@ class ConversationRepository(_Repository):
             "sentiment": sentiment,
             "response_time_ms": response_time_ms,
         }
-        self._uow.stage(lambda r: _one(r.add_message(message_id, fields)))
+        self._uow.stage(lambda r: _one(r.add_message(message_id, fields)), message_id)
         return message_id
 
     def edit_message(self, message_id: str, field: str, value: Any) -> None:
-        self._uow.stage(lambda r: _one(r.edit_message(message_id, field, value)))
+        self._uow.stage(lambda r: _one(r.edit_message(message_id, field, value)), message_id)
 
     def known(self, message_ids: Iterable[str]) -> set[str]:
         """Return which of these ids a message was ever added under (forgotten ones included)."""
@@ -125,7 +127,7 @@ class ConversationRepository(_Repository):
 
     def forget(self, message_id: str) -> None:
         """Stage deleting a message everywhere, its content purged from every store."""
-        self._uow.stage(lambda r: _forget(r, Collection.MESSAGES, message_id))
+        self._uow.stage(lambda r: _forget(r, Collection.MESSAGES, message_id), message_id)
 
     async def get(self, message_id: str) -> Message | None:
         row = await self._data.sql.query_one(
@@ -330,6 +332,8 @@ class UnitOfWork:
         self.data = data
         self._on_commit = on_commit
         self._intents: list[Intent] = []
+        self._message_ids: list[str] = []  # of the messages the intents write: read from the store in one go
+        self.made_message_ids: list[str] = []  # of them, those just made (new_id): nothing to read
         self.preferences = PreferenceRepository(self)
         self.conversations = ConversationRepository(self)
         self.memories = MemoryRepository(self)
@@ -340,8 +344,11 @@ class UnitOfWork:
         self.conflicts = ConflictRepository(self)
         self.totals = TotalsRepository(self)
 
-    def stage(self, intent: Intent) -> None:
+    def stage(self, intent: Intent, message_id: str | None = None) -> None:
+        """Stage a write (of the message `message_id`, if it writes one)."""
         self._intents.append(intent)
+        if message_id is not None:
+            self._message_ids.append(message_id)
 
     async def __aenter__(self) -> "UnitOfWork":
         return self
@@ -352,14 +359,21 @@ class UnitOfWork:
     def rollback(self) -> None:
         """Drop every staged write."""
         self._intents.clear()
+        self._message_ids.clear()
+        self.made_message_ids.clear()
 
     async def commit(self) -> list[Op]:
         """Turn the staged writes into ops and store them in one transaction; return the ops."""
         intents, self._intents = self._intents, []
+        message_ids, self._message_ids = self._message_ids, []
+        new_ids, self.made_message_ids = self.made_message_ids, []
         if not intents:
             return []
         data = self.data
         async with data.write_lock:
+            # Each message's stored state in one read, not a read per intent (100k staged adds took 4 s more).
+            data.replica.messages.hold_new(new_ids)
+            data.replica.messages.prefetch(message_ids)
             ops: list[Op] = []
             forgotten: list[tuple[Collection, str]] = []
             try:
