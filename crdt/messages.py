@@ -138,11 +138,14 @@ class MessageSet:
         if not self._reads_store:
             return
         held = self._held
-        missing = [message_id for message_id in message_ids if message_id not in held]
+        wanted = list(message_ids)
+        missing = [message_id for message_id in wanted if message_id not in held]
         if not missing:
             return
         assert self._store is not None
         missing = list(dict.fromkeys(missing))
+        if self._written_held() + len(missing) > CACHED_MESSAGES_MAX:
+            self._trim(spared=set(wanted))  # reads alone (a re-import finds every message stored) fill it too
         stored = self._store.load(missing)
         self.records.update(stored.records)
         self.edits.update(stored.edits)
@@ -169,16 +172,23 @@ class MessageSet:
         for written in [mark for mark in self._unwritten if mark <= seal]:
             del self._unwritten[written]
         self._reads_store = True
-        held = self._held
-        if len(held) > CACHED_MESSAGES_MAX:
-            # The oldest, down to half the bound, so the cost is paid once per many writes.
-            stale = list(itertools.islice(held, len(held) - CACHED_MESSAGES_MAX // 2))
-            if pinned := set().union(*self._unwritten.values()):
-                stale = [message_id for message_id in stale if message_id not in pinned]
-            for held_map in (held, self.records, self.edits, self.tombstones):
-                if held_map:
-                    for message_id in stale:
-                        held_map.pop(message_id, None)
+        if self._written_held() > CACHED_MESSAGES_MAX:
+            self._trim(spared=set())
+
+    def _written_held(self) -> int:
+        """Return about how many messages are held that the store holds as they are (unwritten ones may count twice)."""
+        return len(self._held) - sum(map(len, self._unwritten.values()))
+
+    def _trim(self, spared: set[str]) -> None:
+        """Drop the oldest written messages but the `spared` ones, down to half the bound (so the cost of a trim is
+        paid once per many reads or writes)."""
+        kept = spared.union(*self._unwritten.values())
+        excess = max(0, self._written_held() - CACHED_MESSAGES_MAX // 2)
+        stale = list(itertools.islice((message_id for message_id in self._held if message_id not in kept), excess))
+        for held_map in (self._held, self.records, self.edits, self.tombstones):
+            if held_map:
+                for message_id in stale:
+                    held_map.pop(message_id, None)
 
     def _stored_whole(self) -> bool:
         """Whether the store alone holds the whole state: it is read through, and nothing is left to write."""

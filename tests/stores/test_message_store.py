@@ -8,6 +8,7 @@ from crdt import HybridClock, Op, Replica
 from crdt import messages as message_rules
 from stores import migrate, open_sql, primary
 from stores.primary import LogBatch
+from stores.repositories import UnitOfWork
 from tests.test_datalayer import DEVICE, open_data, store_key
 
 SOURCES = ("dev-a", "dev-b", "dev-c")
@@ -153,5 +154,29 @@ async def test_a_home_from_before_has_its_messages_merge_state_written_once_from
         oracle.apply(concurrent)
         await data.write(data.prepare([LogBatch(data.replica.apply(concurrent).applied)]))
         assert data.replica.digest() == oracle.digest()
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_reading_more_messages_than_the_cache_holds_keeps_it_bounded_and_answers_right(tmp_path, monkeypatch):
+    # A re-import reads every message it is given, finds them stored, and writes nothing.
+    monkeypatch.setattr(message_rules, "CACHED_MESSAGES_MAX", 8)
+    data = await open_data(tmp_path)
+    try:
+        async with UnitOfWork(data) as uow:
+            ids = [uow.conversations.add_message("chat", f"m{number}") for number in range(60)]
+            await uow.commit()
+        await data.close()
+        data = await open_data(tmp_path)
+        messages = data.replica.messages
+        for start in range(0, 60, 5):
+            chunk = [*ids[start : start + 5], f"absent-{start}"]
+            assert messages.seen(chunk) == set(ids[start : start + 5])
+            assert len(messages.records) <= 8 + 5
+        assert messages.seen(ids[:8]) == set(ids[:8])  # read again after being dropped
+        # Held ones asked for again, beside more than the bound lets in: none of those asked for is dropped.
+        assert messages.seen(ids[50:55]) == set(ids[50:55])
+        assert messages.seen([*ids[50:55], *ids[10:16]]) == {*ids[50:55], *ids[10:16]}
     finally:
         await data.close()
