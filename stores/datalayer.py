@@ -426,7 +426,7 @@ async def _resume(sql: AsyncSql, replica: Replica) -> None:
     """Take up the primary store's state in an empty replica: the messages stay in the store, and only the logged ops
     of the other collections (a few hundred in a home of a million messages) are replayed."""
     vector = await sql.run(primary.logged_vector)
-    clock_last = await sql.run(primary.get_meta, primary.CLOCK_LAST) or 0
+    clock_last = await sql.run(primary.logged_clock)
     try:
         replica.resume(vector, clock_last, await sql.run(primary.logged_ops_besides_messages))
     except CrdtError as error:

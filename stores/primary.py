@@ -56,7 +56,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
 ]
 # Set in meta once the messages' merge state is stored (a home from before has it written once at start, from its log).
 MESSAGES_MERGED = "messages_merged"
-CLOCK_LAST = "clock_last"  # the newest HLC of any logged op, so a start need not read the log for it
+CLOCK_LAST = "clock_last"  # the newest HLC of the ops logged before their runs kept theirs (see logged_clock)
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
 LOG_PAGE_BATCHES = 16  # logged batches read per query when reading the whole log
@@ -175,6 +175,7 @@ def _merge_state_of_messages(adapter: SqlAdapter) -> None:
     adapter.execute(
         "CREATE TABLE message_tombstones (id TEXT PRIMARY KEY, hlc INTEGER NOT NULL, device TEXT NOT NULL) WITHOUT ROWID"
     )
+    adapter.execute("ALTER TABLE op_runs ADD COLUMN hlc_max INTEGER")
     # Until counted (at the first start, see MESSAGES_MERGED), a batch may hold ops of any collection.
     adapter.execute("ALTER TABLE op_batches ADD COLUMN other_ops INTEGER NOT NULL DEFAULT 1")
     adapter.execute("CREATE INDEX op_batches_with_other_ops ON op_batches (id) WHERE other_ops > 0")
@@ -213,26 +214,25 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
         adapter.insert_rows("INSERT INTO op_batches (id, body, other_ops) VALUES", rows)
     else:
         adapter.insert_rows("INSERT INTO op_batches (id, body) VALUES", list(zip(batch_ids, bodies)))
-    _raise_clock_last(adapter, max(op.hlc for logged in log for op in logged.ops))
-    runs: list[tuple[str, int, int, int]] = []
+    runs: list[tuple[str, int, int, int, int]] = []
     for batch, logged in zip(batch_ids, log):
         # A device's ops are applied in seq order, so those in one batch are one run of seqs.
         seqs: dict[str, list[int]] = {}
         for op in logged.ops:
-            seqs.setdefault(op.device, [op.seq, op.seq])[1] = op.seq
-        runs += [(device, first, last, batch) for device, (first, last) in seqs.items()]
-    adapter.insert_rows("INSERT INTO op_runs VALUES", runs)
+            run = seqs.setdefault(op.device, [op.seq, op.seq, op.hlc])
+            run[1], run[2] = op.seq, max(run[2], op.hlc)
+        runs += [(device, first, last, batch, hlc_max) for device, (first, last, hlc_max) in seqs.items()]
+    if counted:
+        # The newest HLC rides in the run rows: a start takes the clock from them, and a write dirties no other page.
+        adapter.insert_rows("INSERT INTO op_runs (device, seq_first, seq_last, batch, hlc_max) VALUES", runs)
+    else:
+        adapter.insert_rows("INSERT INTO op_runs (device, seq_first, seq_last, batch) VALUES", [run[:4] for run in runs])
 
 
-def _raise_clock_last(adapter: SqlAdapter, hlc: int) -> None:
-    """Store `hlc` as the newest logged HLC unless a newer one is stored, in one statement (a write is a few)."""
-    # Compared as packed: msgpack packs a non-negative int in the smallest of its types, whose codes grow with their
-    # range, and big-endian within one, so the bytes of two such ints order as the ints do.
-    adapter.execute(
-        "INSERT INTO meta (name, value) VALUES (?, ?) "
-        "ON CONFLICT (name) DO UPDATE SET value = excluded.value WHERE excluded.value > meta.value",
-        (CLOCK_LAST, pack(hlc)),
-    )
+def logged_clock(adapter: SqlAdapter) -> int:
+    """Return the newest HLC of any logged op (0 if none)."""
+    (newest,) = _one_row(adapter, "SELECT coalesce(max(hlc_max), 0) FROM op_runs")
+    return max(newest, get_meta(adapter, CLOCK_LAST) or 0)
 
 
 def other_ops(ops: Sequence[Op]) -> int:
@@ -426,7 +426,7 @@ def store_merged_messages(
         adapter.executemany(
             "UPDATE op_batches SET other_ops = ? WHERE id = ?", [(count, batch) for batch, count in other_ops.items()]
         )
-        _raise_clock_last(adapter, clock_last)
+        set_meta(adapter, CLOCK_LAST, clock_last)
         set_meta(adapter, MESSAGES_MERGED, 1)
 
 
