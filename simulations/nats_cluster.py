@@ -20,6 +20,7 @@ from pathlib import Path
 import attrs
 
 READY_TIMEOUT_S = 20.0
+LAUNCH_ATTEMPTS_MAX = 3  # a new cluster moves to other ports when one it chose was taken before its server bound it
 STOP_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
 CLUSTER_NAME = "aico-test"
@@ -69,6 +70,10 @@ class NatsServer:
             return False
 
 
+class PortTakenError(AssertionError):
+    """A server could not listen on a port chosen for it: something else took it after it was found free."""
+
+
 class NatsCluster:
     """`size` nats-server processes with JetStream, routed to each other on loopback."""
 
@@ -77,6 +82,7 @@ class NatsCluster:
             NatsServer(f"n{i}", free_port(), free_port(), free_port(), root / f"n{i}" / "store", root / f"n{i}.log")
             for i in range(size)
         ]
+        self._ever_started = False  # until then, its ports may change
 
     @property
     def urls(self) -> list[str]:
@@ -88,11 +94,25 @@ class NatsCluster:
 
     def start(self) -> NatsCluster:
         """Start every server that is not running and wait until all are healthy."""
-        for server in self.servers:
-            if server.process is None:
-                self._launch(server)
-        self.wait_healthy(self.servers)
-        return self
+        for attempt in range(1, LAUNCH_ATTEMPTS_MAX + 1):
+            for server in self.servers:
+                if server.process is None:
+                    self._launch(server)
+            try:
+                self.wait_healthy(self.servers)
+            except PortTakenError:
+                # A port is free when chosen, not when bound: another process (or one of the servers' own outgoing
+                # connections) may take it meanwhile. A cluster that never ran has nothing tied to its ports yet.
+                if self._ever_started or attempt == LAUNCH_ATTEMPTS_MAX:
+                    raise
+                self.stop()
+                for server in self.servers:
+                    shutil.rmtree(server.store_dir, ignore_errors=True)
+                    server.client_port, server.route_port, server.monitor_port = free_port(), free_port(), free_port()
+                continue
+            self._ever_started = True
+            return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def start_server(self, index: int) -> None:
         """Start one stopped server again, on its old ports and store, and wait until it is healthy."""
@@ -122,9 +142,11 @@ class NatsCluster:
         pending = list(servers)
         while pending:
             for server in list(pending):
-                assert server.process is not None and server.process.poll() is None, (
-                    f"nats-server {server.name} exited: {server.log.read_text()[-2000:]}"
-                )
+                assert server.process is not None
+                if server.process.poll() is not None:
+                    log = server.log.read_text()[-2000:]
+                    error = PortTakenError if "address already in use" in log else AssertionError
+                    raise error(f"nats-server {server.name} exited: {log}")
                 if server.healthy():
                     pending.remove(server)
             if pending and time.monotonic() > deadline:

@@ -5,6 +5,7 @@ without a put or a fetch failing."""
 import itertools
 import os
 import signal
+import socket
 
 import attrs
 import pytest
@@ -69,6 +70,19 @@ async def test_unreachable_servers_are_a_clear_error_at_open(tmp_path):
     cluster = NatsCluster(tmp_path)  # never started: nothing listens on its ports
     with pytest.raises(MailboxStoreError, match="cannot reach"):
         await JetStreamMailboxStore.open(cluster.urls)
+
+
+async def test_a_new_cluster_moves_to_other_ports_when_one_chosen_for_it_was_taken(tmp_path):
+    cluster = NatsCluster(tmp_path)
+    with socket.socket() as squatter:  # takes a route port after it was chosen, before its server binds it
+        squatter.bind(("127.0.0.1", cluster.servers[2].route_port))
+        squatter.listen()
+        taken = cluster.servers[2].route_port
+        cluster.start()
+        try:
+            assert cluster.servers[2].route_port != taken and all(server.healthy() for server in cluster.servers)
+        finally:
+            cluster.stop()
 
 
 async def test_any_one_server_of_three_lost_keeps_puts_and_fetches_working(tmp_path):
