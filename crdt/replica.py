@@ -238,7 +238,8 @@ class Replica(LocalWrites):
             self._settlement = settle(self._revocations)
         voids = self._settlement.voids
         vector, append, rules, journal = self._vector, self.log.append, self._rules, self.journal
-        self.messages.prefetch(op.key for op in ops if op.collection is Collection.MESSAGES)
+        if self._message_store is not None:
+            self.messages.prefetch([op.key for op in ops if op.collection is Collection.MESSAGES])
         last = self.clock.last
         for op in ops:
             device = op.device
@@ -276,8 +277,8 @@ class Replica(LocalWrites):
         applied: list[Op] = []
         refused: list[tuple[Op, str]] = []
         ops = ops if isinstance(ops, list | tuple) else list(ops)
-        # The stored state of every message the ops touch, in one read, not one read per op.
-        self.messages.prefetch([op.key for op in ops if op.collection is Collection.MESSAGES])
+        if self._message_store is not None:  # the stored state of every message the ops touch, in one read
+            self.messages.prefetch([op.key for op in ops if op.collection is Collection.MESSAGES])
         # A catch-up's hot loop: the wall clock is read once per call, not per op.
         horizon = self.clock.horizon()
         vector, held = self._vector, self._held

@@ -262,11 +262,6 @@ def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, st
                 adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(rewritten)), batch))
 
 
-def load_ops(adapter: SqlAdapter) -> list[Op]:
-    """Return every logged op in the order it was applied (each device's in seq order)."""
-    return [op for _, ops in logged_pages(adapter, 0, 1 << 62) for op in ops]
-
-
 def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tuple[int, list[Op]]]:
     """Return the logged batches after batch id `after_batch`, each as (id, its ops), oldest first, stopping once they
     hold `ops_max` ops."""

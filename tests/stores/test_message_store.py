@@ -78,8 +78,7 @@ async def test_a_store_backed_replica_merges_as_one_holding_every_message(tmp_pa
         for write in [*pending, data.prepare([LogBatch(unprepared)])]:
             await data.write(write)
         # Ops held past a restart were dropped; a peer sends again what the vector lacks.
-        if applied := data.replica.apply(ops).applied:
-            await data.write(data.prepare([LogBatch(applied)]))
+        await data.persist(data.replica.apply(ops).applied)
         assert data.replica.vector == oracle.vector, f"seed {seed}"
         assert data.replica.digest() == oracle.digest(), f"seed {seed}"
         assert len(data.replica.messages) == len(oracle.messages)
@@ -103,8 +102,7 @@ async def test_conflicts_are_journalled_as_by_a_replica_holding_every_message(tm
     try:
         for start in range(0, len(ops), 3):
             oracle.apply(ops[start : start + 3])
-            applied = data.replica.apply(ops[start : start + 3]).applied
-            await data.write(data.prepare([LogBatch(applied)]))
+            await data.persist(data.replica.apply(ops[start : start + 3]).applied)
         assert len(oracle.journal) > 0
         assert list(data.replica.journal) == list(oracle.journal)
     finally:
@@ -116,11 +114,9 @@ async def test_a_digest_reads_the_store_as_it_was_when_its_views_were_taken(tmp_
     data = await open_data(tmp_path)
     try:
         ops = random_ops(random.Random(3))
-        data.replica.apply(ops[:30])
-        await data.write(data.prepare([LogBatch(ops[:30])]))
+        await data.persist(data.replica.apply(ops[:30]).applied)
         before, views = data.replica.digest(), data.replica.views()
-        applied = data.replica.apply(ops[30:]).applied
-        await data.write(data.prepare([LogBatch(applied)]))
+        await data.persist(data.replica.apply(ops[30:]).applied)
         assert views.digest() == before != data.replica.digest()
     finally:
         await data.close()
@@ -156,7 +152,7 @@ async def test_a_home_from_before_has_its_messages_merge_state_written_once_from
         late = Replica("dev-late", HybridClock(lambda: 1_700_000_000_000))  # stamps older than every op above
         concurrent = [late.edit_message(message_id, "text", "late") for message_id in MESSAGE_IDS]
         oracle.apply(concurrent)
-        await data.write(data.prepare([LogBatch(data.replica.apply(concurrent).applied)]))
+        await data.persist(data.replica.apply(concurrent).applied)
         assert data.replica.digest() == oracle.digest()
     finally:
         await data.close()
