@@ -370,10 +370,13 @@ async def _first_sync(node: Any, inviter: str, timeout_s: float) -> None:
         with trio.move_on_after(timeout_s) as waited:
             while True:
                 peer = node.network.sync.peers.get(inviter)
-                if peer is not None and peer.session is not None and peer.session.peer_device == inviter:
+                if node.data.state_progress is not None:  # the inviter's log was compacted: its state comes instead
+                    done, total = node.data.state_progress
+                    progress.update(task, description="receiving messages", total=total, completed=done)
+                elif peer is not None and peer.session is not None and peer.session.peer_device == inviter:
                     behind, _ = peer.behind(node.data.replica)
                     have, stored = node.data.replica.vector.total(), node.data.ops_stored
-                    progress.update(task, total=have + behind, completed=stored)
+                    progress.update(task, description="syncing", total=have + behind, completed=stored)
                     # Done once held on disk too: ops applied but not yet written would be lost when this command ends.
                     if behind == 0 and stored >= have:
                         break

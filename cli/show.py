@@ -165,6 +165,9 @@ def _store_lines(status: dict[str, Any]) -> list[str]:
     ops, stored = status["ops"], status["ops_stored"]
     stored_text = "all stored" if stored >= ops else f"{stored:,} stored so far"
     lines = [f"{count(ops, 'change')} ({stored_text}); primary store: {status['engine']}"]
+    if received := status.get("state_received"):
+        done, total = received
+        lines.append(f"receiving the group's state from another device: {done:,} of about {total:,} messages")
     stores = status.get("stores")
     if stores:
         backlog = stores["projector_backlog"]

@@ -10,11 +10,13 @@ from crdt.codec import (
     StoredBatchReader,
     decode_op,
     decode_ops,
+    decode_state_part,
     decode_stored_batch,
     deflate,
     encode_op,
     encode_ops,
     encode_state,
+    encode_state_part,
     inflate,
     load_replica,
     merge_state,
@@ -33,6 +35,7 @@ from crdt.journal import Conflict, ConflictJournal
 from crdt.oplog import MemoryLog, OpLog, redacted_op
 from crdt.ops import Collection, Kind, Op, OpId
 from crdt.replica import ApplyResult, Digest, Replica, ReplicaConfig
+from crdt.stream import StatePart, StateResume, StateStream, state_keys
 from crdt.vector import VersionVector
 
 __all__ = [
@@ -57,16 +60,21 @@ __all__ = [
     "Replica",
     "ReplicaConfig",
     "SnapshotRequired",
+    "StatePart",
+    "StateResume",
+    "StateStream",
     "StoredBatchReader",
     "ValueTooLargeError",
     "VersionVector",
     "decode_op",
     "decode_ops",
+    "decode_state_part",
     "decode_stored_batch",
     "deflate",
     "encode_op",
     "encode_ops",
     "encode_state",
+    "encode_state_part",
     "inflate",
     "hlc_pack",
     "hlc_wall_ms",
@@ -74,4 +82,5 @@ __all__ = [
     "merge_state",
     "redacted_op",
     "save_replica",
+    "state_keys",
 ]

@@ -1,7 +1,7 @@
 """Versioned msgpack wire format for op batches, state snapshots and saved replicas, decoded strictly."""
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -14,6 +14,7 @@ from crdt.ops import KINDS_BY_COLLECTION, Collection, Kind, Op
 from crdt.replica import Replica, ReplicaConfig
 from crdt.schema import PAYLOAD_RULES as _PAYLOAD_RULES
 from crdt.schema import SEQ_MAX, is_int, is_str_map, payload_is_valid
+from crdt.stream import StatePart
 
 FORMAT_VERSION = 1
 # Wire codes are positions in these tuples: append only, never reorder.
@@ -287,8 +288,46 @@ def merge_state(replica: Replica, data: bytes, limits: DecodeLimits = DEFAULT_LI
     replica.join_state(vector, scratch.state())
 
 
-def _join_untrusted(replica: Replica, state: Any) -> None:
-    _expect(is_str_map(state) and state.keys() == {c.value for c in Collection}, "snapshot state lacks collections")
+def encode_state_part(part: StatePart) -> bytes:
+    """Encode one part of a state stream."""
+    return msgpack.packb(
+        [
+            FORMAT_VERSION,
+            part.vector,
+            part.number,
+            part.upto,
+            part.final,
+            part.messages_done,
+            part.messages_total,
+            part.state,
+        ],
+        use_bin_type=True,
+    )
+
+
+def decode_state_part(data: bytes, replica: Replica, limits: DecodeLimits = DEFAULT_LIMITS) -> StatePart:
+    """Decode a part of a state stream for `replica`, its state proved well formed; raise DecodeError if malformed."""
+    decoded = _unpack(data, limits)
+    _expect(type(decoded) is list and len(decoded) == 8, "state part is not [version, vector, number, upto, ...]")
+    version, vector, number, upto, final, done, total, state = decoded
+    _expect(version == FORMAT_VERSION, f"state part format {version!r} is not the supported {FORMAT_VERSION}")
+    vector = _decode_vector(vector, limits)
+    _expect(type(upto) is str and len(upto) <= limits.key_chars_max, "state part's last message id is malformed")
+    _expect(is_int(number) and type(final) is bool and is_int(done) and is_int(total), "state part's place malformed")
+    _expect(is_str_map(state) and Collection.MESSAGES.value in state, "state part holds no messages")
+    _expect(state.keys() <= {c.value for c in Collection}, "state part names an unknown collection")
+    # Joining into a scratch replica first proves the state well formed without touching the real one.
+    scratch = Replica(replica.device_id, HybridClock(lambda: 0), replica.config)
+    _join_untrusted(scratch, state, state.keys())
+    whole = scratch.state()
+    return StatePart(vector, number, upto, final, done, total, {name: whole[name] for name in state})
+
+
+_COLLECTION_NAMES = tuple(collection.value for collection in Collection)
+
+
+def _join_untrusted(replica: Replica, state: Any, collections: Iterable[str] = _COLLECTION_NAMES) -> None:
+    _expect(is_str_map(state) and state.keys() == set(collections), "snapshot state lacks collections")
     try:
         replica.join_state({}, state)
     except CrdtError as error:
@@ -299,7 +338,8 @@ def _join_untrusted(replica: Replica, state: Any) -> None:
 
 def save_replica(replica: Replica) -> bytes:
     """Encode everything a device needs to resume: state, log, clock and identity."""
-    log_base, log = replica.log_state()
+    log_base = {device: replica.log.base(device) for device in replica.vector}
+    log = {device: list(replica.log.tail(device, base)) for device, base in log_base.items()}
     ops = [op for device_ops in log.values() for op in device_ops]
     return msgpack.packb(
         [FORMAT_VERSION, replica.device_id, replica.clock.last, log_base, encode_ops(ops), replica.state()],

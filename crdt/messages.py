@@ -1,6 +1,7 @@
 """Conversation messages: a grow-only set of immutable messages, LWW field edits, winning tombstones."""
 
 import abc
+import heapq
 import itertools
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,6 +84,12 @@ class MessageStore(Protocol):
     def snapshot(self) -> tuple[MessagesView, list[str]]:
         """Return the live messages and the sorted deleted ids as stored now, readable later from any thread."""
 
+    def page(self, after_id: str, ids_max: int) -> StoredMessages:
+        """Return the stored state of up to `ids_max` messages, live or deleted, of the lowest ids above `after_id`."""
+
+    def count_ids(self, after_id: str) -> int:
+        """Return about how many messages, live or deleted, have an id above `after_id` (for progress)."""
+
 
 class _HeldMessagesView(MessagesView):
     """The live messages of a set that holds them all, at one moment."""
@@ -103,6 +110,15 @@ class _HeldMessagesView(MessagesView):
             if message_id in edits:
                 fields = with_edits(fields, edits[message_id])
             yield [message_id, canonical(*map(fields.get, ROW_FIELDS))]
+
+
+def _state_of(stored: StoredMessages) -> dict:
+    """Return the merged state of messages as plain values, as a state snapshot holds it."""
+    return {
+        "records": {mid: list(r) for mid, r in stored.records.items()},
+        "edits": {mid: {f: list(r) for f, r in fields.items()} for mid, fields in stored.edits.items()},
+        "tombstones": {mid: list(stamp) for mid, stamp in stored.tombstones.items()},
+    }
 
 
 CACHED_MESSAGES_MAX = 20_000  # messages a store-backed set keeps once written (those not written yet are all kept)
@@ -268,12 +284,32 @@ class MessageSet:
 
     def to_state(self) -> dict:
         if self._stored_whole():
-            raise CrdtError("a node's messages are kept in its store: it does not send them as a state snapshot yet")
-        return {
-            "records": {mid: list(r) for mid, r in self.records.items()},
-            "edits": {mid: {f: list(r) for f, r in fields.items()} for mid, fields in self.edits.items()},
-            "tombstones": {mid: list(stamp) for mid, stamp in self.tombstones.items()},
-        }
+            raise CrdtError("a node's messages are kept in its store: read their state a page at a time (state_page)")
+        return _state_of(StoredMessages(self.records, self.edits, self.tombstones))
+
+    def state_page(self, after_id: str, ids_max: int) -> tuple[dict, str]:
+        """Return the merged state (as `to_state`) of up to `ids_max` messages, live or deleted, with the lowest ids
+        above `after_id`, and the highest id among them ("" if none); from the store if it holds the state."""
+        if self._reads_store:
+            assert self._store is not None
+            stored = self._store.page(after_id, ids_max)
+        else:
+            records, edits, tombstones = self.records, self.edits, self.tombstones
+            ids = heapq.nsmallest(ids_max, {i for held in (records, edits, tombstones) for i in held if i > after_id})
+            stored = StoredMessages(
+                {i: records[i] for i in ids if i in records},
+                {i: edits[i] for i in ids if i in edits},
+                {i: tombstones[i] for i in ids if i in tombstones},
+            )
+        upto = max(itertools.chain(stored.records, stored.edits, stored.tombstones), default="")
+        return _state_of(stored), upto
+
+    def count_ids(self, after_id: str) -> int:
+        """Return about how many messages, live or deleted, have an id above `after_id`."""
+        if self._reads_store:
+            assert self._store is not None
+            return self._store.count_ids(after_id)
+        return sum(i > after_id for held in (self.records, self.tombstones) for i in held)
 
     def join_state(self, state: dict, journal: ConflictJournal) -> None:
         changed = {**state["tombstones"], **state["records"], **state["edits"]}

@@ -33,6 +33,9 @@ class OpLog(Protocol):
     def reset(self) -> None:
         """Forget every op the log does not keep durably, as the replica is rebuilt from what was kept."""
 
+    def durable(self) -> dict[str, int]:
+        """Return the vector of the ops whose effect is kept durably: a state snapshot holds at least theirs."""
+
 
 def redacted_op(op: Op) -> Op:
     """Return an op with every piece of user content in its payload replaced by a neutral value."""
@@ -78,6 +81,11 @@ class MemoryLog:
     def reset(self) -> None:
         self._ops.clear()
         self._base.clear()
+
+    def durable(self) -> dict[str, int]:
+        # A replica without a store holds its whole state in memory, with every op it logged.
+        held = {device: self.base(device) + len(log) for device, log in self._ops.items()}
+        return {device: seq for device, seq in held.items() if seq}
 
     def compact(self, applied_everywhere: Mapping[str, int]) -> int:
         """Drop logged ops every trusted device has applied; return how many were dropped."""

@@ -253,13 +253,18 @@ class Replica(LocalWrites):
                 last = op.hlc
         self.clock.last = last
 
-    def resume(self, vector: Mapping[str, int], clock_last: int, ops: Iterable[Op]) -> None:
-        """Take up, in an empty replica, what a store kept: the vector and clock of its log, and its logged ops of every
-        collection but messages (their merged state is the message store's), to re-apply in their stored order."""
+    def resume(
+        self, vector: Mapping[str, int], clock_last: int, ops: Iterable[Op], base_state: Mapping[str, Any] | None = None
+    ) -> None:
+        """Take up, in an empty replica, what a store kept: the vector and clock of its log, the state of every
+        collection but messages that a snapshot brought (`base_state`), and its logged ops of those collections (the
+        messages' merged state is the message store's), to re-apply in their stored order."""
         if self._message_store is None:
             raise CrdtError("only a replica whose messages are kept in a store can resume without its messages' ops")
         ops = list(ops)
-        self._revocations = [op for op in ops if op.kind is Kind.REVOKE]
+        if base_state:
+            self.join_state({}, base_state)  # first: its revocations void logged ops as theirs do
+        self._revocations += [op for op in ops if op.kind is Kind.REVOKE]
         self._settlement = settle(self._revocations)
         voids, rules, journal = self._settlement.voids, self._rules, self.journal
         for op in ops:
@@ -358,14 +363,16 @@ class Replica(LocalWrites):
 
     # -- snapshots -------------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        """Return the merged state of every collection as plain values."""
-        return {collection.value: rule.to_state() for collection, rule in self._rules.items()}
+    def state(self, messages: bool = True) -> dict:
+        """Return the merged state of every collection (but messages, whose state may be a store's) as plain values."""
+        return {c.value: rule.to_state() for c, rule in self._rules.items() if messages or c is not Collection.MESSAGES}
 
     def join_state(self, vector: Mapping[str, int], state: Mapping[str, Any]) -> None:
-        """Merge a peer's state snapshot (already validated) and skip past the ops it covers."""
+        """Merge a peer's state snapshot, or a part of one holding some collections (already validated), and skip past
+        the ops `vector` covers."""
         for collection, rule in self._rules.items():
-            rule.join_state(state[collection.value], self.journal)
+            if collection.value in state:
+                rule.join_state(state[collection.value], self.journal)
         # The snapshot's revocations void later ops of their devices as logged ones do.
         known = {op.id for op in self._revocations}
         brought = [
@@ -385,11 +392,6 @@ class Replica(LocalWrites):
             held = self._held.pop(device)
             self._held_count -= len(held)
             self.apply(held[seq] for seq in sorted(held) if seq > self._vector.get(device, 0))
-
-    def log_state(self) -> tuple[dict[str, int], dict[str, list[Op]]]:
-        """Return the log's base seqs and its ops, for saving."""
-        bases = {device: self.log.base(device) for device in self._vector}
-        return bases, {device: list(self.log.tail(device, base)) for device, base in bases.items()}
 
     def restore_log(self, log_base: Mapping[str, int], log: Mapping[str, list[Op]]) -> None:
         """Install a saved log into an empty replica whose state was restored from the same save."""

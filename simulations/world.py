@@ -8,14 +8,15 @@ from collections.abc import Sequence
 
 import attrs
 
-from crdt import HybridClock, Replica, load_replica, save_replica
+from crdt import HybridClock, MemoryLog, Replica, load_replica, save_replica
 from framing import RemoteProtocolError
-from node.sync.session import SessionState, SyncSession
+from node.sync.session import SessionConfig, SessionState, SyncSession
 from simulations.network import Faults, SimNetwork
 from simulations.workload import Workload
 
-FAULT_NAMES = ("partition", "drop", "dup", "reorder", "delay", "restart", "oneway", "hold")
+FAULT_NAMES = ("partition", "drop", "dup", "reorder", "delay", "restart", "oneway", "hold", "compact")
 ROUND_MS = 10
+SESSION_CONFIG = SessionConfig(part_messages_max=8)  # a state stream of a few hundred messages comes in many parts
 
 
 @attrs.frozen
@@ -55,6 +56,7 @@ class SimReport:
     dropped: int
     duplicated: int
     restarts: int
+    compactions: int
     protocol_errors: int
     wall_s: float
     digests: list[str]
@@ -109,6 +111,7 @@ class Simulation:
             self._connect(link)
         self.workload = Workload(self.rng)
         self.restarts = 0
+        self.compactions = 0
         self.protocol_errors = 0
 
     # -- links -------------------------------------------------------------------------------------
@@ -117,8 +120,8 @@ class Simulation:
         """(Re)open a link: fresh sessions on both ends, which start with HELLO."""
         self._generation[link] += 1
         a, b = link
-        self.nodes[a].sessions[b] = SyncSession(self.nodes[a].replica)
-        self.nodes[b].sessions[a] = SyncSession(self.nodes[b].replica)
+        self.nodes[a].sessions[b] = SyncSession(self.nodes[a].replica, SESSION_CONFIG)
+        self.nodes[b].sessions[a] = SyncSession(self.nodes[b].replica, SESSION_CONFIG)
 
     def _link(self, a: str, b: str) -> tuple[str, str]:
         return (a, b) if a < b else (b, a)
@@ -194,6 +197,13 @@ class Simulation:
             self.network.release(*self._held.pop(0))
         elif "restart" in faults and roll < 0.27:
             self._restart(rng.choice(names))
+        elif "compact" in faults and roll < 0.29:
+            # As if every device had acknowledged its ops (an ack may be lost, or a device restored from a backup):
+            # peers that lack them catch up from its state, streamed in parts over the faulty network.
+            replica = self.nodes[rng.choice(names)].replica
+            assert isinstance(replica.log, MemoryLog)
+            self.compactions += 1
+            replica.log.compact(replica.vector)
 
     def _mark_cut(self) -> None:
         for a, b in self.links:
@@ -258,6 +268,7 @@ class Simulation:
             dropped=stats.dropped,
             duplicated=stats.duplicated,
             restarts=self.restarts,
+            compactions=self.compactions,
             protocol_errors=self.protocol_errors,
             wall_s=round(time.perf_counter() - started, 3),
             digests=[node.replica.digest().sha256 for node in self.nodes.values()],

@@ -17,7 +17,20 @@ import attrs
 import numpy as np
 import trio
 
-from crdt import Collection, Conflict, ConflictJournal, CrdtError, HybridClock, Kind, Op, Replica, ReplicaConfig
+from crdt import (
+    Collection,
+    Conflict,
+    ConflictJournal,
+    CrdtError,
+    HybridClock,
+    Kind,
+    Op,
+    Replica,
+    ReplicaConfig,
+    StatePart,
+    StateResume,
+    state_keys,
+)
 from crdt.memories import MemorySet
 from crdt.messages import MessageSet
 from crdt.registry import DeviceRegistry
@@ -79,6 +92,22 @@ def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]], rebu
     return changes
 
 
+def _merged_state(
+    replica: Replica, parts: Sequence[StatePart], resume: StateResume | None, keys: dict[Collection, dict[str, None]]
+) -> dict[str, object]:
+    """Add to `keys` those the merged parts of a state stream changed; return what the write keeps in meta for them."""
+    meta: dict[str, object] = {}
+    for part in parts:
+        for collection, part_keys in state_keys(part.state).items():
+            keys[collection].update(dict.fromkeys(part_keys))
+        if len(part.state) > 1:
+            # The other collections' state is not in the log: a start joins it before replaying their ops.
+            meta[primary.STATE_BASE] = replica.state(messages=False)
+    if parts:
+        meta[primary.STATE_RESUME] = None if resume is None else [resume.vector, resume.after_id]
+    return meta
+
+
 def _merged_messages(messages: MessageSet, keys: Iterable[str], rebuilt: bool) -> MergedMessages:
     """Return the edits and tombstones these changed messages now have (all they have, if the state was `rebuilt`)."""
     ids = list(keys)
@@ -135,6 +164,11 @@ class PendingWrite:
     forgotten: Sequence[tuple[Collection, str]]  # keys whose logged ops lose their content
     messages: MessageSet  # the replica's when prepared, and its seal then: what it may drop once this is written
     messages_seal: int
+    bases: Mapping[str, int] = attrs.field(factory=dict)  # log bases a state snapshot raised
+    ops_skipped: int = 0  # ops whose effect the snapshot brought, not logged
+    meta: Mapping[str, object] = attrs.field(factory=dict)
+    last_part: StatePart | None = None  # of a state stream being received, and where the stream then stands
+    resume: StateResume | None = None
 
     @property
     def ops(self) -> list[Op]:
@@ -180,6 +214,8 @@ class DataLayer:
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
         self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
+        self.state_resume: StateResume | None = None  # a state stream received in part: the next session resumes it
+        self.state_progress: tuple[int, int] | None = None  # (messages, of about how many) of the stream being received
         self.last_write_s = -math.inf  # trio time of the last write
         self._analytics_lock = trio.Lock()
         self._analytics_loaded = False
@@ -221,6 +257,8 @@ class DataLayer:
             raise
         data = cls(home, config, sql, log, messages, replica, analytics, cache, open_cache, now_ms)
         data.cache_refill_owed = mended
+        if resume := await sql.run(primary.get_meta, primary.STATE_RESUME):
+            data.state_resume = StateResume(*resume)
         return data
 
     def mend_cache(self, error: StoreError) -> None:
@@ -381,13 +419,21 @@ class DataLayer:
         """
         await self.write(self.prepare([LogBatch(ops)], forgotten))
 
-    def prepare(self, log: Sequence[LogBatch], forgotten: Sequence[tuple[Collection, str]] = ()) -> PendingWrite:
-        """Take from the replica now the rows and conflicts that ops already applied to it wrote, for `write`.
+    def prepare(
+        self,
+        log: Sequence[LogBatch],
+        forgotten: Sequence[tuple[Collection, str]] = (),
+        parts: Sequence[StatePart] = (),
+        resume: StateResume | None = None,
+    ) -> PendingWrite:
+        """Take from the replica now the rows and conflicts that ops already applied to it wrote, and the parts of a
+        state stream merged into it (after which the stream stands at `resume`), for `write`.
 
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
         `write` so a caller can apply further ops while this write runs: their effects stay out of it.
         """
         keys = changed_keys(itertools.chain.from_iterable(logged.ops for logged in log))
+        meta = _merged_state(self.replica, parts, resume, keys)
         rebuilt = self.replica.rebuilds != self._rebuilds_seen
         if rebuilt:
             # A revocation voided ops that had taken effect: any key they wrote may have changed.
@@ -396,20 +442,27 @@ class DataLayer:
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        messages = self.replica.messages
-        return PendingWrite(log, materialise(self.replica, keys, rebuilt), conflicts, forgotten, messages, messages.seal())
+        changes, messages = materialise(self.replica, keys, rebuilt), self.replica.messages
+        bases, skipped = self.log.take_restarted()
+        last_part = parts[-1] if parts else None
+        seal = messages.seal()
+        return PendingWrite(log, changes, conflicts, forgotten, messages, seal, bases, skipped, meta, last_part, resume)
 
     async def write(self, pending: PendingWrite) -> None:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
-            await self.sql.run(primary.persist, pending.log, pending.changes, pending.conflicts, pending.forgotten)
+            p = pending
+            await self.sql.run(primary.persist, p.log, p.changes, p.conflicts, p.forgotten, p.meta, p.bases)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()
             raise
         self.log.record_written(pending.ops, pending.forgotten)
         pending.messages.written(pending.messages_seal)
-        self.ops_stored += sum(len(logged.ops) for logged in pending.log)
+        self.ops_stored += sum(len(logged.ops) for logged in pending.log) + pending.ops_skipped
+        if (part := pending.last_part) is not None:
+            self.state_resume = pending.resume
+            self.state_progress = None if pending.resume is None else (part.messages_done, part.messages_total)
         self.last_write_s = trio.current_time()
 
     async def close(self) -> None:
@@ -427,8 +480,9 @@ async def _resume(sql: AsyncSql, replica: Replica) -> None:
     of the other collections (a few hundred in a home of a million messages) are replayed."""
     vector = await sql.run(primary.logged_vector)
     clock_last = await sql.run(primary.logged_clock)
+    base_state = await sql.run(primary.get_meta, primary.STATE_BASE)
     try:
-        replica.resume(vector, clock_last, await sql.run(primary.logged_ops_besides_messages))
+        replica.resume(vector, clock_last, await sql.run(primary.logged_ops_besides_messages), base_state)
     except CrdtError as error:
         raise StoreError(f"cannot rebuild state from the op log: {error}") from None
     # Replaying re-detects old conflicts; those are already in the conflicts table.

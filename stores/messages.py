@@ -33,16 +33,14 @@ class SqlMessages:
         self._reader.close()
 
     def load(self, message_ids: Sequence[str]) -> StoredMessages:
-        rows, edit_rows, tombstone_rows = primary.stored_messages(self._reader, message_ids)
-        records = {
-            row[0]: Register(row[7], row[8], row[9], dict(zip(ROW_FIELDS, row[1:7])), None) for row in rows
-        }
-        edits: dict[str, dict[str, Register]] = {}
-        for message_id, field, hlc, device, seq, prev_device, prev_seq, value in edit_rows:
-            prev = None if prev_device is None else (prev_device, prev_seq)
-            edits.setdefault(message_id, {})[field] = Register(hlc, device, seq, primary.unpack(value), prev)
-        tombstones = {message_id: (hlc, device) for message_id, hlc, device in tombstone_rows}
-        return StoredMessages(records, edits, tombstones)
+        return _stored(*primary.stored_messages(self._reader, message_ids))
+
+    def page(self, after_id: str, ids_max: int) -> StoredMessages:
+        ids = primary.message_ids_after(self._reader, after_id, ids_max)
+        return _stored(*primary.stored_messages_between(self._reader, after_id, ids[-1])) if ids else _stored([], [], [])
+
+    def count_ids(self, after_id: str) -> int:
+        return primary.message_ids_count(self._reader, after_id)
 
     def count(self) -> int:
         row = self._reader.query_one("SELECT count(*) FROM messages")
@@ -61,6 +59,17 @@ class SqlMessages:
             raise
         assert count is not None
         return _StoredMessagesView(reader, count[0]), deleted
+
+
+def _stored(rows: Sequence[tuple], edit_rows: Sequence[tuple], tombstone_rows: Sequence[tuple]) -> StoredMessages:
+    """Return the merge state read from the primary store's rows (primary.stored_messages)."""
+    records = {row[0]: Register(row[7], row[8], row[9], dict(zip(ROW_FIELDS, row[1:7])), None) for row in rows}
+    edits: dict[str, dict[str, Register]] = {}
+    for message_id, field, hlc, device, seq, prev_device, prev_seq, value in edit_rows:
+        prev = None if prev_device is None else (prev_device, prev_seq)
+        edits.setdefault(message_id, {})[field] = Register(hlc, device, seq, primary.unpack(value), prev)
+    tombstones = {message_id: (hlc, device) for message_id, hlc, device in tombstone_rows}
+    return StoredMessages(records, edits, tombstones)
 
 
 class _StoredMessagesView(MessagesView):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from crdt import Collection, Op, StoredBatchReader, redacted_op
 from stores import primary
 from stores.errors import StoreError
-from stores.sql import SqlAdapter, open_sql
+from stores.sql import AsyncSql, SqlAdapter, open_sql
 
 RUNS_PAGE = 16  # logged runs (and at most as many batch bodies) read per query while serving a tail
 DECODED_BATCHES_MAX = 8  # decoded batches kept: a catch-up batch holds the ops of several devices, read one by one
+COMPACT_STEP_BATCHES = 256  # logged batches considered per compaction transaction
 DECODE_STEP_OPS = 1000  # ops of a batch decoded at a time: a read decodes as far as it needs, not the whole batch
 
 
@@ -42,7 +43,10 @@ class SqlLog:
 
     def __init__(self, reader: SqlAdapter) -> None:
         self._reader = reader
-        self._written: dict[str, int] = {}  # per device, the highest seq the store holds
+        self._written: dict[str, int] = {}  # per device, the highest seq the store holds (or holds the effect of)
+        self._bases: dict[str, int] = {}  # per device, the seq up to which its ops are not logged
+        self._restarted: dict[str, int] = {}  # bases a state snapshot raised, not written yet
+        self._skipped = 0  # ops the snapshot brought the effect of, above what the store held
         self._pending: dict[str, list[Op]] = {}  # per device, applied ops above it, in seq order
         self._owed: set[tuple[Collection, str]] = set()  # forgotten keys whose stored ops are not redacted yet
         self._decoded: collections.OrderedDict[int, _DecodedBatch] = collections.OrderedDict()
@@ -69,7 +73,7 @@ class SqlLog:
             self._pending.setdefault(op.device, []).append(op)
 
     def base(self, device: str) -> int:
-        return 0  # the stored log is never compacted yet: see restart
+        return self._bases.get(device, 0)
 
     def tail(self, device: str, after_seq: int) -> Iterator[Op]:
         last = after_seq
@@ -111,15 +115,58 @@ class SqlLog:
                     ops[index] = redacted_op(op)
 
     def restart(self, device: str, seq: int) -> None:
-        raise StoreError("a node's stored op log cannot skip ops: it does not accept state snapshots yet")
+        # Written with the snapshot's part that brought it (take_restarted); till then a peer is not sent these ops.
+        self.raise_bases({device: seq})
+        self._restarted[device] = max(seq, self._restarted.get(device, 0))
+        if seq > self._written.get(device, 0):
+            self._skipped += seq - self._written.get(device, 0)
+            self._written[device] = seq
+        self._pending[device] = [op for op in self._pending.get(device, ()) if op.seq > seq]
 
     def reset(self) -> None:
         self._written = primary.logged_vector(self._reader)
+        self._bases = primary.log_bases(self._reader)
+        self._restarted.clear()
+        self._skipped = 0
         self._pending.clear()
         self._owed.clear()
         self._decoded.clear()
 
     # -- the store's side ------------------------------------------------------------------------
+
+    def durable(self) -> dict[str, int]:
+        """Return the vector of the ops whose effect the store holds (applied ops not written yet are not in it)."""
+        return dict(self._written)
+
+    async def compact(self, sql: AsyncSql, safe: Mapping[str, int], batches_max: int = COMPACT_STEP_BATCHES) -> int:
+        """Delete, through the store's writer `sql`, the logged batches of messages whose every op is at or below its
+        device's seq in `safe` (what every trusted device has), a transaction of up to `batches_max` at a time; return
+        how many went. Their effect stays in the tables; a device that lacks them catches up from a state snapshot."""
+        deleted, after = 0, 0
+        while True:
+            plan = await sql.run(primary.plan_compaction, safe, list(self._written), after, batches_max)
+            if plan.next_after == after:
+                return deleted
+            after = plan.next_after
+            if plan.batches:
+                # Raised first: from now on no reader is sent to a run being deleted (see primary.plan_compaction).
+                self.raise_bases(plan.bases)
+                await sql.run(primary.compact_log, plan)
+                for batch in plan.batches:
+                    self._decoded.pop(batch, None)
+                deleted += len(plan.batches)
+
+    def raise_bases(self, bases: Mapping[str, int]) -> None:
+        """Give no op at or below these seqs any more: they are about to be compacted away, or were skipped."""
+        for device, seq in bases.items():
+            if seq > self._bases.get(device, 0):
+                self._bases[device] = seq
+
+    def take_restarted(self) -> tuple[dict[str, int], int]:
+        """Return the bases state snapshots raised since last asked, for the write that persists their effect, and how
+        many ops they skipped that the store did not hold."""
+        restarted, skipped, self._restarted, self._skipped = self._restarted, self._skipped, {}, 0
+        return restarted, skipped
 
     def record_written(self, ops: Iterable[Op], forgotten: Iterable[tuple[Collection, str]]) -> None:
         """Note that a write committed these ops and redacted the stored ops of these keys."""

@@ -8,7 +8,7 @@ in the derived stores.
 
 import itertools
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -53,13 +53,19 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (3, lambda adapter: _log_ops_in_batches(adapter)),
     (4, lambda adapter: _outbox_of_key_lists(adapter)),
     (5, lambda adapter: _merge_state_of_messages(adapter)),
+    # A compacted log gives a device's ops only from just above its base (docs/spec/sync.md, section 4): the ops up to
+    # it were folded away, or their effect came in a state snapshot.
+    (6, "CREATE TABLE log_bases (device TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"),
 ]
 # Set in meta once the messages' merge state is stored (a home from before has it written once at start, from its log).
 MESSAGES_MERGED = "messages_merged"
-CLOCK_LAST = "clock_last"  # the newest HLC of the ops logged before their runs kept theirs (see logged_clock)
+CLOCK_LAST = "clock_last"  # the newest HLC of ops whose runs are not logged (older homes, compacted runs)
+STATE_BASE = "state_base"  # the merged state of every collection but messages that a state snapshot brought
+STATE_RESUME = "state_resume"  # where a state snapshot being received stands: [its vector, the last message id merged]
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
 LOG_PAGE_BATCHES = 16  # logged batches read per query when reading the whole log
+RUNS_SCAN_PAGE = 256  # runs read per query while planning a compaction
 LOG_PAGE_OPS = 20_000  # logged ops decoded per page when reading the whole log: the page is transient, but the memory it took stays the process's
 
 # Derived stores the projector keeps current.
@@ -319,8 +325,105 @@ def logged_bodies(adapter: SqlAdapter, batches: Iterable[int]) -> dict[int, byte
 
 
 def logged_vector(adapter: SqlAdapter) -> dict[str, int]:
-    """Return the highest logged seq of each device."""
-    return dict(adapter.query("SELECT device, max(seq_last) FROM op_runs GROUP BY device"))
+    """Return the highest seq of each device that the log holds or holds the effect of (up to its base)."""
+    vector: dict[str, int] = dict(adapter.query("SELECT device, max(seq_last) FROM op_runs GROUP BY device"))
+    for device, seq in log_bases(adapter).items():
+        vector[device] = max(vector.get(device, 0), seq)
+    return vector
+
+
+def log_bases(adapter: SqlAdapter) -> dict[str, int]:
+    """Return the base of each device whose logged ops start above seq 1: ops up to it are not logged."""
+    return dict(adapter.query("SELECT device, seq FROM log_bases"))
+
+
+def _raise_bases(adapter: SqlAdapter, bases: Mapping[str, int]) -> None:
+    adapter.insert_rows(
+        "INSERT INTO log_bases (device, seq) VALUES",
+        list(bases.items()),
+        "ON CONFLICT (device) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )
+
+
+@attrs.frozen
+class Compaction:
+    """Logged batches to delete, each of whose ops every trusted device has, and the bases they raise."""
+
+    batches: Sequence[int]
+    runs: Sequence[tuple[str, int]]  # (device, seq_first) of each run the batches hold
+    bases: dict[str, int]  # per device, the highest seq of its runs among them
+    hlc_max: int  # the newest HLC of their ops: the clock outlives them
+    next_after: int  # the batch id the next plan starts after
+
+
+def plan_compaction(
+    adapter: SqlAdapter, safe: Mapping[str, int], devices: Iterable[str], after_batch: int, batches_max: int
+) -> Compaction:
+    """Plan the deletion of logged batches after `after_batch` (up to `batches_max` considered) that hold ops of
+    messages only, each op at or below its device's seq in `safe` (what every trusted device has); `devices` are those
+    with logged ops.
+
+    Batches with ops of other collections stay: a start replays them (logged_ops_besides_messages). Reads only: the
+    caller raises the log's bases before `compact_log` deletes, so no reader is sent to a run being deleted.
+    """
+    candidates = [
+        batch
+        for (batch,) in adapter.query(
+            "SELECT id FROM op_batches WHERE other_ops = 0 AND id > ? ORDER BY id LIMIT ?", (after_batch, batches_max)
+        )
+    ]
+    if not candidates:
+        return Compaction((), (), {}, 0, after_batch)
+    first, last = candidates[0], candidates[-1]
+    devices = list(devices)
+    # A device's runs go up in batch id as they go up in seq (its ops are applied in seq order), so each scan below
+    # stops at the first run past the candidates: a step reads about as many runs as it deletes.
+    unsafe: set[int] = set()
+    for device in devices:
+        start = safe.get(device, 0) + 1
+        scanned = _runs_through(adapter, device, start, last)
+        unsafe.update(batch for _, seq_last, batch, _ in scanned if seq_last >= start)
+    deleted = set(candidates) - unsafe
+    runs: list[tuple[str, int]] = []
+    bases: dict[str, int] = {}
+    hlc_max = 0
+    for device in devices:
+        for seq_first, seq_last, batch, hlc in _runs_through(adapter, device, 1, min(last, max(deleted, default=0))):
+            if batch in deleted and batch >= first:
+                runs.append((device, seq_first))
+                bases[device] = max(bases.get(device, 0), seq_last)
+                hlc_max = max(hlc_max, hlc or 0)
+    return Compaction(sorted(deleted), runs, bases, hlc_max, last)
+
+
+def _runs_through(adapter: SqlAdapter, device: str, seq: int, last_batch: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (seq_first, seq_last, batch, hlc_max) of a device's runs from the one holding `seq` on, in seq order,
+    while their batch is at most `last_batch`, a page at a time."""
+    start = adapter.query_one(
+        "SELECT seq_first FROM op_runs WHERE device = ? AND seq_first <= ? ORDER BY seq_first DESC LIMIT 1",
+        (device, seq),
+    )
+    after = (seq if start is None else start[0]) - 1
+    while rows := adapter.query(
+        "SELECT seq_first, seq_last, batch, hlc_max FROM op_runs WHERE device = ? AND seq_first > ? "
+        "ORDER BY seq_first LIMIT ?",
+        (device, after, RUNS_SCAN_PAGE),
+    ):
+        for row in rows:
+            if row[2] > last_batch:
+                return
+            yield row
+        after = rows[-1][0]
+
+
+def compact_log(adapter: SqlAdapter, compaction: Compaction) -> None:
+    """Delete the planned batches and their runs, raising the bases and keeping their newest HLC, in one transaction."""
+    with adapter.transaction():
+        _delete_where_in(adapter, "DELETE FROM op_batches WHERE id IN", list(compaction.batches))
+        adapter.executemany("DELETE FROM op_runs WHERE device = ? AND seq_first = ?", list(compaction.runs))
+        _raise_bases(adapter, compaction.bases)
+        if compaction.hlc_max > (get_meta(adapter, CLOCK_LAST) or 0):
+            set_meta(adapter, CLOCK_LAST, compaction.hlc_max)
 
 
 _UPSERT_SQL = {
@@ -348,11 +451,14 @@ def persist(
     conflicts: Sequence[Conflict],
     forgotten: Sequence[tuple[Collection, str]] = (),
     meta: dict[str, Any] | None = None,
+    bases: Mapping[str, int] | None = None,
 ) -> None:
     """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction, and strip the
-    content of the forgotten keys from the log."""
+    content of the forgotten keys from the log; raise the log's `bases` (a state snapshot brought their ops' effect)."""
     with adapter.transaction():
         _log_batches(adapter, log)
+        if bases:
+            _raise_bases(adapter, bases)
         _redact_logged(adapter, forgotten)
         counts = _ConversationCounts(adapter, changes)
         for collection, keys in changes.deletes.items():
@@ -427,7 +533,7 @@ def store_merged_messages(
 
 _STORED_MESSAGES = (
     f"SELECT id, {', '.join(MESSAGE_ROW_FIELDS)}, add_hlc, stamp_devices.device, add_seq FROM messages "
-    "JOIN stamp_devices ON stamp_devices.number = messages.add_device WHERE id IN"
+    "JOIN stamp_devices ON stamp_devices.number = messages.add_device WHERE"
 )
 
 
@@ -439,10 +545,45 @@ def stored_messages(adapter: SqlAdapter, ids: Sequence[str]) -> tuple[list[tuple
         adapter, "SELECT EXISTS (SELECT 1 FROM message_edits), EXISTS (SELECT 1 FROM message_tombstones)"
     )
     return (
-        _rows_where_in(adapter, _STORED_MESSAGES, (), ids),
+        _rows_where_in(adapter, f"{_STORED_MESSAGES} id IN", (), ids),
         _rows_where_in(adapter, "SELECT * FROM message_edits WHERE id IN", (), ids) if any_edits else [],
         _rows_where_in(adapter, "SELECT * FROM message_tombstones WHERE id IN", (), ids) if any_tombstones else [],
     )
+
+
+def stored_messages_between(adapter: SqlAdapter, after_id: str, upto_id: str) -> tuple[list[tuple], ...]:
+    """Return, of the messages with an id above `after_id` and up to `upto_id`, what `stored_messages` returns."""
+    # A range is read in id order along each table's key: a tenth of the time of looking its ids up one by one.
+    between = "id > ? AND id <= ? ORDER BY id"
+    return tuple(
+        adapter.query(f"{select} {between}", (after_id, upto_id))
+        for select in (_STORED_MESSAGES, "SELECT * FROM message_edits WHERE", "SELECT * FROM message_tombstones WHERE")
+    )
+
+
+def message_ids_after(adapter: SqlAdapter, after_id: str, ids_max: int) -> list[str]:
+    """Return up to `ids_max` of the lowest ids above `after_id` of messages with any merge state: a row, an edit (which
+    may arrive before its add) or a tombstone."""
+    return [
+        message_id
+        for (message_id,) in adapter.query(
+            "SELECT id FROM messages WHERE id > ?1 UNION SELECT id FROM message_edits WHERE id > ?1 "
+            "UNION SELECT id FROM message_tombstones WHERE id > ?1 ORDER BY 1 LIMIT ?2",
+            (after_id, ids_max),
+        )
+    ]
+
+
+def message_ids_count(adapter: SqlAdapter, after_id: str) -> int:
+    """Return how many messages, live or deleted, have an id above `after_id` (an edit without its add is not
+    counted)."""
+    (count,) = _one_row(
+        adapter,
+        "SELECT (SELECT count(*) FROM messages WHERE id > ?1) "
+        "+ (SELECT count(*) FROM message_tombstones WHERE id > ?1)",
+        (after_id,),
+    )
+    return count
 
 
 def message_columns_after(adapter: SqlAdapter, after_rowid: int, columns: str, rows_max: int) -> list[tuple]:
@@ -573,7 +714,7 @@ def _rows_where_in(adapter: SqlAdapter, select: str, params: tuple, values: Iter
     return rows
 
 
-def _delete_where_in(adapter: SqlAdapter, delete: str, values: list[str]) -> None:
+def _delete_where_in(adapter: SqlAdapter, delete: str, values: Sequence[str | int]) -> None:
     for chunk, in_list in _in_lists(values):
         adapter.execute(f"{delete} {in_list}", chunk)
 

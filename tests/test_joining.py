@@ -12,11 +12,14 @@ import pytest
 import trio
 
 from node.api.rpc import RpcClient
+from node.app import Node
 from node.net.host import p2p_host
 from node.net.pairing import join
+from node.net.peers import compact_stopped_home
 from node.trust.identity import DeviceIdentity
 from node.trust.pairing import ATTEMPTS_MAX, CODE_ALPHABET, PairingError, display_code, parse_code
-from tests.processes import RunningNode, cli, env
+from stores import primary
+from tests.processes import PASSPHRASE, RunningNode, cli, converged, env, wait_until
 
 
 @pytest.fixture
@@ -131,3 +134,49 @@ def test_a_join_ends_once_the_device_holds_everything_on_disk(inviter, tmp_path)
     assert joined.returncode == 0, joined.stderr
     on_disk = json.loads(cli(tmp_path / "b", "digest").stdout)
     assert on_disk == inviter.call("digest") and on_disk["counts"]["messages"] == 30_000
+
+
+async def _compact(home) -> int:
+    """Compact a home's op log as its running node does every COMPACT_EVERY_S (node/net/sessions.py)."""
+    async with Node.opened(home, PASSPHRASE, "a test compacting the log") as node:
+        return await compact_stopped_home(node.data, node.identity.device_id)
+
+
+async def _log_bases(home) -> dict[str, int]:
+    async with Node.opened(home, PASSPHRASE, "a test reading the log") as node:
+        return await node.data.sql.run(primary.log_bases)
+
+
+def test_a_device_joining_a_compacted_home_gets_its_state_in_parts_and_holds_everything(inviter, tmp_path):
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(
+        json.dumps({"type": "message", "conversation": f"c{number % 3}", "text": f"message {number}", "ts_ms": number})
+        + "\n" for number in range(5000)
+    ))  # fmt: skip
+    assert cli(inviter.home, "import", str(history), timeout_s=300).returncode == 0
+    assert cli(inviter.home, "pref", "set", "theme", '"dark"').returncode == 0
+    with invite(inviter) as (code, _):
+        assert joining(tmp_path / "b", code, inviter.address).returncode == 0
+    inviter.stop()
+    # Nothing to compact while a device that joined has said nothing: the join's session told what the joiner holds.
+    assert trio.run(_compact, inviter.home) > 0
+    restarted = RunningNode(inviter.home)
+    try:
+        with invite(restarted) as (code, _):
+            joined = cli(tmp_path / "c", "pair", "join", code, "--address", restarted.address, "--name", "third")
+        assert joined.returncode == 0, joined.stderr
+        on_disk = json.loads(cli(tmp_path / "c", "digest").stdout)
+        assert on_disk == restarted.call("digest") and on_disk["counts"]["messages"] == 5000
+        status = json.loads(cli(tmp_path / "c", "status", "--json").stdout)
+        assert status["ops"] == status["ops_stored"] == restarted.call("status", stores=False)["ops"]
+        assert status["state_received"] is None
+        assert trio.run(_log_bases, tmp_path / "c")  # it skipped the ops whose effect the state brought
+        # The device paired before the compaction has every op it needs still logged: it syncs a new write as ever.
+        assert cli(restarted.home, "pref", "set", "theme", '"light"').returncode == 0
+        second = RunningNode(tmp_path / "b", restarted.address)
+        try:
+            wait_until(lambda: converged(restarted, second), what="the first joiner to take the new write")
+        finally:
+            second.stop()
+    finally:
+        restarted.stop()

@@ -119,9 +119,14 @@ def test_a_malformed_cutoff_is_refused_and_the_rule_survives_a_restart(clock):
     assert restarted.preferences.get("theme") is None and restarted.digest() == admin.digest()
 
 
+# These check that every node undoes the voided ops it applied, which a log compacted before the revocation arrived
+# cannot do (docs/spec/sync.md, section 2).
+REVOCATION_FAULTS = frozenset(FAULT_NAMES) - {"compact"}
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_revoked_node_writing_backdated_ops_changes_nothing_on_any_node(seed):
-    run = RevocationSimulation(SimConfig(nodes=5, ops=150, seed=seed, faults=frozenset(FAULT_NAMES)))
+    run = RevocationSimulation(SimConfig(nodes=5, ops=150, seed=seed, faults=REVOCATION_FAULTS))
     report = run.run_revocation()
     assert report.sim.converged, f"seed {seed} did not converge; replay with SIM_SEED={seed}"
     assert report.forged and all(op.hlc < report.revocation.hlc for op in report.forged)
@@ -132,7 +137,7 @@ def test_a_revoked_node_writing_backdated_ops_changes_nothing_on_any_node(seed):
 
 def test_the_sweep_forges_every_kind_of_write_and_makes_nodes_undo_applied_ones():
     reports = [
-        RevocationSimulation(SimConfig(nodes=5, ops=150, seed=seed, faults=frozenset(FAULT_NAMES))).run_revocation()
+        RevocationSimulation(SimConfig(nodes=5, ops=150, seed=seed, faults=REVOCATION_FAULTS)).run_revocation()
         for seed in range(10)
     ]
     kinds = {(op.collection, op.kind) for report in reports for op in report.forged}

@@ -352,6 +352,8 @@ class AdminHandlers:
             "engine": data.config.engine,
             "ops": data.replica.vector.total(),
             "ops_stored": data.ops_stored,
+            # A state snapshot being received, in messages merged of about how many: null when none is.
+            "state_received": None if data.state_progress is None else list(data.state_progress),
         }
         status.update((name, section()) for name, section in node.status_sections.items())
         if params.get("stores", True):

@@ -175,8 +175,10 @@ class MailboxSync:
 
     def _unposted_ops(self) -> list[Op]:
         replica = self.data.replica
-        # Everything but this device's ops counts as held, so only its unposted ops come back.
-        vector = {**replica.vector, self.identity.device_id: self.health.posted_seq}
+        # Everything but this device's ops counts as held, so only its unposted ops come back. Ops compacted away are
+        # held by every trusted device already.
+        device_id = self.identity.device_id
+        vector = {**replica.vector, device_id: max(self.health.posted_seq, replica.log.base(device_id))}
         return replica.ops_since(vector, POST_OPS_MAX)
 
     async def drain(self, client: MailboxClient) -> None:

@@ -15,7 +15,7 @@ from node.net.lan import discover_devices
 from node.net.mailbox import MailboxSync
 from node.net.pairing import InviteDesk
 from node.net.relays import RelayChoice
-from node.net.sessions import SyncService
+from node.net.sessions import COMPACT_EVERY_S, SyncService
 from node.sync.receiver import OpsReceiver
 from node.trust.identity import DeviceIdentity
 from node.trust.keyring import KeyRing
@@ -38,6 +38,7 @@ class NetworkOptions:
     mdns: bool = True
     relays: tuple[str, ...] = ()  # in order of preference: the next is used when one cannot be reached
     mailbox_drain_every_s: float = 5.0
+    compact_every_s: float = COMPACT_EVERY_S  # how often the op log is compacted (docs/spec/sync.md, section 4)
 
 
 @attrs.define
@@ -89,7 +90,15 @@ async def run_network(
     """Run the host and every network service until cancelled; `started` hands over the Network."""
     async with p2p_host(identity, options.listen or default_listen()) as host:
         relays = RelayChoice(options.relays) if options.relays else None
-        sync = SyncService(receiver, identity, keyring, host, relays=relays, bootstrap_peers=bootstrap_peers)
+        sync = SyncService(
+            receiver,
+            identity,
+            keyring,
+            host,
+            relays=relays,
+            bootstrap_peers=bootstrap_peers,
+            compact_every_s=options.compact_every_s,
+        )
         keepers = DeviceKeepers(sync)
         desk = InviteDesk(identity, lambda: keyring.current, host, enrol_paired, advertise_on_lan=options.mdns)
         network = Network(host, sync, desk)

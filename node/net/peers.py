@@ -87,6 +87,15 @@ class PeerState:
         return changed
 
 
+async def compact_stopped_home(data: DataLayer, own_device: str) -> int:
+    """Compact the op log of a home whose node is not running, as a running one does (node/net/sessions.py), from what
+    each trusted device last said it has; return how many logged batches went."""
+    book = PeerBook(data)
+    await book.load()
+    devices = data.replica.devices
+    return await book.compact_log([d for d in devices.enrolments if d != own_device and devices.revoked_at(d) is None])
+
+
 def is_direct_address(address: Any, device_id: str) -> bool:
     """Whether `address` is a dialable direct multiaddr (TCP, a specific IP) ending in `/p2p/<device_id>`."""
     if type(address) is not str or len(address) > ADDRESS_CHARS_MAX or address.startswith(UNSPECIFIED_PREFIX):
@@ -172,6 +181,27 @@ class PeerBook:
         }
         with trio.move_on_after(SAVE_TIMEOUT_S, shield=True):
             await self.data.sql.run(set_meta, PEERS_META, saved)
+
+    def applied_everywhere(self, devices: Iterable[str]) -> dict[str, int] | None:
+        """Return, per author device, the highest seq every one of `devices` said it has applied; None if one of them
+        never said (it may lack any op)."""
+        vectors = []
+        for device_id in devices:
+            peer = self.peers.get(device_id)
+            vector = (peer.session.peer_vector if peer.session is not None else peer.vector) if peer else {}
+            if not vector:
+                return None
+            vectors.append(vector)
+        if not vectors:
+            return None
+        authors = set.intersection(*(set(vector) for vector in vectors))
+        return {author: min(vector[author] for vector in vectors) for author in authors}
+
+    async def compact_log(self, trusted: Iterable[str]) -> int:
+        """Fold away the logged ops every one of the `trusted` devices said it has (their effect stays in the tables);
+        return how many logged batches went. A device alone compacts nothing."""
+        safe = self.applied_everywhere(trusted)
+        return await self.data.log.compact(self.data.sql, safe) if safe else 0
 
     async def learn(self, device_id: str, addresses: Sequence[str], via: str) -> None:
         """Remember that `device_id` listens at `addresses`, and persist it if that is news."""

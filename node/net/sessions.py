@@ -31,6 +31,7 @@ from stores.primary import LogBatch
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
+COMPACT_EVERY_S = 600.0  # how often the op log is compacted
 UNTRUSTED_WARNED_MAX = 256  # peer ids whose refused streams were reported (once each)
 
 
@@ -49,6 +50,7 @@ class SyncService:
         relays: RelayChoice | None = None,
         read_timeout_s: float = 30.0,
         refresh_every_s: float = 10.0,
+        compact_every_s: float = COMPACT_EVERY_S,
     ) -> None:
         self.receiver = receiver
         self.data = receiver.data
@@ -59,6 +61,7 @@ class SyncService:
         self.host = host
         self.read_timeout_s = read_timeout_s
         self.refresh_every_s = refresh_every_s
+        self.compact_every_s = compact_every_s
         self.outgoing = receiver.outgoing
         self.book = PeerBook(self.data)
         self.lan_devices: set[str] = set()  # devices mDNS found on the LAN
@@ -86,8 +89,18 @@ class SyncService:
             if self.relays is not None:
                 accept_relayed_connections(self.host)
                 nursery.start_soon(functools.partial(keep_reservation, self.host, self.relays, on_change=self._reserved))
+            nursery.start_soon(self._compact_log)
             task_status.started()
             await trio.sleep_forever()  # sessions from other devices arrive through the host's handler
+
+    async def _compact_log(self) -> None:
+        """Every so often, fold away the logged ops that every trusted device said it has (their effect stays in the
+        tables); a device that later lacks them catches up from a state snapshot."""
+        while True:
+            await trio.sleep(self.compact_every_s)
+            trusted = [device_id for device_id in self.known_devices() if self.is_trusted(device_id)]
+            if deleted := await self.book.compact_log(trusted):
+                log.info("compacted the op log: %d batches of ops every device holds were folded away", deleted)
 
     def _admits(self, device_id: str) -> bool:
         """The trust gate for incoming streams; a refused device is reported once."""
@@ -224,7 +237,7 @@ class SyncService:
             inbound_session_id=handshake.session_id,
             outbound_session_id=peer_session_id,
         )
-        session = SyncSession(self.data.replica, SessionConfig(epoch=group_key.epoch), sealer)
+        session = SyncSession(self.data.replica, SessionConfig(epoch=group_key.epoch), sealer, self.data.state_resume)
         scope = trio.CancelScope()
         peer.started(session, scope, stream_path(stream))
         try:
@@ -251,6 +264,7 @@ class SyncService:
         """Check what a session did and take the rows its applied ops changed now; return the write that persists
         them (in one transaction). Runs under the write lock, which is held until the write is done."""
         batches: list[LogBatch] = []
+        parts: list[StateMerged] = []
         for event in events:
             match event:
                 case PeerHello() if event.device_id != peer.device_id:
@@ -262,10 +276,10 @@ class SyncService:
                 case OpsApplied() if event.ops:
                     batches.append(LogBatch(event.ops, event.deflated))
                 case StateMerged():
-                    raise RemoteProtocolError(EndReason.UNEXPECTED_FRAME, "state snapshots are not accepted yet")
+                    parts.append(event)
                 case PeerAcked():
                     peer.last_sync_s = time.time()
-        return self._store(peer, self.receiver.stage(batches))
+        return self._store(peer, self.receiver.stage(batches, parts))
 
     async def _store(self, peer: PeerState, pending: PendingWrite | None) -> None:
         if pending is not None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from crdt import Op
-from node.sync.session import Event, OpsApplied, SessionState, SyncSession
+from node.sync.session import Event, OpsApplied, SessionState, StateMerged, SyncSession
 from stores.datalayer import DataLayer, PendingWrite
 from stores.primary import LogBatch
 
@@ -53,9 +53,12 @@ class OpsReceiver:
         """Held while ops are applied and until they are persisted, so no other writer interleaves."""
         return self.data.write_lock
 
-    def stage(self, log_batches: Sequence[LogBatch]) -> PendingWrite | None:
-        """Take now, from the replica, what these applied batches changed (None if they hold no op)."""
-        return self.data.prepare(log_batches) if log_batches else None
+    def stage(self, log_batches: Sequence[LogBatch], merged: Sequence[StateMerged] = ()) -> PendingWrite | None:
+        """Take now, from the replica, what these applied batches and merged state parts changed (None if nothing)."""
+        if not (log_batches or merged):
+            return None
+        parts = [event.part for event in merged]
+        return self.data.prepare(log_batches, parts=parts, resume=merged[-1].resume if merged else None)
 
     async def store(self, pending: PendingWrite) -> None:
         """Write what `stage` took, in one transaction, then publish the ops and wake the sessions."""
@@ -135,7 +138,11 @@ class AppliedOpsWriter:
     async def add(self, events: list[Event], ack: bytes | None) -> list[bytes]:
         """Queue what one chunk applied (and the ACK that claims it) behind the group in flight, or start it."""
         self._pending += events
-        self._pending_ops += sum(len(event.ops) for event in events if isinstance(event, OpsApplied))
+        self._pending_ops += sum(
+            len(event.ops) if isinstance(event, OpsApplied) else len(event.part.state["messages"]["records"])
+            for event in events
+            if isinstance(event, OpsApplied | StateMerged)
+        )
         self._pending_ack = ack or self._pending_ack
         due = []
         if self._in_flight is not None and self._pending_ops >= GROUP_OPS_MAX:

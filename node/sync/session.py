@@ -17,12 +17,15 @@ from crdt import (
     Op,
     Replica,
     SnapshotRequired,
+    StatePart,
+    StateResume,
+    StateStream,
     decode_ops,
+    decode_state_part,
     deflate,
     encode_ops,
-    encode_state,
+    encode_state_part,
     inflate,
-    merge_state,
 )
 from framing import FrameBuffer, LocalProtocolError, RemoteProtocolError
 from node.errors import EndReason, UnsealError
@@ -68,6 +71,7 @@ class SessionConfig:
     frame_bytes_max: int = 16 << 20
     batch_ops_max: int = 2000
     batch_bytes_max: int = 1 << 20
+    part_messages_max: int = 2000  # messages in one part of a state stream
     decode_limits: DecodeLimits = DEFAULT_LIMITS
 
 
@@ -100,9 +104,11 @@ class OpsApplied:
 
 @attrs.frozen
 class StateMerged:
-    """A state snapshot from the peer was merged."""
+    """A part of a state snapshot from the peer was merged (on the final part, the replica took the stream's vector)."""
 
     vector: dict[str, int]
+    part: StatePart
+    resume: StateResume | None  # where the stream stands for a resume after this part: None once it ended or broke
 
 
 @attrs.frozen
@@ -132,10 +138,17 @@ def _raise_max(vector: dict[str, int], device: str, seq: int) -> None:
 class SyncSession:
     """One side of a sync session with one peer over a reliable, ordered byte stream."""
 
-    def __init__(self, replica: Replica, config: SessionConfig | None = None, sealer: BatchSealer | None = None):
+    def __init__(
+        self,
+        replica: Replica,
+        config: SessionConfig | None = None,
+        sealer: BatchSealer | None = None,
+        resume: StateResume | None = None,
+    ):
         self.replica = replica
         self.config = config or SessionConfig()
         self.sealer = sealer or Plaintext()
+        self.resume = resume  # a state stream this side did not finish receiving, named in HELLO
         self.state = SessionState.GREETING
         self.peer_device: str | None = None
         self.peer_vector: dict[str, int] = {}  # what the peer last said it has applied
@@ -146,6 +159,9 @@ class SyncSession:
         self._batches_sent = 0
         self._last_batch_received: int | None = None
         self._ack_owed: int | None = None
+        self._stream: StateStream | None = None  # the state being sent, while the peer lacks compacted ops
+        self._stream_received: tuple[dict[str, int], int] | None = None  # (vector, parts) of one received in order
+        self._peer_resume: StateResume | None = None
         self._early: list[tuple[Frame, int]] = []
         self._early_bytes = 0
         self.bytes_sent = 0
@@ -229,6 +245,7 @@ class SyncSession:
         self.state = SessionState.SYNCING
         self.peer_device = hello.device_id
         self.peer_vector = dict(hello.vector)
+        self._peer_resume = hello.resume
         if repeated and hello.greeted:
             # A duplicated HELLO may be older than batches already in flight: no rewind.
             for device, seq in hello.vector.items():
@@ -278,13 +295,22 @@ class SyncSession:
     def _on_state(self, snapshot: StateSnapshot) -> StateMerged:
         limits = attrs.evolve(self.config.decode_limits, bytes_max=self.config.frame_bytes_max)
         try:
-            merge_state(self.replica, inflate(self._open(snapshot.sealed), limits.bytes_max), limits)
+            part = decode_state_part(inflate(self._open(snapshot.sealed), limits.bytes_max), self.replica, limits)
         except DecodeError as error:
             raise RemoteProtocolError(EndReason.MALFORMED_FRAME, f"state {snapshot.batch_no}: {error}") from None
-        for device, seq in self.replica.vector.items():
-            _raise_max(self._peer_has, device, seq)
+        # Until the final part the vector stays: the state brought so far holds the effect of no whole op. Parts lost or
+        # out of order (a datagram path) leave it too: the sender then sees the vector still short, and streams again.
+        received = self._stream_received
+        in_order = part.number == 0 or received == (part.vector, part.number)
+        going_on = in_order and not part.final
+        self._stream_received = (part.vector, part.number + 1) if going_on else None
+        whole = in_order and part.final
+        self.replica.join_state(part.vector if whole else {}, part.state)
+        if whole:
+            for device, seq in self.replica.vector.items():
+                _raise_max(self._peer_has, device, seq)
         self._owe_ack(snapshot.batch_no)
-        return StateMerged(dict(self.replica.vector))
+        return StateMerged(dict(self.replica.vector), part, StateResume(part.vector, part.upto) if going_on else None)
 
     def _owe_ack(self, batch_no: int) -> None:
         if self._last_batch_received is None or batch_no > self._last_batch_received:
@@ -315,7 +341,13 @@ class SyncSession:
         config = self.config
         greeted = self.peer_device is not None
         return Hello(
-            config.protocol, config.schema, self.replica.device_id, config.epoch, dict(self.replica.vector), greeted
+            config.protocol,
+            config.schema,
+            self.replica.device_id,
+            config.epoch,
+            dict(self.replica.vector),
+            greeted,
+            self.resume,
         )
 
     def close(self, detail: str = "closing") -> None:
@@ -359,14 +391,17 @@ class SyncSession:
         return Ack(batch_no, dict(self.replica.vector))
 
     def _next_batch(self) -> Deltas | StateSnapshot | None:
-        try:
-            ops = self.replica.ops_since(self._sent, self.config.batch_ops_max)
-        except SnapshotRequired:
-            self._batches_sent += 1
-            self._sent = dict(self.replica.vector)
-            return StateSnapshot(self._batches_sent, self._seal(encode_state(self.replica)))
-        if not ops:
-            return None
+        if self._stream is None:
+            try:
+                ops = self.replica.ops_since(self._sent, self.config.batch_ops_max)
+            except SnapshotRequired:
+                # One use: a resume the peer named is no good once another stream went to it.
+                self._stream, self._peer_resume = StateStream(self.replica, self._peer_resume), None
+            else:
+                return self._deltas(ops) if ops else None
+        return self._next_part(self._stream)
+
+    def _deltas(self, ops: list[Op]) -> Deltas:
         batch = encode_ops(ops)
         while len(batch) > self.config.batch_bytes_max and len(ops) > 1:
             ops = ops[: len(ops) // 2]
@@ -375,3 +410,20 @@ class SyncSession:
             _raise_max(self._sent, op.device, op.seq)
         self._batches_sent += 1
         return Deltas(self._batches_sent, self._seal(batch))
+
+    def _next_part(self, stream: StateStream) -> StateSnapshot:
+        messages_max = self.config.part_messages_max
+        part = stream.peek(messages_max)
+        data = encode_state_part(part)
+        while len(data) > self.config.batch_bytes_max and messages_max > 1:
+            messages_max //= 2
+            part = stream.peek(messages_max)
+            data = encode_state_part(part)
+        stream.advance(part)
+        if part.final:
+            # The peer now has what the stream's vector covers; the ops after it follow as deltas.
+            self._stream, self._sent = None, dict(part.vector)
+            for device, seq in self._peer_has.items():
+                _raise_max(self._sent, device, seq)
+        self._batches_sent += 1
+        return StateSnapshot(self._batches_sent, self._seal(data))

@@ -7,7 +7,7 @@ import attrs
 import msgpack
 
 import framing
-from crdt import FORMAT_VERSION, DecodeError
+from crdt import FORMAT_VERSION, DecodeError, StateResume
 from node.errors import EndReason
 
 PROTOCOL_VERSION = 2  # 2: DELTAS and STATE bodies are deflated before sealing
@@ -34,6 +34,7 @@ class Hello:
     epoch: int
     vector: dict[str, int]
     greeted: bool = False  # whether the sender has the receiver's HELLO; if not, the receiver sends it again
+    resume: StateResume | None = None  # a state stream the sender did not finish, to go on with
 
 
 @attrs.frozen
@@ -84,6 +85,8 @@ def to_wire(frame: Frame) -> bytes:
                 frame.vector,
                 frame.greeted,
             ]
+            if frame.resume is not None:
+                body.append([frame.resume.vector, frame.resume.after_id])
         case Deltas():
             body = [FrameType.DELTAS, frame.batch_no, frame.sealed]
         case StateSnapshot():
@@ -105,6 +108,13 @@ def _vector(value: Any) -> dict[str, int]:
     return value
 
 
+def _resume(value: Any) -> StateResume:
+    match value:
+        case [vector, str() as after_id] if len(after_id) <= 1 << 10:
+            return StateResume(_vector(vector), after_id)
+    raise DecodeError("HELLO's resume is not [vector, message id]")
+
+
 def from_wire(body: bytes, bytes_max: int) -> Frame:
     """Decode one frame body (without its prefix), raising DecodeError for anything malformed."""
     try:
@@ -119,10 +129,11 @@ def from_wire(body: bytes, bytes_max: int) -> Frame:
     match kind, rest:
         case (
             FrameType.HELLO,
-            [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector, bool() as greeted],
-        ):
+            [int() as protocol, int() as schema, str() as device_id, int() as epoch, vector, bool() as greeted, *more],
+        ) if len(more) <= 1:
             if device_id:
-                return Hello(protocol, schema, device_id, epoch, _vector(vector), greeted)
+                resume = _resume(more[0]) if more else None
+                return Hello(protocol, schema, device_id, epoch, _vector(vector), greeted, resume)
         case (FrameType.DELTAS, [int() as batch_no, bytes() as sealed]):
             return Deltas(batch_no, sealed)
         case (FrameType.STATE, [int() as batch_no, bytes() as sealed]):

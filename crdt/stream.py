@@ -1,0 +1,94 @@
+"""A replica's merged state as a stream of bounded parts, which catch a peer up past compacted ops (docs/spec/sync.md,
+section 4): a state never needs to be held, sent or merged whole."""
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from crdt.ops import Collection
+
+if TYPE_CHECKING:
+    from crdt.replica import Replica
+
+
+@attrs.frozen
+class StateResume:
+    """Where a receiver stands in a state stream it did not finish: the stream's vector and the last message id merged."""
+
+    vector: dict[str, int]
+    after_id: str
+
+
+@attrs.frozen
+class StatePart:
+    """One part of a state stream: some of the merged state, and where the part stands in its stream."""
+
+    vector: dict[str, int]  # the stream's: all its parts together hold the effect of every op it covers
+    number: int  # its place in the stream, from 0: a receiver counts the vector's ops only after every part in order
+    upto: str  # the highest message id the stream has covered with this part ("" if none yet)
+    final: bool  # the last part: the receiver may now count the vector's ops as applied
+    messages_done: int  # messages sent in the stream, this part's included
+    messages_total: int  # about how many the stream sends in all
+    state: dict[str, Any]  # by collection: every collection in the first part, only messages in the others
+
+
+def state_keys(state: Mapping[str, Any]) -> dict[Collection, list[str]]:
+    """Return the keys a (part of a) state snapshot holds merge state of, by collection."""
+    keys: dict[Collection, list[str]] = {}
+    for name, value in state.items():
+        collection = Collection(name)
+        if collection is Collection.MESSAGES:
+            held = {*value["records"], *value["edits"], *value["tombstones"]}
+        elif collection is Collection.MEMORIES:
+            held = {*value["adds"], *value["removed"], *value["fields"]}
+        elif collection is Collection.DEVICES:
+            held = set(value["enrolments"])  # a device has a row once enrolled; a revocation alone writes none
+        else:
+            held = set(value)
+        keys[collection] = sorted(held)
+    return keys
+
+
+class StateStream:
+    """Reads a replica's merged state a part at a time: the first part holds every collection but messages, and each
+    part the next messages by id; the vector is taken when the stream begins (or resumes)."""
+
+    def __init__(self, replica: "Replica", resume: StateResume | None = None) -> None:
+        self._replica = replica
+        durable = replica.log.durable()
+        self.resumed = resume is not None and _resumable(replica, durable, resume.vector)
+        # What the store holds the effect of, not what was applied: messages are read from the store as it is written.
+        self.vector = dict(resume.vector) if resume is not None and self.resumed else durable
+        self.after_id = resume.after_id if resume is not None and self.resumed else ""
+        self.messages_done = 0
+        self.messages_total = replica.messages.count_ids(self.after_id)
+        self.ended = False
+        self._parts_sent = 0
+
+    def peek(self, messages_max: int) -> StatePart:
+        """Return the next part, with up to `messages_max` messages; the stream moves on only by `advance`."""
+        messages, upto = self._replica.messages.state_page(self.after_id, messages_max)
+        count = len({*messages["records"], *messages["edits"], *messages["tombstones"]})
+        first = self._parts_sent == 0
+        state = {**self._replica.state(messages=False), "messages": messages} if first else {"messages": messages}
+        done = self.messages_done + count
+        final = count < messages_max
+        return StatePart(
+            self.vector, self._parts_sent, upto or self.after_id, final, done, max(done, self.messages_total), state
+        )
+
+    def advance(self, part: StatePart) -> None:
+        """Move past a part `peek` returned, once it is sent."""
+        self._parts_sent += 1
+        self.after_id = part.upto
+        self.messages_done = part.messages_done
+        self.ended = part.final
+
+
+def _resumable(replica: "Replica", durable: Mapping[str, int], vector: Mapping[str, int]) -> bool:
+    """Whether a stream begun at `vector` can go on here: this replica's store holds the effect of every op it covers,
+    and still logs every op after it (the deltas that follow the stream)."""
+    return all(seq <= durable.get(device, 0) for device, seq in vector.items()) and all(
+        replica.log.base(device) <= vector.get(device, 0) for device in durable
+    )
