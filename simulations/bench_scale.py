@@ -85,7 +85,7 @@ def _compacted(home: Path) -> tuple[int, int]:
             deleted = await compact_stopped_home(node.data, node.identity.device_id)
             (free,) = await node.data.sql.query("PRAGMA freelist_count")
             (page,) = await node.data.sql.query("PRAGMA page_size")
-            return deleted, free[0] * page[0]
+            return deleted, int(free[0]) * int(page[0])
 
     return trio.run(compact)
 

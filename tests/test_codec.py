@@ -8,9 +8,13 @@ from hypothesis import strategies as st
 from crdt import (
     DecodeError,
     DecodeLimits,
+    StateResume,
+    StateStream,
     decode_ops,
+    decode_state_part,
     encode_ops,
     encode_state,
+    encode_state_part,
     load_replica,
     merge_state,
     save_replica,
@@ -132,6 +136,41 @@ def test_a_mutated_snapshot_is_refused_whole_or_merged_whole(data):
     target.digest()  # a snapshot that passed validation leaves a usable replica
 
 
+def _first_part(replica) -> bytes:
+    return encode_state_part(StateStream(replica).peek(10))
+
+
+@FUZZ
+@given(_mutations(_first_part(SAMPLE)))
+def test_a_mutated_state_part_is_refused_and_changes_nothing(data):
+    target = make_replica("dev-t")
+    target.set_preference("mine", 1)
+    digest = target.digest()
+    try:
+        part = decode_state_part(data, target)
+    except DecodeError:
+        assert target.digest() == digest
+        return
+    target.join_state(part.vector if part.final else {}, part.state)  # a part that passed validation merges
+    target.digest()
+
+
+def test_a_state_part_round_trips_and_holds_every_collection_first_then_messages_only():
+    replica = make_replica("dev-a")
+    for number in range(25):
+        replica.add_message(f"m{number:02}", {"conversation": "c", "role": "user", "text": "t", "ts_ms": number})
+    replica.set_preference("theme", "dark")
+    stream = StateStream(replica)
+    parts = []
+    while not stream.ended:
+        parts.append(decode_state_part(encode_state_part(part := stream.peek(10)), make_replica("dev-b")))
+        assert parts[-1] == part
+        stream.advance(part)
+    assert [len(part.state) for part in parts] == [7, 1, 1]
+    assert [part.upto for part in parts] == ["m09", "m19", "m24"]
+    assert [(part.messages_done, part.final) for part in parts] == [(10, False), (20, False), (25, True)]
+
+
 @FUZZ
 @given(_mutations(save_replica(SAMPLE)))
 def test_a_mutated_save_only_raises_decode_error(data):
@@ -141,8 +180,11 @@ def test_a_mutated_save_only_raises_decode_error(data):
         pass
 
 
+RESUMING = Hello(2, 1, "dev-a", 0, {"dev-a": 3}, True, StateResume({"dev-b": 9}, "m0042"))
+
+
 @pytest.mark.parametrize(
-    "frame", [Hello(1, 1, "dev-a", 0, {"dev-a": 3}), Deltas(4, b"sealed"), Ack(None, {}), Ack(2, {"x": 1})]
+    "frame", [Hello(1, 1, "dev-a", 0, {"dev-a": 3}), RESUMING, Deltas(4, b"sealed"), Ack(None, {}), Ack(2, {"x": 1})]
 )
 def test_frames_round_trip(frame):
     data = to_wire(frame)
@@ -151,7 +193,7 @@ def test_frames_round_trip(frame):
 
 
 @FUZZ
-@given(st.sampled_from([to_wire(Hello(1, 1, "dev-a", 0, {"dev-a": 3}))[4:], to_wire(Ack(2, {"x": 1}))[4:]]).flatmap(_mutations))
+@given(st.sampled_from([to_wire(frame)[4:] for frame in (Hello(1, 1, "dev-a", 0, {"dev-a": 3}), RESUMING, Ack(2, {"x": 1}))]).flatmap(_mutations))
 def test_mutated_frames_only_raise_decode_error(data):
     try:
         from_wire(data, 1 << 20)

@@ -17,7 +17,7 @@ from node.sync.session import (
     StateMerged,
     SyncSession,
 )
-from node.sync.wire import Deltas, to_wire
+from node.sync.wire import Ack, Deltas, from_wire, to_wire
 from tests.conftest import make_replica
 
 
@@ -138,6 +138,35 @@ def test_a_state_stream_comes_in_parts_and_one_lost_part_leaves_the_vector_until
     assert c.vector == {}  # the stream came with a hole: no op counts as held
     converse(sa, sc)
     assert c.digest() == a.digest() and c.vector == a.vector
+
+
+def test_a_refresh_during_a_state_stream_restates_nothing_unless_the_stream_stopped_moving(clock):
+    a, _ = seeded_pair(clock, ops_each=50)
+    for number in range(50):
+        a.add_message(f"m{number}", {"conversation": "c", "role": "user", "text": "t", "ts_ms": number})
+    a.log.compact(a.vector)
+    c = make_replica("dev-c", clock)
+    config = SessionConfig(part_messages_max=8)
+    sa, sc = SyncSession(a, config), SyncSession(c, config)
+    sc.receive_data(sa.generate())
+    sa.receive_data(sc.generate())
+
+    def acks_after_refresh() -> list:
+        sc.refresh()
+        return [frame for data in iter(sc.generate, None) if isinstance(frame := from_wire(data[4:], 1 << 20), Ack)]
+
+    sc.receive_data(sa.generate())
+    # A rewind now (the vector it restates lacks the stream's ops) would make the sender stream it all again.
+    assert [ack.batch_no for ack in acks_after_refresh()] == [1]
+    frames = list(iter(sa.generate, None))
+    for data in frames[:-1]:  # the final part is lost (a datagram path)
+        sc.receive_data(data)
+    assert acks_after_refresh() == [Ack(6, {})]  # parts came since the last refresh: nothing restated
+    rewind = acks_after_refresh()
+    assert rewind == [Ack(None, {})]  # none since: the stream stopped, and c restates what it lacks
+    sa.receive_data(to_wire(rewind[0]))
+    parts = [event.part for data in iter(sa.generate, None) for event in sc.receive_data(data) if isinstance(event, StateMerged)]
+    assert parts[0].number == 0 and parts[-1].final and c.vector == a.vector and c.digest() == a.digest()
 
 
 def test_large_deltas_are_split_into_bounded_batches(clock):

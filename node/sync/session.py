@@ -161,6 +161,7 @@ class SyncSession:
         self._ack_owed: int | None = None
         self._stream: StateStream | None = None  # the state being sent, while the peer lacks compacted ops
         self._stream_received: tuple[dict[str, int], int] | None = None  # (vector, parts) of one received in order
+        self._stream_moved = False  # a part of it arrived since the last refresh
         self._peer_resume: StateResume | None = None
         self._early: list[tuple[Frame, int]] = []
         self._early_bytes = 0
@@ -304,6 +305,7 @@ class SyncSession:
         in_order = part.number == 0 or received == (part.vector, part.number)
         going_on = in_order and not part.final
         self._stream_received = (part.vector, part.number + 1) if going_on else None
+        self._stream_moved = True
         whole = in_order and part.final
         self.replica.join_state(part.vector if whole else {}, part.state)
         if whole:
@@ -335,6 +337,11 @@ class SyncSession:
         if self.state is SessionState.GREETING and not self._outbound:
             self._outbound.append(self._hello())
         elif self.state is SessionState.SYNCING:
+            if self._stream_received is not None and self._stream_moved:
+                # A state stream is coming in order: restating a vector that lacks what it brings would make the
+                # peer stream it all again. One that stopped moving (its last part lost) is restated, and restarts.
+                self._stream_moved = False
+                return
             self._ack_owed = _REWIND
 
     def _hello(self) -> Hello:
