@@ -143,11 +143,12 @@ class SqlLog:
         device's seq in `safe` (what every trusted device has), a transaction of up to `batches_max` at a time; return
         how many went. Their effect stays in the tables; a device that lacks them catches up from a state snapshot."""
         deleted, after = 0, 0
+        upto, cursors = await sql.run(primary.compaction_scope)
         while True:
-            plan = await sql.run(primary.plan_compaction, safe, list(self._written), after, batches_max)
+            plan = await sql.run(primary.plan_compaction, safe, cursors, after, upto, batches_max)
             if plan.next_after == after:
                 return deleted
-            after = plan.next_after
+            after, cursors = plan.next_after, plan.cursors
             if plan.batches:
                 # Raised first: from now on no reader is sent to a run being deleted (see primary.plan_compaction).
                 self.raise_bases(plan.bases)

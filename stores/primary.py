@@ -8,7 +8,7 @@ in the derived stores.
 
 import itertools
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -53,7 +53,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (3, lambda adapter: _log_ops_in_batches(adapter)),
     (4, lambda adapter: _outbox_of_key_lists(adapter)),
     (5, lambda adapter: _merge_state_of_messages(adapter)),
-    # A compacted log gives a device's ops only from just above its base (docs/spec/sync.md, section 4): the ops up to
+    # A compacted log gives a device's ops only from just above its base (docs/spec/sync.md, section 6): the ops up to
     # it were folded away, or their effect came in a state snapshot.
     (6, "CREATE TABLE log_bases (device TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"),
 ]
@@ -354,14 +354,28 @@ class Compaction:
     bases: dict[str, int]  # per device, the highest seq of its runs among them
     hlc_max: int  # the newest HLC of their ops: the clock outlives them
     next_after: int  # the batch id the next plan starts after
+    cursors: dict[str, int]  # per device, the seq_first its runs are read from by the next plan
+
+
+def compaction_scope(adapter: SqlAdapter) -> tuple[int, dict[str, int]]:
+    """Return the newest logged batch, and a cursor at seq 1 for every device with a run up to it: what a compaction
+    considers (batches logged after it began may hold ops of a device it does not read)."""
+    (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
+    return newest, {device: 1 for (device,) in adapter.query("SELECT DISTINCT device FROM op_runs")}
 
 
 def plan_compaction(
-    adapter: SqlAdapter, safe: Mapping[str, int], devices: Iterable[str], after_batch: int, batches_max: int
+    adapter: SqlAdapter,
+    safe: Mapping[str, int],
+    cursors: Mapping[str, int],
+    after_batch: int,
+    upto_batch: int,
+    batches_max: int,
 ) -> Compaction:
-    """Plan the deletion of logged batches after `after_batch` (up to `batches_max` considered) that hold ops of
-    messages only, each op at or below its device's seq in `safe` (what every trusted device has); `devices` are those
-    with logged ops.
+    """Plan the deletion of logged batches after `after_batch` up to `upto_batch` (at most `batches_max` considered)
+    that hold ops of messages only, each op at or below its device's seq in `safe` (what every trusted device has).
+    `cursors` name, per device with logged ops, the seq_first from which its runs are read (compaction_scope's, then
+    the last plan's).
 
     Batches with ops of other collections stay: a start replays them (logged_ops_besides_messages). Reads only: the
     caller raises the log's bases before `compact_log` deletes, so no reader is sent to a run being deleted.
@@ -369,51 +383,52 @@ def plan_compaction(
     candidates = [
         batch
         for (batch,) in adapter.query(
-            "SELECT id FROM op_batches WHERE other_ops = 0 AND id > ? ORDER BY id LIMIT ?", (after_batch, batches_max)
+            "SELECT id FROM op_batches WHERE other_ops = 0 AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (after_batch, upto_batch, batches_max),
         )
     ]
     if not candidates:
-        return Compaction((), (), {}, 0, after_batch)
-    first, last = candidates[0], candidates[-1]
-    devices = list(devices)
-    # A device's runs go up in batch id as they go up in seq (its ops are applied in seq order), so each scan below
-    # stops at the first run past the candidates: a step reads about as many runs as it deletes.
-    unsafe: set[int] = set()
-    for device in devices:
-        start = safe.get(device, 0) + 1
-        scanned = _runs_through(adapter, device, start, last)
-        unsafe.update(batch for _, seq_last, batch, _ in scanned if seq_last >= start)
+        return Compaction((), (), {}, 0, after_batch, dict(cursors))
+    last = candidates[-1]
+    # A device's runs go up in batch id as they go up in seq (its ops are applied in seq order): read from where the
+    # last plan stopped to the first run past these candidates, each run is read once in a whole compaction, however
+    # long a device's ops have waited for a device that lacks them.
+    read: dict[str, list[tuple[int, int, int, int]]] = {}
+    next_cursors: dict[str, int] = {}
+    for device, cursor in cursors.items():
+        read[device], next_cursors[device] = _runs_through(adapter, device, cursor, last)
+    unsafe = {batch for device, rows in read.items() for _, seq_last, batch, _ in rows if seq_last > safe.get(device, 0)}
     deleted = set(candidates) - unsafe
     runs: list[tuple[str, int]] = []
     bases: dict[str, int] = {}
     hlc_max = 0
-    for device in devices:
-        for seq_first, seq_last, batch, hlc in _runs_through(adapter, device, 1, min(last, max(deleted, default=0))):
-            if batch in deleted and batch >= first:
+    for device, rows in read.items():
+        for seq_first, seq_last, batch, hlc in rows:
+            if batch in deleted:
                 runs.append((device, seq_first))
                 bases[device] = max(bases.get(device, 0), seq_last)
                 hlc_max = max(hlc_max, hlc or 0)
-    return Compaction(sorted(deleted), runs, bases, hlc_max, last)
+    return Compaction(sorted(deleted), runs, bases, hlc_max, last, next_cursors)
 
 
-def _runs_through(adapter: SqlAdapter, device: str, seq: int, last_batch: int) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (seq_first, seq_last, batch, hlc_max) of a device's runs from the one holding `seq` on, in seq order,
-    while their batch is at most `last_batch`, a page at a time."""
-    start = adapter.query_one(
-        "SELECT seq_first FROM op_runs WHERE device = ? AND seq_first <= ? ORDER BY seq_first DESC LIMIT 1",
-        (device, seq),
-    )
-    after = (seq if start is None else start[0]) - 1
-    while rows := adapter.query(
+def _runs_through(
+    adapter: SqlAdapter, device: str, seq_first: int, last_batch: int
+) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Return (seq_first, seq_last, batch, hlc_max) of a device's runs from `seq_first` on, in seq order, while their
+    batch is at most `last_batch`; and the seq_first to read on from."""
+    rows: list[tuple[int, int, int, int]] = []
+    after = seq_first - 1
+    while page := adapter.query(
         "SELECT seq_first, seq_last, batch, hlc_max FROM op_runs WHERE device = ? AND seq_first > ? "
         "ORDER BY seq_first LIMIT ?",
         (device, after, RUNS_SCAN_PAGE),
     ):
-        for row in rows:
+        for row in page:
             if row[2] > last_batch:
-                return
-            yield row
-        after = rows[-1][0]
+                return rows, row[0]
+            rows.append(row)
+        after = page[-1][0]
+    return rows, after + 1
 
 
 def compact_log(adapter: SqlAdapter, compaction: Compaction) -> None:
@@ -553,7 +568,7 @@ def stored_messages(adapter: SqlAdapter, ids: Sequence[str]) -> tuple[list[tuple
 
 def stored_messages_between(adapter: SqlAdapter, after_id: str, upto_id: str) -> tuple[list[tuple], ...]:
     """Return, of the messages with an id above `after_id` and up to `upto_id`, what `stored_messages` returns."""
-    # A range is read in id order along each table's key: a tenth of the time of looking its ids up one by one.
+    # A range is read along each table's key: 4.9 ms for 2000 messages of a 1M home, against 7.8 ms looking them up by id.
     between = "id > ? AND id <= ? ORDER BY id"
     return tuple(
         adapter.query(f"{select} {between}", (after_id, upto_id))

@@ -1,11 +1,14 @@
 """A node's op log compacted (stores/primary.py plan_compaction), and a device that lacks the compacted ops caught up
 from the state streamed in parts, resumed after an interrupt (crdt/stream.py, node/sync/session.py)."""
 
+import functools
 import random
+import time
 
 import pytest
+import trio
 
-from crdt import Collection, SnapshotRequired
+from crdt import Collection, HybridClock, Replica, SnapshotRequired
 from node.sync.receiver import Notifier, OpsReceiver
 from node.sync.session import OpsApplied, SessionConfig, StateMerged, SyncSession
 from stores import primary
@@ -15,7 +18,8 @@ from tests.stores.test_message_store import random_ops
 from tests.test_datalayer import DIMS, store_key
 
 INVITER, JOINER = "12D3KooWTestInviter", "12D3KooWTestJoiner"
-CONFIG = SessionConfig(part_messages_max=64)  # parts of at most 64 messages
+CONFIG = SessionConfig(part_messages_max=64)
+MESSAGE = {"conversation": "c", "role": "user", "text": "hi", "ts_ms": 1}  # parts of at most 64 messages
 
 
 async def open_home(home, device: str) -> DataLayer:
@@ -94,6 +98,25 @@ async def test_compaction_folds_away_batches_of_messages_every_device_has_and_a_
         data = await open_home(tmp_path / "a", INVITER)
         assert data.replica.digest() == digest and data.replica.vector == vector
         assert data.replica.clock.last >= max(hlc for (hlc,) in await data.sql.query("SELECT add_hlc FROM messages"))
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_batches_logged_while_a_compaction_runs_are_not_deleted_unread(tmp_path):
+    data = await filled_home(tmp_path / "a", random.Random(6))
+    newcomer = Replica("dev-new", HybridClock(lambda: time.time_ns() // 1_000_000))
+    written = [newcomer.add_message(f"new{number}", MESSAGE) for number in range(5)]
+    try:
+        async with trio.open_nursery() as nursery:
+            # Every device said it has everything but the newcomer's ops, which no compaction may delete.
+            safe = dict(data.replica.vector)
+            nursery.start_soon(functools.partial(data.log.compact, data.sql, safe, batches_max=1))
+            for op in written:
+                await trio.sleep(0)
+                await data.persist(data.replica.apply([op]).applied)
+        assert [op.seq for op in data.replica.log.tail("dev-new", 0)] == [1, 2, 3, 4, 5]
+        assert await data.log.compact(data.sql, {**safe, "dev-new": 5}) == 5  # once every device has them
     finally:
         await data.close()
 
