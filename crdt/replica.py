@@ -397,8 +397,9 @@ class Replica(LocalWrites):
         """Install a saved log into an empty replica whose state was restored from the same save."""
         if self._vector:
             raise CrdtError("a log can only be restored into an empty replica")
-        for device, ops in log.items():
-            base = log_base.get(device, 0)
+        # A device whose logged ops were all compacted away has a base and no op.
+        for device in {**log_base, **log}:
+            ops, base = log.get(device, []), log_base.get(device, 0)
             if any(op.seq != base + i + 1 or op.device != device for i, op in enumerate(ops)):
                 raise CrdtError(f"saved log of {device} is not contiguous from seq {base + 1}")
             self.log.restart(device, base)

@@ -48,6 +48,16 @@ def test_ops_round_trip_through_a_batch():
     assert decode_ops(SAMPLE_BATCH) == SAMPLE_OPS
 
 
+def test_a_saved_replica_whose_log_was_compacted_whole_loads_with_its_vector_and_bases():
+    replica = sample_replica()
+    replica.log.compact(replica.vector)
+    loaded = load_replica(save_replica(replica), lambda: 0)
+    assert loaded.vector == replica.vector and loaded.digest() == replica.digest()
+    assert loaded.log.base("dev-a") == replica.vector["dev-a"]
+    # Its next op follows the compacted ones: reusing their seqs would make two different ops with one id.
+    assert loaded.set_preference("theme", "light").seq == replica.vector["dev-a"] + 1
+
+
 def test_a_saved_replica_loads_with_the_same_state_log_and_clock():
     loaded = load_replica(save_replica(SAMPLE), lambda: 0)
     assert loaded.digest() == SAMPLE.digest()
