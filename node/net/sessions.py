@@ -27,6 +27,7 @@ from node.trust.keyring import KeyRing
 from node.trust.sealing import GroupSealer, new_session_id
 from p2p import StreamGone, read_chunk, reset_quietly, write_within
 from stores.datalayer import PendingWrite
+from stores.errors import StoreError
 from stores.primary import LogBatch
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,12 @@ class SyncService:
         while True:
             await trio.sleep(self.compact_every_s)
             trusted = [device_id for device_id in self.known_devices() if self.is_trusted(device_id)]
-            if deleted := await self.book.compact_log(trusted):
+            try:
+                deleted = await self.book.compact_log(trusted)
+            except StoreError as error:  # the log is kept whole meanwhile: a later round tries again
+                log.warning("could not compact the op log: %s", error)
+                continue
+            if deleted:
                 log.info("compacted the op log: %d batches of ops every device holds were folded away", deleted)
 
     def _admits(self, device_id: str) -> bool:
