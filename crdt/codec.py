@@ -299,6 +299,7 @@ def encode_state_part(part: StatePart) -> bytes:
             part.final,
             part.messages_done,
             part.messages_total,
+            part.clock,
             part.state,
         ],
         use_bin_type=True,
@@ -308,19 +309,19 @@ def encode_state_part(part: StatePart) -> bytes:
 def decode_state_part(data: bytes, replica: Replica, limits: DecodeLimits = DEFAULT_LIMITS) -> StatePart:
     """Decode a part of a state stream for `replica`, its state proved well formed; raise DecodeError if malformed."""
     decoded = _unpack(data, limits)
-    _expect(type(decoded) is list and len(decoded) == 8, "state part is not [version, vector, number, upto, ...]")
-    version, vector, number, upto, final, done, total, state = decoded
+    _expect(type(decoded) is list and len(decoded) == 9, "state part is not [version, vector, number, upto, ...]")
+    version, vector, number, upto, final, done, total, clock, state = decoded
     _expect(version == FORMAT_VERSION, f"state part format {version!r} is not the supported {FORMAT_VERSION}")
     vector = _decode_vector(vector, limits)
     _expect(type(upto) is str and len(upto) <= limits.key_chars_max, "state part's last message id is malformed")
     _expect(is_int(number) and type(final) is bool and is_int(done) and is_int(total), "state part's place malformed")
-    _expect(is_str_map(state) and Collection.MESSAGES.value in state, "state part holds no messages")
-    _expect(state.keys() <= {c.value for c in Collection}, "state part names an unknown collection")
+    _expect(is_int(clock, 0, HLC_MAX), "state part's clock is malformed")
+    _expect(is_str_map(state) and state.keys() <= set(_COLLECTION_NAMES), "state part names an unknown collection")
     # Joining into a scratch replica first proves the state well formed without touching the real one.
     scratch = Replica(replica.device_id, HybridClock(lambda: 0), replica.config)
     _join_untrusted(scratch, state, state.keys())
     whole = scratch.state()
-    return StatePart(vector, number, upto, final, done, total, {name: whole[name] for name in state})
+    return StatePart(vector, number, upto, final, done, total, clock, {name: whole[name] for name in state})
 
 
 _COLLECTION_NAMES = tuple(collection.value for collection in Collection)

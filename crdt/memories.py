@@ -20,6 +20,7 @@ Near-duplicate memories collapse to a canonical memory by this rule, a pure func
 """
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -425,12 +426,23 @@ class MemorySet:
         moved = space.repoint(np.union1d(rows, np.array(stranded, np.int64)), rows, self.dedup_cosine_min)
         space.refresh_canonical(moved, self._canonical)
 
-    def to_state(self) -> dict:
+    def to_state(self, memory_ids: Iterable[str] | None = None) -> dict:
+        """Return the merge state as plain values: of every memory, or of these."""
+        adds, removed, fields = self.adds, self.removed, self.fields
+        if memory_ids is not None:
+            chosen = list(memory_ids)
+            adds = {mid: adds[mid] for mid in chosen if mid in adds}
+            removed = {mid: removed[mid] for mid in chosen if mid in removed}
+            fields = {mid: fields[mid] for mid in chosen if mid in fields}
         return {
-            "adds": {mid: sorted(list(tag) for tag in tags) for mid, tags in self.adds.items()},
-            "removed": {mid: sorted(list(tag) for tag in tags) for mid, tags in self.removed.items()},
-            "fields": {mid: {f: list(r) for f, r in fields.items()} for mid, fields in self.fields.items()},
+            "adds": {mid: sorted(list(tag) for tag in tags) for mid, tags in adds.items()},
+            "removed": {mid: sorted(list(tag) for tag in tags) for mid, tags in removed.items()},
+            "fields": {mid: {f: list(r) for f, r in held.items()} for mid, held in fields.items()},
         }
+
+    def ids(self) -> list[str]:
+        """Return the id of every memory with any merge state, sorted."""
+        return sorted({*self.adds, *self.removed, *self.fields})
 
     def join_state(self, state: dict, journal: ConflictJournal) -> None:
         for memory_id, tags in state["adds"].items():

@@ -30,7 +30,8 @@ class StatePart:
     final: bool  # the last part: the receiver may now count the vector's ops as applied
     messages_done: int  # messages sent in the stream, this part's included
     messages_total: int  # about how many the stream sends in all
-    state: dict[str, Any]  # by collection: every collection in the first part, only messages in the others
+    clock: int  # the sender's newest HLC: the receiver's next writes must stamp above what the state brought
+    state: dict[str, Any]  # by collection: see StateStream
 
 
 def state_keys(state: Mapping[str, Any]) -> dict[Collection, list[str]]:
@@ -50,9 +51,16 @@ def state_keys(state: Mapping[str, Any]) -> dict[Collection, list[str]]:
     return keys
 
 
+MEMORIES_PER_MESSAGE = 4  # a part holds a quarter as many memories as messages: an embedding of 384 floats is 1.5 KB
+
+
 class StateStream:
-    """Reads a replica's merged state a part at a time: the first part holds every collection but messages, and each
-    part the next messages by id; the vector is taken when the stream begins (or resumes)."""
+    """Reads a replica's merged state a part at a time: the first part holds every collection but messages and
+    memories, the first parts the memories by id, and the next parts the messages by id; the vector is taken when the
+    stream begins (or resumes).
+
+    Memories are few beside messages and held in memory, so a stream that resumes sends them all again; ten thousand
+    in one part would not fit a frame (16 MiB)."""
 
     def __init__(self, replica: "Replica", resume: StateResume | None = None) -> None:
         self._replica = replica
@@ -65,22 +73,32 @@ class StateStream:
         self.messages_total = replica.messages.count_ids(self.after_id)
         self.ended = False
         self._parts_sent = 0
+        self._memory_ids = replica.memories.ids()  # those still to send
 
     def peek(self, messages_max: int) -> StatePart:
-        """Return the next part, with up to `messages_max` messages; the stream moves on only by `advance`."""
-        messages, upto = self._replica.messages.state_page(self.after_id, messages_max)
-        count = len({*messages["records"], *messages["edits"], *messages["tombstones"]})
-        first = self._parts_sent == 0
-        state = {**self._replica.state(messages=False), "messages": messages} if first else {"messages": messages}
-        done = self.messages_done + count
-        final = count < messages_max
-        return StatePart(
-            self.vector, self._parts_sent, upto or self.after_id, final, done, max(done, self.messages_total), state
-        )
+        """Return the next part, with up to `messages_max` messages (or a quarter as many memories); the stream moves
+        on only by `advance`."""
+        replica, state = self._replica, {}
+        if self._parts_sent == 0:
+            state = {name: value for name, value in replica.state(messages=False).items() if name != "memories"}
+        if self._memory_ids:
+            memory_ids = self._memory_ids[: max(1, messages_max // MEMORIES_PER_MESSAGE)]
+            state[Collection.MEMORIES.value] = replica.memories.to_state(memory_ids)
+            final, upto, done = False, self.after_id, self.messages_done
+        else:
+            messages, upto = replica.messages.state_page(self.after_id, messages_max)
+            count = len({*messages["records"], *messages["edits"], *messages["tombstones"]})
+            state[Collection.MESSAGES.value] = messages
+            final, upto, done = count < messages_max, upto or self.after_id, self.messages_done + count
+        total = max(done, self.messages_total)
+        return StatePart(self.vector, self._parts_sent, upto, final, done, total, replica.clock.last, state)
 
     def advance(self, part: StatePart) -> None:
         """Move past a part `peek` returned, once it is sent."""
         self._parts_sent += 1
+        if memories := part.state.get(Collection.MEMORIES.value):
+            sent = {*memories["adds"], *memories["removed"], *memories["fields"]}
+            self._memory_ids = [memory_id for memory_id in self._memory_ids if memory_id not in sent]
         self.after_id = part.upto
         self.messages_done = part.messages_done
         self.ended = part.final

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdt import (
+    Collection,
     DecodeError,
     DecodeLimits,
     StateResume,
@@ -22,6 +23,7 @@ from crdt import (
 from node.sync.wire import Ack, Deltas, Hello, from_wire, to_wire
 from tests.conftest import make_replica
 
+EVERY_COLLECTION = {collection.value for collection in Collection}
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -165,10 +167,12 @@ def test_a_mutated_state_part_is_refused_and_changes_nothing(data):
     target.digest()
 
 
-def test_a_state_part_round_trips_and_holds_every_collection_first_then_messages_only():
+def test_a_state_part_round_trips_and_the_stream_sends_the_other_collections_then_memories_then_messages():
     replica = make_replica("dev-a")
     for number in range(25):
         replica.add_message(f"m{number:02}", {"conversation": "c", "role": "user", "text": "t", "ts_ms": number})
+    for number in range(5):
+        replica.add_memory(f"k{number}", "likes tea", b"\x00\x00\x80?" * 4, {"topic": "food"})
     replica.set_preference("theme", "dark")
     stream = StateStream(replica)
     parts = []
@@ -176,9 +180,16 @@ def test_a_state_part_round_trips_and_holds_every_collection_first_then_messages
         parts.append(decode_state_part(encode_state_part(part := stream.peek(10)), make_replica("dev-b")))
         assert parts[-1] == part
         stream.advance(part)
-    assert [len(part.state) for part in parts] == [7, 1, 1]
-    assert [part.upto for part in parts] == ["m09", "m19", "m24"]
-    assert [(part.messages_done, part.final) for part in parts] == [(10, False), (20, False), (25, True)]
+    # Two memories to a part of ten messages: the first part holds the five other collections and two memories.
+    assert [sorted(part.state) for part in parts[:3]] == [sorted(EVERY_COLLECTION - {"messages"}), ["memories"], ["memories"]]
+    assert [len(part.state["memories"]["adds"]) for part in parts[:3]] == [2, 2, 1]
+    assert [list(part.state) for part in parts[3:]] == [["messages"]] * 3
+    assert [part.upto for part in parts] == ["", "", "", "m09", "m19", "m24"]
+    assert [(part.messages_done, part.final) for part in parts[3:]] == [(10, False), (20, False), (25, True)]
+    merged = make_replica("dev-b")
+    for part in parts:
+        merged.join_state(part.vector if part.final else {}, part.state)
+    assert merged.digest() == replica.digest() and merged.vector == replica.vector
 
 
 @FUZZ

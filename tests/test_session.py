@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from crdt import DecodeLimits, MemoryLog, decode_stored_batch
+from crdt import DecodeLimits, HybridClock, MemoryLog, Replica, decode_stored_batch
 from framing import LocalProtocolError, RemoteProtocolError
 from node.errors import EndReason, UnsealError
 from node.sync.session import (
@@ -167,6 +167,20 @@ def test_a_refresh_during_a_state_stream_restates_nothing_unless_the_stream_stop
     sa.receive_data(to_wire(rewind[0]))
     parts = [event.part for data in iter(sa.generate, None) for event in sc.receive_data(data) if isinstance(event, StateMerged)]
     assert parts[0].number == 0 and parts[-1].final and c.vector == a.vector and c.digest() == a.digest()
+
+
+def test_a_write_after_a_state_stream_stamps_above_every_stamp_the_state_brought():
+    now_ms = 1_700_000_000_000
+    ahead = Replica("dev-a", HybridClock(lambda: now_ms + 30_000))  # a sender whose clock runs 30 s ahead
+    for number in range(20):
+        ahead.set_preference("theme", number)
+        ahead.add_message(f"m{number}", {"conversation": "c", "role": "user", "text": "t", "ts_ms": number})
+    ahead.log.compact(ahead.vector)
+    behind = Replica("dev-c", HybridClock(lambda: now_ms))
+    converse(SyncSession(ahead, SessionConfig(part_messages_max=8)), SyncSession(behind))
+    assert behind.digest() == ahead.digest()
+    behind.set_preference("theme", "mine")
+    assert behind.preferences.get("theme") == "mine"  # without the sender's clock, its older stamp lost to the state
 
 
 def test_large_deltas_are_split_into_bounded_batches(clock):

@@ -308,6 +308,10 @@ class SyncSession:
         self._stream_moved = True
         whole = in_order and part.final
         self.replica.join_state(part.vector if whole else {}, part.state)
+        # Local writes stamp above what the state brought, as after applying its ops; a clock past the drift bound
+        # moves this one only as far as the bound.
+        clock = self.replica.clock
+        clock.last = max(clock.last, min(part.clock, clock.horizon()))
         if whole:
             for device, seq in self.replica.vector.items():
                 _raise_max(self._peer_has, device, seq)
