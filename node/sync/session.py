@@ -349,17 +349,8 @@ class SyncSession:
             self._ack_owed = _REWIND
 
     def _hello(self) -> Hello:
-        config = self.config
-        greeted = self.peer_device is not None
-        return Hello(
-            config.protocol,
-            config.schema,
-            self.replica.device_id,
-            config.epoch,
-            dict(self.replica.vector),
-            greeted,
-            self.resume,
-        )
+        config, vector, greeted = self.config, dict(self.replica.vector), self.peer_device is not None
+        return Hello(config.protocol, config.schema, self.replica.device_id, config.epoch, vector, greeted, self.resume)
 
     def close(self, detail: str = "closing") -> None:
         """End the session; `generate` then yields a final ERROR frame for the peer."""
