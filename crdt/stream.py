@@ -65,10 +65,11 @@ class StateStream:
     def __init__(self, replica: "Replica", resume: StateResume | None = None) -> None:
         self._replica = replica
         durable = replica.log.durable()
-        self.resumed = resume is not None and _resumable(replica, durable, resume.vector)
+        if resume is not None and not _resumable(replica, durable, resume.vector):
+            resume = None
         # What the store holds the effect of, not what was applied: messages are read from the store as it is written.
-        self.vector = dict(resume.vector) if resume is not None and self.resumed else durable
-        self.after_id = resume.after_id if resume is not None and self.resumed else ""
+        self.vector = durable if resume is None else dict(resume.vector)
+        self.after_id = "" if resume is None else resume.after_id
         self.messages_done = 0
         self.messages_total = replica.messages.count_ids(self.after_id)
         self.ended = False
@@ -87,7 +88,7 @@ class StateStream:
             final, upto, done = False, self.after_id, self.messages_done
         else:
             messages, upto = replica.messages.state_page(self.after_id, messages_max)
-            count = len({*messages["records"], *messages["edits"], *messages["tombstones"]})
+            count = len(state_keys({Collection.MESSAGES.value: messages})[Collection.MESSAGES])
             state[Collection.MESSAGES.value] = messages
             final, upto, done = count < messages_max, upto or self.after_id, self.messages_done + count
         total = max(done, self.messages_total)
@@ -96,8 +97,7 @@ class StateStream:
     def advance(self, part: StatePart) -> None:
         """Move past a part `peek` returned, once it is sent."""
         self._parts_sent += 1
-        if memories := part.state.get(Collection.MEMORIES.value):
-            sent = {*memories["adds"], *memories["removed"], *memories["fields"]}
+        if sent := set(state_keys(part.state).get(Collection.MEMORIES, ())):
             self._memory_ids = [memory_id for memory_id in self._memory_ids if memory_id not in sent]
         self.after_id = part.upto
         self.messages_done = part.messages_done

@@ -100,10 +100,10 @@ def _merged_state(
     for part in parts:
         for collection, part_keys in state_keys(part.state).items():
             keys[collection].update(dict.fromkeys(part_keys))
-        if part.number == 0 or part.final:
-            # The other collections' state is not in the log: a start joins it before replaying their ops. Kept at the
-            # first part (the registry, so this device knows its group if it restarts) and the last (every memory).
-            meta[primary.STATE_BASE] = replica.state(messages=False)
+    if any(part.number == 0 or part.final for part in parts):
+        # The other collections' state is not in the log: a start joins it before replaying their ops. Kept at the
+        # first part (the registry, so this device knows its group if it restarts) and the last (every memory).
+        meta[primary.STATE_BASE] = replica.state(messages=False)
     if parts:
         meta[primary.STATE_RESUME] = None if resume is None else [resume.vector, resume.after_id]
         meta[primary.CLOCK_LAST] = replica.clock.last  # the state's stamps are in no logged run

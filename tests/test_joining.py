@@ -120,15 +120,21 @@ def test_the_joined_device_is_known_by_its_name_everywhere(inviter, tmp_path):
     assert names == {"inviter", "joiner"}
 
 
+def import_history(node: RunningNode, folder, messages: int, conversations: int) -> None:
+    """Import `messages` messages spread over `conversations` conversations into the running node's home."""
+    history = folder / "history.jsonl"
+    history.write_text("".join(
+        json.dumps({"type": "message", "conversation": f"c{number % conversations}", "text": f"message {number}",
+                    "ts_ms": number}) + "\n"
+        for number in range(messages)
+    ))  # fmt: skip
+    assert cli(node.home, "import", str(history), timeout_s=300).returncode == 0
+
+
 def test_a_join_ends_once_the_device_holds_everything_on_disk(inviter, tmp_path):
     # Ops applied but not yet written when the command ended were lost to the joined device's stores: a join of a
     # 1M-message home said "synced 1000302 ops" and held 976k.
-    history = tmp_path / "history.jsonl"
-    history.write_text("".join(
-        json.dumps({"type": "message", "conversation": f"c{number % 7}", "text": f"message {number}", "ts_ms": number})
-        + "\n" for number in range(30_000)
-    ))  # fmt: skip
-    assert cli(inviter.home, "import", str(history), timeout_s=300).returncode == 0
+    import_history(inviter, tmp_path, 30_000, conversations=7)
     with invite(inviter) as (code, _):
         joined = joining(tmp_path / "b", code, inviter.address)
     assert joined.returncode == 0, joined.stderr
@@ -153,12 +159,7 @@ def _told_all(node: RunningNode, device_id: str) -> bool:
 
 
 def test_a_device_joining_a_compacted_home_gets_its_state_in_parts_and_holds_everything(inviter, tmp_path):
-    history = tmp_path / "history.jsonl"
-    history.write_text("".join(
-        json.dumps({"type": "message", "conversation": f"c{number % 3}", "text": f"message {number}", "ts_ms": number})
-        + "\n" for number in range(5000)
-    ))  # fmt: skip
-    assert cli(inviter.home, "import", str(history), timeout_s=300).returncode == 0
+    import_history(inviter, tmp_path, 5000, conversations=3)
     assert cli(inviter.home, "pref", "set", "theme", '"dark"').returncode == 0
     with invite(inviter) as (code, _):
         assert joining(tmp_path / "b", code, inviter.address).returncode == 0
