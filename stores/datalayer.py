@@ -215,6 +215,7 @@ class DataLayer:
         self._vectors_loaded = False
         self._conflicts_seen = replica.journal.recorded
         self._rebuilds_seen = replica.rebuilds
+        self._stamp_numbers: dict[str, int] = {}  # primary.persist's cache, used on the SQL worker thread only
         self.ops_stored = replica.vector.total()  # ops in the store's log; the replica runs ahead by the writes pending
         self.state_resume: StateResume | None = None  # a state stream received in part: the next session resumes it
         self.state_progress: tuple[int, int] | None = None  # (messages, of about how many) of the stream being received
@@ -454,7 +455,7 @@ class DataLayer:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
             p = pending
-            await self.sql.run(primary.persist, p.log, p.changes, p.conflicts, p.forgotten, p.meta, p.bases)
+            await self.sql.run(primary.persist, p.log, p.changes, p.conflicts, p.forgotten, p.meta, p.bases, self._stamp_numbers)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()

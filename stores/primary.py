@@ -9,6 +9,7 @@ in the derived stores.
 import itertools
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import attrs
@@ -56,6 +57,18 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     # A compacted log gives a device's ops only from just above its base (docs/spec/sync.md, section 6): the ops up to
     # it were folded away, or their effect came in a state snapshot.
     (6, "CREATE TABLE log_bases (device TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"),
+    # AUTOINCREMENT wrote a page of sqlite_sequence in every write (one of the 8.8 pages a message add wrote). The
+    # projector needs ids only to rise while rows wait, which a plain rowid gives: it deletes only ids it has read.
+    (
+        7,
+        """
+        CREATE TABLE outbox_rowid (id INTEGER PRIMARY KEY, target TEXT NOT NULL, action TEXT NOT NULL,
+            keys BLOB NOT NULL, key_count INTEGER NOT NULL);
+        INSERT INTO outbox_rowid SELECT id, target, action, keys, key_count FROM outbox;
+        DROP TABLE outbox;
+        ALTER TABLE outbox_rowid RENAME TO outbox;
+        """,
+    ),
 ]
 # Set in meta once the messages' merge state is stored (a home from before has it written once at start, from its log).
 MESSAGES_MERGED = "messages_merged"
@@ -467,9 +480,15 @@ def persist(
     forgotten: Sequence[tuple[Collection, str]] = (),
     meta: dict[str, Any] | None = None,
     bases: Mapping[str, int] | None = None,
+    stamp_numbers: dict[str, int] | None = None,
 ) -> None:
     """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction, and strip the
-    content of the forgotten keys from the log; raise the log's `bases` (a state snapshot brought their ops' effect)."""
+    content of the forgotten keys from the log; raise the log's `bases` (a state snapshot brought their ops' effect).
+
+    `stamp_numbers` caches the stamp_devices numbers across writes; it takes the new ones once the write commits.
+    """
+    stamp_numbers = {} if stamp_numbers is None else stamp_numbers
+    numbers: dict[str, int] = {}
     with adapter.transaction():
         _log_batches(adapter, log)
         if bases:
@@ -481,7 +500,7 @@ def persist(
         for collection, rows in changes.upserts.items():
             upserts = list(rows.values())
             if collection is Collection.MESSAGES:
-                numbers = _device_numbers(adapter, {row[8] for row in upserts})
+                numbers = _device_numbers(adapter, {row[8] for row in upserts}, stamp_numbers)
                 upserts = [(*row[:8], numbers[row[8]], row[9]) for row in upserts]
             adapter.insert_rows(_UPSERT_SQL[collection], upserts)
         if changes.merged_messages is not None:
@@ -505,14 +524,17 @@ def persist(
         )
         for name, value in (meta or {}).items():
             set_meta(adapter, name, value)
+    stamp_numbers |= numbers
 
 
-def _device_numbers(adapter: SqlAdapter, devices: Iterable[str]) -> dict[str, int]:
-    """Return the number each device has in message rows (stamp_devices), numbering those new to it."""
-    devices = list(devices)
+def _device_numbers(adapter: SqlAdapter, devices: AbstractSet[str], known: Mapping[str, int]) -> dict[str, int]:
+    """Return the number each device has in message rows (stamp_devices), numbering those new to it; the `known`
+    numbers (committed ones: a number never changes) are not read again."""
+    numbers = {device: known[device] for device in devices if device in known}
+    unknown = [device for device in devices if device not in numbers]
     select = "SELECT device, number FROM stamp_devices WHERE device IN"
-    numbers = dict(_rows_where_in(adapter, select, (), devices))
-    if new := [device for device in devices if device not in numbers]:
+    numbers |= dict(_rows_where_in(adapter, select, (), unknown))
+    if new := [device for device in unknown if device not in numbers]:
         adapter.insert_rows("INSERT INTO stamp_devices (device) VALUES", [(device,) for device in new])
         numbers |= dict(_rows_where_in(adapter, select, (), new))
     return numbers
@@ -533,7 +555,7 @@ def store_merged_messages(
     add stamp ((hlc, device, seq, id) per message), the edits and tombstones, each batch's count of ops of other
     collections and the newest HLC; then mark the home as holding it (MESSAGES_MERGED)."""
     with adapter.transaction():
-        numbers = _device_numbers(adapter, {device for _, device, _, _ in stamps})
+        numbers = _device_numbers(adapter, {device for _, device, _, _ in stamps}, {})
         adapter.executemany(
             "UPDATE messages SET add_hlc = ?, add_device = ?, add_seq = ? WHERE id = ?",
             [(hlc, numbers[device], seq, message_id) for hlc, device, seq, message_id in stamps],
@@ -655,6 +677,8 @@ class _ConversationCounts:
             "ON CONFLICT (id) DO UPDATE SET message_count = message_count + excluded.message_count, "
             "last_ts_ms = max(last_ts_ms, excluded.last_ts_ms)",
         )
+        if not self.leaving:
+            return
         # The latest of what is left, by the (conversation, ts_ms) index: one B-tree descent, not a scan.
         adapter.executemany(
             "UPDATE conversations SET message_count = message_count - ?, "

@@ -283,6 +283,8 @@ def test_a_schema_2_store_keeps_its_op_log_and_outbox_through_the_migrations(tmp
                     ("cache", "delete", "k1"), *(("analytics", "upsert", f"a{i}") for i in range(700))]  # fmt: skip
             store.executemany("INSERT INTO outbox (target, action, key) VALUES (?, ?, ?)", owed)
         assert primary.open_schema(store) == primary.MIGRATIONS[-1][0]
+        # A plain rowid: an AUTOINCREMENT table wrote a page of sqlite_sequence in every write.
+        assert "AUTOINCREMENT" not in store.query("SELECT sql FROM sqlite_master WHERE name = 'outbox'")[0][0]
         assert [op for _, logged in primary.logged_pages(store, 0, len(ops)) for op in logged] == ops
         entries = primary.outbox_batch(store, 10_000)
         assert [(e.target, e.action, key) for e in entries for key in e.keys] == owed

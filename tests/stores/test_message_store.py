@@ -4,9 +4,10 @@ import random
 
 import pytest
 
-from crdt import HybridClock, Op, Replica
+from crdt import Collection, HybridClock, Op, Replica
 from crdt import messages as message_rules
 from stores import migrate, open_sql, primary
+from stores.datalayer import materialise
 from stores.primary import LogBatch
 from stores.repositories import UnitOfWork
 from tests.test_datalayer import DEVICE, open_data, store_key
@@ -180,3 +181,22 @@ async def test_reading_more_messages_than_the_cache_holds_keeps_it_bounded_and_a
         assert messages.seen([*ids[50:55], *ids[10:16]]) == {*ids[50:55], *ids[10:16]}
     finally:
         await data.close()
+
+
+def test_a_write_that_rolls_back_leaves_no_stamp_number_in_the_cache(tmp_path):
+    # Message rows name their add's device by number; a cached number the store does not hold would lose that device.
+    source = Replica("dev-new", HybridClock(lambda: 1_700_000_000_000))
+    op = source.add_message("m1", {"conversation": "c", "role": "user", "text": "hi", "ts_ms": 1})
+    changes = materialise(source, {Collection.MESSAGES: ["m1"]})
+    store = open_sql("sqlcipher", tmp_path / "primary.db", store_key("sql"))
+    try:
+        primary.open_schema(store)
+        numbers: dict[str, int] = {}
+        with pytest.raises(TypeError):  # the write fails after it numbered the device
+            primary.persist(store, [LogBatch([op])], changes, [], meta={"unpackable": object()}, stamp_numbers=numbers)
+        assert numbers == {} and store.query("SELECT device FROM stamp_devices") == []
+        primary.persist(store, [LogBatch([op])], changes, [], stamp_numbers=numbers)
+        assert numbers == dict(store.query("SELECT device, number FROM stamp_devices")) == {"dev-new": 1}
+        assert primary.stored_messages(store, ["m1"])[0][0][-2] == "dev-new"
+    finally:
+        store.close()
