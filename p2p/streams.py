@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
@@ -65,12 +66,16 @@ async def close_quietly(stream: INetStream) -> None:
             await reset_quietly(stream)
 
 
-async def finish_stream(stream: INetStream, protocol: SansIoProtocol, usable: bool) -> None:
-    """Send what `protocol` still has to say (its goodbye) and close `stream`, within CLOSE_TIMEOUT_S even in a
-    cancelled scope; reset it instead if it is not `usable` or the goodbye cannot go out."""
+async def finish_stream(
+    stream: INetStream, protocol: SansIoProtocol, usable: bool, owed: Sequence[bytes] = ()
+) -> None:
+    """Send the `owed` frames, then what `protocol` still has to say (its goodbye), and close `stream`, within
+    CLOSE_TIMEOUT_S even in a cancelled scope; reset it instead if it is not `usable` or the goodbye cannot go out."""
     if usable:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             try:
+                for frame in owed:
+                    await write_within(stream, frame, CLOSE_TIMEOUT_S)
                 await send_pending(stream, protocol, CLOSE_TIMEOUT_S)
                 await stream.close()
                 return

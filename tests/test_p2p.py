@@ -43,6 +43,7 @@ class Side:
         self.replica = make_replica(self.id)
         self.outgoing = Notifier()
         self.outcomes: list[str | RemoteProtocolError] = []
+        self.sessions: list[SyncSession] = []
         self._changed = trio.Event()
 
     async def on_events(self, events: list[Event]) -> None:
@@ -52,6 +53,7 @@ class Side:
     async def run(self, stream: INetStream) -> None:
         """Run a sync session over `stream`, recording how it ended."""
         session = SyncSession(self.replica)
+        self.sessions.append(session)
         try:
             self.outcomes.append(
                 await run_session(
@@ -125,6 +127,28 @@ async def test_two_hosts_converge_then_push_live_ops():
             nursery.cancel_scope.cancel()  # A leaves: its session tells B why before the stream closes
         await eventually(lambda: len(b.outcomes) == 1, 2)
     assert a.outcomes == [] and "the peer ended the session: closed" in b.outcomes[0]
+
+
+@pytest.mark.trio
+async def test_a_session_stopped_right_after_a_write_still_acknowledges_what_it_wrote():
+    # As `pair join` stops its node once the last write is on disk, before the pump has sent that write's ACK: the
+    # inviter then counted the joined device as lacking those ops until it next connected.
+    a, b = Side(), Side()
+    seed_ops(a, b)
+    stopping = trio.CancelScope()
+
+    async def write_then_stop(events: list[Event]) -> None:
+        if a.replica.vector.get(b.id) == 40:
+            stopping.cancel()
+
+    a.on_events = write_then_stop
+    async with p2p_host(a.identity) as host_a, p2p_host(b.identity) as host_b:
+        host_b.serve_sync(trusting(a), b.serve)
+        _, stream = await dial_sync(host_a, host_b.addresses[0], timeout_s=5)
+        with stopping:
+            await a.run(stream)
+        await eventually(lambda: len(b.outcomes) == 1, 5)
+    assert a.replica.vector.get(b.id) == 40 and b.sessions[0].peer_vector.get(b.id) == 40
 
 
 @pytest.mark.trio

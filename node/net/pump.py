@@ -146,6 +146,7 @@ async def run_session(
     inbox_send, inbox = trio.open_memory_channel[Message](INBOX_CHUNKS_MAX)
     reason, usable = "this node ended the session", True
     failure: Exception | None = None
+    writer: AppliedOpsWriter | None = None
     try:
         async with trio.open_nursery() as nursery:
             if received_early:
@@ -165,8 +166,11 @@ async def run_session(
                 failure, reason = error, str(error)
             nursery.cancel_scope.cancel()
     finally:
+        # A write that finished still has its ACK sent when this node stops (`pair join` ends right after its last
+        # write): else the peer counts those ops as lacking here until this device next connects.
+        owed = [] if writer is None else writer.take_persisted_ack()
         session.close(reason)  # no-op if the session already ended, its ERROR frame possibly still queued
-        await finish_stream(stream, session, usable)
+        await finish_stream(stream, session, usable, owed)
     if failure is not None:
         raise failure
     return reason

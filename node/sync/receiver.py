@@ -185,10 +185,20 @@ class AppliedOpsWriter:
             done.set()
         await self._on_persisted()
 
+    def take_persisted_ack(self) -> list[bytes]:
+        """Return the ACK of the write that finished but was not yet settled, for a session ending now."""
+        if self._in_flight is None or not self._in_flight.is_set() or self._failure is not None:
+            return []
+        ack, self._in_flight_ack = self._in_flight_ack, None
+        return self._due(ack)
+
     async def _finish(self) -> list[bytes]:
         assert self._in_flight is not None
         await self._in_flight.wait()
         ack, self._in_flight, self._in_flight_ack = self._in_flight_ack, None, None
         if self._failure is not None:
             raise self._failure
+        return self._due(ack)
+
+    def _due(self, ack: bytes | None) -> list[bytes]:
         return [ack] if ack is not None and self._session.state is SessionState.SYNCING else []
