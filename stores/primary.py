@@ -225,7 +225,7 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
     log = [logged for logged in log if logged.ops]
     if not log:
         return
-    (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
+    newest = _newest_batch(adapter)
     batch_ids = range(newest + 1, newest + 1 + len(log))
     bodies = [logged.deflated or deflate(encode_ops(logged.ops)) for logged in log]
     if counted:
@@ -246,6 +246,12 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
         adapter.insert_rows("INSERT INTO op_runs (device, seq_first, seq_last, batch, hlc_max) VALUES", runs)
     else:
         adapter.insert_rows("INSERT INTO op_runs (device, seq_first, seq_last, batch) VALUES", [run[:4] for run in runs])
+
+
+def _newest_batch(adapter: SqlAdapter) -> int:
+    """Return the id of the newest logged batch (0 if none)."""
+    (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
+    return newest
 
 
 def logged_clock(adapter: SqlAdapter) -> int:
@@ -373,8 +379,7 @@ class Compaction:
 def compaction_scope(adapter: SqlAdapter) -> tuple[int, dict[str, int]]:
     """Return the newest logged batch, and a cursor at seq 1 for every device with a run up to it: what a compaction
     considers (batches logged after it began may hold ops of a device it does not read)."""
-    (newest,) = _one_row(adapter, "SELECT coalesce(max(id), 0) FROM op_batches")
-    return newest, {device: 1 for (device,) in adapter.query("SELECT DISTINCT device FROM op_runs")}
+    return _newest_batch(adapter), {device: 1 for (device,) in adapter.query("SELECT DISTINCT device FROM op_runs")}
 
 
 def plan_compaction(
@@ -677,8 +682,6 @@ class _ConversationCounts:
             "ON CONFLICT (id) DO UPDATE SET message_count = message_count + excluded.message_count, "
             "last_ts_ms = max(last_ts_ms, excluded.last_ts_ms)",
         )
-        if not self.leaving:
-            return
         # The latest of what is left, by the (conversation, ts_ms) index: one B-tree descent, not a scan.
         adapter.executemany(
             "UPDATE conversations SET message_count = message_count - ?, "

@@ -155,9 +155,10 @@ class SqlAdapter:
             connection.execute(sql, tuple(params))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[SqlValue]]) -> None:
-        """Run one statement once per row of positional parameters."""
-        with self._live() as connection:
-            connection.executemany(sql, [tuple(row) for row in rows])
+        """Run one statement once per row of positional parameters (none, not even prepared, for no rows)."""
+        if parameters := [tuple(row) for row in rows]:
+            with self._live() as connection:
+                connection.executemany(sql, parameters)
 
     def insert_rows(self, insert: str, rows: Sequence[Sequence[SqlValue]], upsert: str = "") -> None:
         """Run `insert` (an INSERT ending in VALUES, then `upsert`, an ON CONFLICT clause, if given) for every row, many
