@@ -21,6 +21,7 @@ from crdt.codec import (
     load_replica,
     merge_state,
     save_replica,
+    stored_batch_keys,
 )
 from crdt.errors import (
     ClockDriftError,
@@ -83,4 +84,5 @@ __all__ = [
     "redacted_op",
     "save_replica",
     "state_keys",
+    "stored_batch_keys",
 ]

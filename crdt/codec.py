@@ -202,11 +202,27 @@ class StoredBatchReader:
         self.ops_left -= count
         return ops
 
+    def read_keys(self) -> list[tuple[Collection, str]]:
+        """Return the (collection, key) of each op left in the batch: less than half the work of `read`."""
+        collections, unpack = COLLECTION_CODES, self._unpacker.unpack
+        try:
+            rows = [unpack() for _ in range(self.ops_left)]
+            keys = [(collections[row[3]], row[4]) for row in rows]
+        except Exception as error:
+            raise DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}") from None
+        self.ops_left = 0
+        return keys
+
 
 def decode_stored_batch(body: bytes, held: bool = True) -> list[Op]:
     """Decode a whole deflated batch that this device's own store logged (see StoredBatchReader)."""
     reader = StoredBatchReader(body, held)
     return reader.read(reader.ops_left)
+
+
+def stored_batch_keys(body: bytes) -> list[tuple[Collection, str]]:
+    """Return the (collection, key) each op of a deflated batch that this device's own store logged wrote, in order."""
+    return StoredBatchReader(body, held=False).read_keys()
 
 
 def _decode_row(row: Any, devices: list[str], limits: DecodeLimits) -> Op:

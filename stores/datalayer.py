@@ -10,6 +10,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,10 +75,15 @@ def changed_keys(ops: Iterable[Op]) -> dict[Collection, dict[str, None]]:
     return keys
 
 
-def materialise(replica: Replica, keys: Mapping[Collection, Iterable[str]], rebuilt: bool = False) -> Changes:
+def materialise(
+    replica: Replica,
+    keys: Mapping[Collection, Iterable[str]],
+    rebuilt: bool = False,
+    unstored_messages: AbstractSet[str] = frozenset(),
+) -> Changes:
     """Return the table row each changed key (by collection) now has in the replica, or that it is gone (with every
-    row of its merge state replaced if the replica was `rebuilt` from its log)."""
-    changes = Changes()
+    row of its merge state replaced if the replica was `rebuilt` from its log); `unstored_messages` have no row yet."""
+    changes = Changes(unstored_messages=unstored_messages)
     for collection, collection_keys in keys.items():
         read = _row_reader(replica, collection)
         rows = changes.upserts[collection] = {}
@@ -243,7 +249,7 @@ class DataLayer:
             await sql.run(primary.open_schema)
             log = SqlLog.open(config.engine, home / PRIMARY_FILE, store_key("sql"))
             messages = SqlMessages.open(config.engine, home / PRIMARY_FILE, store_key("sql"))
-            replica = await cls._load_replica(sql, log, messages, device_id, now_ms)
+            replica = await _load_replica(sql, log, messages, device_id, now_ms)
             _remove_legacy_vectors(home / LEGACY_VECTORS_DIR)  # once the home has proved to be this device's
             analytics = AnalyticsStore()
 
@@ -269,22 +275,6 @@ class DataLayer:
         self.cache.close()
         self.cache, _ = _mended_if_damaged(self.cache.path, self._open_cache, error)
         self.cache_refill_owed = True
-
-    @staticmethod
-    async def _load_replica(
-        sql: AsyncSql, log: SqlLog, messages: SqlMessages, device_id: str, now_ms: Callable[[], int]
-    ) -> Replica:
-        stored_device = await sql.run(primary.get_meta, "device_id")
-        if stored_device is None:
-            await sql.run(primary.set_meta, "device_id", device_id)
-        elif stored_device != device_id:
-            raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
-        if not await sql.run(primary.get_meta, primary.MESSAGES_MERGED):
-            await _store_merged_messages(sql, Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log))
-            log.reset()
-        replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log, messages)
-        await _resume(sql, replica)
-        return replica
 
     async def reload_replica(self) -> None:
         """Rebuild the replica from primary SQL after a failed write left it ahead of the store.
@@ -322,6 +312,12 @@ class DataLayer:
             loaded += await trio.to_thread.run_sync(self.analytics.load, columns, limiter=self.analytics_limiter)
         return loaded
 
+    async def log_projections(self, ops_max: int) -> tuple[int, list[primary.OutboxEntry]]:
+        """Return primary.log_projections of the logged batches the projector has not read: batches of messages alone
+        owe nothing while the analytics store is unloaded, as its load reads primary SQL after them."""
+        async with self._analytics_lock:  # so no load is under way, between its last read and its end
+            return await self.sql.run(primary.log_projections, ops_max, self._analytics_loaded)
+
     async def reload_analytics(self) -> int:
         """Replace the analytics store's messages with those of primary SQL; return how many there are."""
         async with self._analytics_lock:
@@ -347,7 +343,7 @@ class DataLayer:
                 return
             columns = "id, conversation, role, ts_ms, sentiment, response_time_ms"
             rows = await self.sql.run(primary.rows_by_id, "messages", columns, upserts)
-            gone = [*deletes, *_without_rows(upserts, rows)]
+            gone = [*deletes, *without_rows(upserts, rows)]
 
             def apply(analytics: AnalyticsStore) -> None:
                 if gone:
@@ -402,7 +398,7 @@ class DataLayer:
                 return
             rows = await self.sql.run(primary.rows_by_id, "memories", "id, embedding", upserts)
             with_vectors = [row for row in rows if row[1]]
-            if gone := [*deletes, *_without_rows(upserts, with_vectors)]:
+            if gone := [*deletes, *without_rows(upserts, with_vectors)]:
                 await trio.to_thread.run_sync(self.vectors.delete, gone, limiter=self.vectors_limiter)
                 self.vectors_changed.set()
             if with_vectors:
@@ -414,13 +410,15 @@ class DataLayer:
             await self._load_vectors()
         return self.vectors.count()
 
-    async def persist(self, ops: Sequence[Op], forgotten: Sequence[tuple[Collection, str]] = ()) -> None:
+    async def persist(
+        self, ops: Sequence[Op], forgotten: Sequence[tuple[Collection, str]] = (), made: Sequence[str] = ()
+    ) -> None:
         """Write ops already applied to the replica, with their effects, in one transaction; the logged ops of the
-        forgotten keys lose their content in it.
+        forgotten keys lose their content in it. `made` names messages whose ids were just made (no row to read).
 
         If the write fails the replica is rebuilt from the store, so memory never runs ahead of disk.
         """
-        await self.write(self.prepare([LogBatch(ops)], forgotten))
+        await self.write(self.prepare([LogBatch(ops)], forgotten, made=made))
 
     def prepare(
         self,
@@ -428,9 +426,11 @@ class DataLayer:
         forgotten: Sequence[tuple[Collection, str]] = (),
         parts: Sequence[StatePart] = (),
         resume: StateResume | None = None,
+        made: Sequence[str] = (),
     ) -> PendingWrite:
         """Take from the replica now the rows and conflicts that ops already applied to it wrote, and the parts of a
-        state stream merged into it (after which the stream stands at `resume`), for `write`.
+        state stream merged into it (after which the stream stands at `resume`), for `write`; `made` names messages
+        whose ids were just made (the store holds no row of them).
 
         `log` holds the applied ops as the batches to log them in, with their encodings when at hand. Split from
         `write` so a caller can apply further ops while this write runs: their effects stay out of it.
@@ -445,7 +445,7 @@ class DataLayer:
             self._rebuilds_seen = self.replica.rebuilds
         conflicts = self.replica.journal.since(self._conflicts_seen)
         self._conflicts_seen = self.replica.journal.recorded
-        changes, messages = materialise(self.replica, keys, rebuilt), self.replica.messages
+        changes, messages = materialise(self.replica, keys, rebuilt, frozenset(made)), self.replica.messages
         bases, skipped = self.log.take_restarted()
         last_part = parts[-1] if parts else None
         seal = messages.seal()
@@ -476,6 +476,23 @@ class DataLayer:
         self.log.close()
         self.messages.close()
         await self.sql.close()
+
+
+async def _load_replica(
+    sql: AsyncSql, log: SqlLog, messages: SqlMessages, device_id: str, now_ms: Callable[[], int]
+) -> Replica:
+    """Return the replica of the primary store of `device_id` (refusing another device's store)."""
+    stored_device = await sql.run(primary.get_meta, "device_id")
+    if stored_device is None:
+        await sql.run(primary.set_meta, "device_id", device_id)
+    elif stored_device != device_id:
+        raise StoreError(f"this store belongs to device {stored_device}, not {device_id}")
+    if not await sql.run(primary.get_meta, primary.MESSAGES_MERGED):
+        await _store_merged_messages(sql, Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log))
+        log.reset()
+    replica = Replica(device_id, HybridClock(now_ms), ReplicaConfig(), log, messages)
+    await _resume(sql, replica)
+    return replica
 
 
 async def _resume(sql: AsyncSql, replica: Replica) -> None:
@@ -521,7 +538,7 @@ async def _store_merged_messages(sql: AsyncSql, scratch: Replica) -> None:
     await sql.run(primary.store_merged_messages, stamps, merged, other_ops, scratch.clock.last)
 
 
-def _without_rows(keys: Sequence[str], rows: Sequence[tuple]) -> list[str]:
+def without_rows(keys: Sequence[str], rows: Sequence[tuple]) -> list[str]:
     """Return the keys that have no row (keyed by its first column): gone from primary SQL since queued."""
     present = {row[0] for row in rows}
     return [key for key in keys if key not in present]

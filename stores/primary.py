@@ -2,20 +2,31 @@
 
 Every function here takes a SqlAdapter and runs on the store's worker thread (via AsyncSql.run).
 Local writes and remote ops land in one transaction each: the ops, the materialised rows they
-change, new conflict-journal entries and the outbox entries that tell the projector what to redo
-in the derived stores.
+change and new conflict-journal entries. The projector redoes in the derived stores what the
+logged ops wrote, following the log (PROJECTED_BATCH), and what the outbox names: changes that
+no logged op made (a state snapshot's, a rebuild's).
 """
 
 import itertools
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import msgpack
 
-from crdt import Collection, Conflict, Op, decode_op, decode_stored_batch, deflate, encode_ops, redacted_op
+from crdt import (
+    Collection,
+    Conflict,
+    Op,
+    decode_op,
+    decode_stored_batch,
+    deflate,
+    encode_ops,
+    redacted_op,
+    stored_batch_keys,
+)
 from crdt.messages import ROW_FIELDS as MESSAGE_ROW_FIELDS
 from stores.sql import Migration, SqlAdapter, migrate
 from stores.where import matches as where_matches
@@ -69,17 +80,23 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         ALTER TABLE outbox_rowid RENAME TO outbox;
         """,
     ),
+    # The projector follows the log itself: a write that logs its ops queues no outbox row for the keys they wrote
+    # (one B-tree page fewer per write). What was logged before waits in the outbox already.
+    (8, lambda adapter: set_meta(adapter, PROJECTED_BATCH, _newest_batch(adapter))),
 ]
 # Set in meta once the messages' merge state is stored (a home from before has it written once at start, from its log).
 MESSAGES_MERGED = "messages_merged"
 CLOCK_LAST = "clock_last"  # the newest HLC of ops whose runs are not logged (older homes, compacted runs)
 STATE_BASE = "state_base"  # the merged state of every collection but messages that a state snapshot brought
+PROJECTED_BATCH = "projected_batch"  # the newest logged batch whose keys the derived stores have taken (see projected)
 STATE_RESUME = "state_resume"  # where a state snapshot being received stands: [its vector, the last message id merged]
 OUTBOX_KEYS_MAX = 500  # keys one outbox row names
 OUTBOX_PAGE_ROWS = 8  # outbox rows read per query
 LOG_PAGE_BATCHES = 16  # logged batches read per query when reading the whole log
 RUNS_SCAN_PAGE = 256  # runs read per query while planning a compaction
 LOG_PAGE_OPS = 20_000  # logged ops decoded per page when reading the whole log: the page is transient, but the memory it took stays the process's
+
+T = TypeVar("T")
 
 # Derived stores the projector keeps current.
 ANALYTICS, VECTORS, CACHE = "analytics", "vectors", "cache"
@@ -101,6 +118,7 @@ class Changes:
     upserts: dict[Collection, dict[str, tuple]] = attrs.field(factory=dict)
     deletes: dict[Collection, list[str]] = attrs.field(factory=dict)
     merged_messages: "MergedMessages | None" = None
+    unstored_messages: AbstractSet[str] = frozenset()  # messages the store holds no row of (ids just made): none to read
 
 
 @attrs.frozen
@@ -225,14 +243,16 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
     log = [logged for logged in log if logged.ops]
     if not log:
         return
-    newest = _newest_batch(adapter)
-    batch_ids = range(newest + 1, newest + 1 + len(log))
     bodies = [logged.deflated or deflate(encode_ops(logged.ops)) for logged in log]
     if counted:
-        rows = [(batch, body, other_ops(logged.ops)) for batch, body, logged in zip(batch_ids, bodies, log)]
-        adapter.insert_rows("INSERT INTO op_batches (id, body, other_ops) VALUES", rows)
+        rows = [(body, other_ops(logged.ops)) for body, logged in zip(bodies, log)]
+        newest = adapter.insert_rows("INSERT INTO op_batches (body, other_ops) VALUES", rows)
     else:
-        adapter.insert_rows("INSERT INTO op_batches (id, body) VALUES", list(zip(batch_ids, bodies)))
+        newest = adapter.insert_rows("INSERT INTO op_batches (body) VALUES", [(body,) for body in bodies])
+    # A rowid table without AUTOINCREMENT gives each new row the largest rowid plus one: the batches are the newest
+    # row and those just below it (asking SQLite for the largest first was one more statement per write).
+    assert newest is not None
+    batch_ids = range(newest - len(log) + 1, newest + 1)
     runs: list[tuple[str, int, int, int, int]] = []
     for batch, logged in zip(batch_ids, log):
         # A device's ops are applied in seq order, so those in one batch are one run of seqs.
@@ -290,12 +310,20 @@ def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, st
 def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tuple[int, list[Op]]]:
     """Return the logged batches after batch id `after_batch`, each as (id, its ops), oldest first, stopping once they
     hold `ops_max` ops."""
-    pages: list[tuple[int, list[Op]]] = []
+    return _logged_decoded(adapter, after_batch, ops_max, decode_stored_batch)
+
+
+def _logged_decoded(
+    adapter: SqlAdapter, after_batch: int, ops_max: int, decode: Callable[[bytes], list[T]]
+) -> list[tuple[int, list[T]]]:
+    """Return the logged batches after batch id `after_batch`, each as (id, `decode` of its body: one item per op),
+    oldest first, stopping once they hold `ops_max` ops."""
+    pages: list[tuple[int, list[T]]] = []
     held = 0
     while held < ops_max:
         rows = _logged_rows(adapter, after_batch)
         for after_batch, body in rows:
-            pages.append((after_batch, decode_stored_batch(body)))
+            pages.append((after_batch, decode(body)))
             held += len(pages[-1][1])
             if held >= ops_max:
                 break
@@ -377,9 +405,14 @@ class Compaction:
 
 
 def compaction_scope(adapter: SqlAdapter) -> tuple[int, dict[str, int]]:
-    """Return the newest logged batch, and a cursor at seq 1 for every device with a run up to it: what a compaction
-    considers (batches logged after it began may hold ops of a device it does not read)."""
-    return _newest_batch(adapter), {device: 1 for (device,) in adapter.query("SELECT DISTINCT device FROM op_runs")}
+    """Return the batch before the newest logged one, and a cursor at seq 1 for every device with a run up to it: what
+    a compaction considers (batches logged after it began may hold ops of a device it does not read).
+
+    The newest batch stays, so batch ids only ever rise (a new batch takes the largest id plus one, see _log_batches):
+    the projector's place in the log (PROJECTED_BATCH) stays behind every batch logged after it.
+    """
+    upto = max(0, _newest_batch(adapter) - 1)
+    return upto, {device: 1 for (device,) in adapter.query("SELECT DISTINCT device FROM op_runs")}
 
 
 def plan_compaction(
@@ -450,8 +483,12 @@ def _runs_through(
 
 
 def compact_log(adapter: SqlAdapter, compaction: Compaction) -> None:
-    """Delete the planned batches and their runs, raising the bases and keeping their newest HLC, in one transaction."""
+    """Delete the planned batches and their runs, raising the bases and keeping their newest HLC, in one transaction;
+    the derived-store updates that batches not yet projected owe go to the outbox."""
     with adapter.transaction():
+        projected = get_meta(adapter, PROJECTED_BATCH) or 0
+        owed = logged_bodies(adapter, [batch for batch in compaction.batches if batch > projected])
+        _queue_projections(adapter, _logged_projections(map(stored_batch_keys, owed.values())))
         _delete_where_in(adapter, "DELETE FROM op_batches WHERE id IN", list(compaction.batches))
         adapter.executemany("DELETE FROM op_runs WHERE device = ? AND seq_first = ?", list(compaction.runs))
         _raise_bases(adapter, compaction.bases)
@@ -487,8 +524,9 @@ def persist(
     bases: Mapping[str, int] | None = None,
     stamp_numbers: dict[str, int] | None = None,
 ) -> None:
-    """Write applied ops, the rows they changed, new conflicts and outbox entries in one transaction, and strip the
-    content of the forgotten keys from the log; raise the log's `bases` (a state snapshot brought their ops' effect).
+    """Write applied ops, the rows they changed, new conflicts and outbox entries for changes the ops do not name, in
+    one transaction, and strip the content of the forgotten keys from the log; raise the log's `bases` (a state
+    snapshot brought their ops' effect).
 
     `stamp_numbers` caches the stamp_devices numbers across writes; it takes the new ones once the write commits.
     """
@@ -511,10 +549,13 @@ def persist(
         if changes.merged_messages is not None:
             _write_merged_messages(adapter, changes.merged_messages)
         counts.write(adapter)
+        # The projector reads the keys of logged ops from the log (log_projections); the outbox names the others: a
+        # state snapshot's, a rebuild's.
+        logged = {(op.collection, op.key) for logged_batch in log for op in logged_batch.ops}
         _queue_projections(
             adapter,
             [
-                (target, action, list(keys.get(collection, ())))
+                (target, action, [key for key in keys.get(collection, ()) if (collection, key) not in logged])
                 for collection, target in _PROJECTED_TO.items()
                 for action, keys in ((UPSERT, changes.upserts), (DELETE, changes.deletes))
             ],
@@ -653,7 +694,8 @@ class _ConversationCounts:
         """Read, before the write, where the messages it deletes or replaces were counted."""
         upserts = changes.upserts.get(Collection.MESSAGES, {})
         deletes = changes.deletes.get(Collection.MESSAGES, [])
-        rows = rows_by_id(adapter, "messages", "id, conversation, ts_ms", [*deletes, *upserts])
+        stored_ids = [*deletes, *(message_id for message_id in upserts if message_id not in changes.unstored_messages)]
+        rows = rows_by_id(adapter, "messages", "id, conversation, ts_ms", stored_ids)
         stored = {message_id: (conversation, ts_ms) for message_id, conversation, ts_ms in rows}
         self.joining: dict[str, list[int]] = {}  # conversation -> [messages that join it, their latest ts_ms]
         self.leaving: dict[str, int] = {}  # conversation -> messages that leave it
@@ -716,8 +758,68 @@ def outbox_done(adapter: SqlAdapter, up_to_id: int) -> None:
     adapter.execute("DELETE FROM outbox WHERE id <= ?", (up_to_id,))
 
 
-def outbox_clear(adapter: SqlAdapter) -> None:
-    adapter.execute("DELETE FROM outbox")
+def projections_clear(adapter: SqlAdapter) -> None:
+    """Drop every derived-store update owed, in the outbox and by the log (for a rebuild of every derived store)."""
+    with adapter.transaction():
+        adapter.execute("DELETE FROM outbox")
+        set_meta(adapter, PROJECTED_BATCH, _newest_batch(adapter))
+
+
+def log_projections(adapter: SqlAdapter, ops_max: int, messages: bool = True) -> tuple[int, list[OutboxEntry]]:
+    """Return the newest logged batch read, and the derived-store updates owed by the batches logged after the
+    projector's place (PROJECTED_BATCH), read until they hold `ops_max` ops; (0, []) if there are none. Unless
+    `messages`, batches of messages alone owe nothing and are passed over unread.
+
+    Every key the ops wrote comes as an upsert: the projector deletes what has no row (it reads every row it projects).
+    """
+    after = get_meta(adapter, PROJECTED_BATCH) or 0
+    if messages:
+        pages = _logged_decoded(adapter, after, ops_max, stored_batch_keys)
+        upto = pages[-1][0] if pages else after
+    else:
+        # By the partial index: the bodies of batches of messages alone are not even read.
+        pages = [
+            (batch, stored_batch_keys(body))
+            for batch, body in adapter.query(
+                "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
+                "ORDER BY id LIMIT ?",
+                (after, LOG_PAGE_BATCHES),
+            )
+        ]
+        upto = pages[-1][0] if len(pages) == LOG_PAGE_BATCHES else _newest_batch(adapter)
+    if upto <= after:
+        return 0, []
+    projections = _logged_projections(keys for _, keys in pages)
+    return upto, [OutboxEntry(upto, target, action, tuple(keys)) for target, action, keys in projections]
+
+
+def projected(adapter: SqlAdapter, upto_batch: int) -> None:
+    """Record that the derived stores hold the effect of every logged batch up to `upto_batch`."""
+    set_meta(adapter, PROJECTED_BATCH, upto_batch)
+
+
+def projector_backlog(adapter: SqlAdapter) -> int:
+    """Return how many key updates the derived stores are owed: those in the outbox, and one per logged op after the
+    projector's place."""
+    projected_batch = get_meta(adapter, PROJECTED_BATCH) or 0
+    (backlog,) = _one_row(
+        adapter,
+        "SELECT (SELECT coalesce(sum(key_count), 0) FROM outbox) "
+        "+ (SELECT coalesce(sum(seq_last - seq_first + 1), 0) FROM op_runs WHERE batch > ?)",
+        (projected_batch,),
+    )
+    return backlog
+
+
+def _logged_projections(batches: Iterable[Sequence[tuple[Collection, str]]]) -> list[tuple[str, str, list[str]]]:
+    """Return the (target, UPSERT, keys) projections that logged ops owe, given the (collection, key) each wrote, each
+    key once."""
+    keys: dict[str, dict[str, None]] = {}
+    for written in batches:
+        for collection, key in written:
+            if (target := _PROJECTED_TO.get(collection)) is not None:
+                keys.setdefault(target, {})[key] = None
+    return [(target, UPSERT, list(target_keys)) for target, target_keys in keys.items()]
 
 
 def rows_by_id(adapter: SqlAdapter, table: str, columns: str, ids: Iterable[str]) -> list[tuple]:

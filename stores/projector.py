@@ -1,4 +1,5 @@
-"""The outbox projector: brings DuckDB, the vector index and the RocksDB cache up to date with primary SQL."""
+"""The projector: brings DuckDB, the vector index and the RocksDB cache up to date with primary SQL, following its op
+log and its outbox."""
 
 import functools
 import logging
@@ -7,7 +8,7 @@ from collections import defaultdict
 import trio
 
 from stores import primary
-from stores.datalayer import DataLayer
+from stores.datalayer import DataLayer, without_rows
 from stores.errors import StoreCorruptError, StoreError
 from stores.vectors import INDEX_STEP_ITEMS_MAX, VectorIndex
 
@@ -26,7 +27,8 @@ INDEX_STEP_ITEMS_MIN = 1
 
 
 class Projector:
-    """Applies outbox entries to the derived stores idempotently and marks them done; resumes after a crash."""
+    """Applies logged ops and outbox entries to the derived stores idempotently and marks them done; resumes after a
+    crash."""
 
     def __init__(self, data: DataLayer, *, batch_keys_max: int = 2000, idle_s: float = 5.0) -> None:
         self.data = data
@@ -37,7 +39,7 @@ class Projector:
         self._draining = trio.Lock()  # the run loop and callers that need fresh derived stores both drain
 
     def wake(self) -> None:
-        """Tell the projector new outbox entries are waiting."""
+        """Tell the projector new changes are waiting."""
         self._wake.set()
 
     async def run(self, *, load_analytics: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -63,18 +65,26 @@ class Projector:
             self._wake = trio.Event()
 
     async def drain(self, *, yield_to_writers: bool = False) -> int:
-        """Apply every waiting outbox entry (or, yielding, stop when a writer takes the store); return how many key
-        projections they held."""
+        """Apply every waiting outbox entry and logged batch not yet projected (or, yielding, stop when a writer takes
+        the store); return how many key projections they held."""
         done = 0
+        sql = self.data.sql
         async with self._draining:
             if self.data.cache_refill_owed:
                 await self._refill_cache()
             # A catch-up releases the store between its writes: yielding stops at the next batch, not when it is over.
             while not (yield_to_writers and self.data.write_lock.locked()) and (
-                batch := await self.data.sql.run(primary.outbox_batch, self.batch_keys_max)
+                batch := await sql.run(primary.outbox_batch, self.batch_keys_max)
             ):
                 await self._apply(batch)
-                await self.data.sql.run(primary.outbox_done, batch[-1].id)
+                await sql.run(primary.outbox_done, batch[-1].id)
+                done += sum(len(entry.keys) for entry in batch)
+            while not (yield_to_writers and self.data.write_lock.locked()):
+                upto, batch = await self.data.log_projections(self.batch_keys_max)
+                if not upto:
+                    break
+                await self._apply(batch)
+                await sql.run(primary.projected, upto)
                 done += sum(len(entry.keys) for entry in batch)
         self.applied += done
         return done
@@ -101,8 +111,9 @@ class Projector:
     async def _project_cache(self, upserts: list[str], deletes: list[str]) -> None:
         rows = await self.data.sql.run(primary.preference_rows, upserts)
         puts = [(PREFERENCE_CACHE_PREFIX + key.encode(), value) for key, value in rows]
+        gone = [*deletes, *without_rows(upserts, rows)]  # a key projected from the log may be gone
         try:
-            self.data.cache.write(puts, [PREFERENCE_CACHE_PREFIX + key.encode() for key in deletes])
+            self.data.cache.write(puts, [PREFERENCE_CACHE_PREFIX + key.encode() for key in gone])
         except StoreCorruptError as error:
             self.data.mend_cache(error)
             await self._refill_cache()
@@ -160,7 +171,7 @@ class Projector:
         """Regenerate every derived store from primary SQL; return how many items each now holds."""
         data = self.data
         async with self._draining:
-            await data.sql.run(primary.outbox_clear)
+            await data.sql.run(primary.projections_clear)
             messages = await data.reload_analytics()
             vectors = await data.reload_vectors()
             preferences = await self._rebuild_cache()

@@ -292,12 +292,10 @@ class TotalsRepository(_Repository):
     """Counts over the primary store, for status."""
 
     async def counts(self) -> PrimaryCounts:
-        row = await self._data.sql.query_one(
-            "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories), "
-            "(SELECT coalesce(sum(key_count), 0) FROM outbox)"
-        )
+        row = await self._data.sql.query_one("SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM memories)")
         assert row is not None  # an aggregate always returns a row
-        return PrimaryCounts(*row)
+        messages, memories = row
+        return PrimaryCounts(messages, memories, await self._data.sql.run(primary.projector_backlog))
 
 
 SESSION_PREFIX = b"session:"
@@ -385,7 +383,7 @@ class UnitOfWork:
                 if ops:  # earlier intents of this unit already changed the replica
                     await data.reload_replica()
                 raise error if isinstance(error, StoreError) else DataError(str(error)) from None
-            await data.persist(ops, forgotten)
+            await data.persist(ops, forgotten, new_ids)
         if self._on_commit is not None:
             self._on_commit(ops)
         return ops

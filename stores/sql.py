@@ -38,6 +38,10 @@ DEFAULT_CALL_TIMEOUT_S = 30.0
 # Opening (journal mode) and closing (a WAL checkpoint) write and fsync, which on a slow disk takes longer than a
 # short call timeout allows (a test's 0.2 s close failed on a 0.5 s fsync): they wait at least this long.
 OPEN_CLOSE_TIMEOUT_S = 30.0
+# While no other task can run, a store call blocks the trio thread for its outcome, this long at most: a call of a few
+# hundred microseconds (a message's write) then skips trio's wake-up through its I/O loop, about 50 us of each call.
+# I/O that comes in meanwhile waits as long; a longer call goes on as an ordinary trio wait.
+IDLE_WAIT_S = 0.001
 
 # WAL with synchronous=FULL fsyncs every commit, so an acknowledged transaction survives kill -9 and power loss.
 # busy_timeout lets a second process (the CLI opening the store directly) wait briefly for the write lock.
@@ -50,6 +54,9 @@ _CORRUPTION_MARKERS = ("malformed", "not a database", "corrupt")
 
 
 class _Cursor(Protocol):
+    @property
+    def lastrowid(self) -> int | None: ...
+
     def fetchall(self) -> list[Row] | None: ...
 
     def fetchone(self) -> Row | None: ...
@@ -103,6 +110,7 @@ def _store_error(error: Exception, engine: str, path: Path) -> StoreError:
 # Values bound per multi-row INSERT (SQLite allows 32766). Each statement shape stays in the connection's statement
 # cache: one of 8192 values takes about 0.75 MiB there (4680 rows of 7 values took 3 MiB).
 VALUES_PER_STATEMENT_MAX = 8192
+INSERT_SHAPES_MAX = 64  # insert statements whose text is kept, not built again for every call (up to 40 KB each)
 
 
 def _statement_row_counts(rows: int, per_statement: int) -> Iterator[int]:
@@ -117,6 +125,36 @@ def _statement_row_counts(rows: int, per_statement: int) -> Iterator[int]:
         largest = 1 << (rest.bit_length() - 1)
         yield largest
         rest -= largest
+
+
+@functools.lru_cache(maxsize=INSERT_SHAPES_MAX)
+def _insert_sql(insert: str, upsert: str, width: int, rows: int) -> str:
+    """Return the statement that inserts `rows` rows of `width` values (see SqlAdapter.insert_rows)."""
+    placeholders = f"({', '.join('?' * width)})"
+    return f"{insert} {', '.join([placeholders] * rows)} {upsert}"
+
+
+class _Live:
+    """A SqlAdapter's open connection for one call, with engine errors turned into store errors.
+
+    A class, not a generator context manager: that cost about 3 us of every statement.
+    """
+
+    __slots__ = ("_adapter",)
+
+    def __init__(self, adapter: SqlAdapter) -> None:
+        self._adapter = adapter
+
+    def __enter__(self) -> _Connection:
+        adapter = self._adapter
+        if adapter._connection is None:
+            raise StoreClosedError(f"{adapter._engine} store {adapter._path} is closed")
+        return adapter._connection
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        adapter = self._adapter
+        if isinstance(error, adapter._errors):
+            raise _store_error(error, adapter._engine, adapter._path) from error
 
 
 class SqlAdapter:
@@ -139,15 +177,9 @@ class SqlAdapter:
         """The database file."""
         return self._path
 
-    @contextmanager
-    def _live(self) -> Iterator[_Connection]:
-        """Yield the open connection, turning engine errors into store errors."""
-        if self._connection is None:
-            raise StoreClosedError(f"{self._engine} store {self._path} is closed")
-        try:
-            yield self._connection
-        except self._errors as error:
-            raise _store_error(error, self._engine, self._path) from error
+    def _live(self) -> _Live:
+        """Return a context giving the open connection and turning engine errors into store errors."""
+        return _Live(self)
 
     def execute(self, sql: str, params: Sequence[SqlValue] = ()) -> None:
         """Run one statement with positional ? parameters."""
@@ -160,24 +192,24 @@ class SqlAdapter:
             with self._live() as connection:
                 connection.executemany(sql, parameters)
 
-    def insert_rows(self, insert: str, rows: Sequence[Sequence[SqlValue]], upsert: str = "") -> None:
+    def insert_rows(self, insert: str, rows: Sequence[Sequence[SqlValue]], upsert: str = "") -> int | None:
         """Run `insert` (an INSERT ending in VALUES, then `upsert`, an ON CONFLICT clause, if given) for every row, many
-        rows to a statement.
+        rows to a statement; return the rowid of the last row inserted (None for no rows).
 
         A statement per row (executemany) gives up and retakes the GIL around each row: with another thread busy in
         Python, every retake waits for the switch interval. Measured with one busy thread: 473 rows/s one per
         statement, 61,844 rows/s 500 to a statement.
         """
         if not rows:
-            return
+            return None
         width = len(rows[0])
-        placeholders = f"({', '.join('?' * width)})"
         start = 0
         with self._live() as connection:
             for count in _statement_row_counts(len(rows), max(1, VALUES_PER_STATEMENT_MAX // width)):
                 values = tuple(itertools.chain.from_iterable(rows[start : start + count]))
-                connection.execute(f"{insert} {', '.join([placeholders] * count)} {upsert}", values)
+                cursor = connection.execute(_insert_sql(insert, upsert, width, count), values)
                 start += count
+        return cursor.lastrowid
 
     def query(self, sql: str, params: Sequence[SqlValue] = ()) -> list[Row]:
         """Run one statement and return all its rows."""
@@ -302,6 +334,15 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+def _idle_wait_s() -> float:
+    """Return how long a store call may block the trio thread for its outcome: only while no other task can run and
+    no deadline falls due, and at most IDLE_WAIT_S."""
+    statistics = trio.lowlevel.current_statistics()
+    if statistics.tasks_runnable:
+        return 0.0
+    return max(0.0, min(IDLE_WAIT_S, statistics.seconds_to_next_deadline))
+
+
 class _Call(Generic[T]):
     """One function handed to the worker thread, and its outcome."""
 
@@ -310,20 +351,42 @@ class _Call(Generic[T]):
         self._lock = threading.Lock()
         self._started = False
         self._abandoned = False
+        self._ran = False
+        self._waited = False  # the caller blocks its thread on `_ran_now` (wait_briefly), not in trio
+        self._ran_now = threading.Lock()  # held until the function ran for a waiting caller: cheaper than an Event
+        self._ran_now.acquire()
         self._result: T | None = None
         self._error: BaseException | None = None
         self.finished = trio.Event()
 
-    def run(self) -> None:
-        """Run the function on the calling thread unless the caller already gave up."""
+    def run(self) -> bool:
+        """Run the function on the calling thread unless the caller already gave up; return whether the caller must
+        be woken through trio (it is not blocked in wait_briefly)."""
         with self._lock:
             if self._abandoned:
-                return
+                return True
             self._started = True
         try:
             self._result = self._fn()
         except BaseException as error:
             self._error = error
+        with self._lock:
+            self._ran = True
+            if self._waited:
+                self._ran_now.release()
+            return not self._waited
+
+    def wait_briefly(self, timeout_s: float) -> bool:
+        """Block the calling thread until the function has run, at most `timeout_s`; return whether it ran meanwhile,
+        and so the caller finishes the call, not a trio wake-up."""
+        with self._lock:
+            if timeout_s <= 0 or self._ran:
+                return False  # a function that ran before the wait began wakes its caller through trio (see run)
+            self._waited = True
+        self._ran_now.acquire(timeout=timeout_s)
+        with self._lock:
+            self._waited = False
+            return self._ran
 
     def abandon(self) -> bool:
         """Keep the function from starting if it has not; return whether it had started."""
@@ -343,6 +406,7 @@ class AsyncSql:
 
     sqlcipher3 allows a connection only on the thread that opened it, so the worker opens it too.
     libsql holds the GIL while a query runs, which stalls the trio loop for that long; sqlcipher does not.
+    While the loop has nothing else to run, a caller waits up to IDLE_WAIT_S on its thread for the outcome.
     Every call waits at most ``timeout_s`` seconds, queueing included, then raises StoreTimeoutError; a call
     that timed out before it started never runs, one that had started may still complete.
     """
@@ -413,21 +477,22 @@ class AsyncSql:
 
     async def _call(self, fn: Callable[[], T], timeout_s: float | None = None) -> T:
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        deadline = trio.current_time() + timeout_s
         call = _Call(fn)
         token = trio.lowlevel.current_trio_token()
-        with trio.move_on_after(timeout_s):
+        # A cancelled caller queues nothing; a free worker is taken without yielding to the scheduler, as
+        # Semaphore.acquire would (about 10 us of every call): the waits below yield.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        queued = self._queue_now(call, token)
+        if queued and call.wait_briefly(_idle_wait_s()):
+            self._finished(call)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # what came in meanwhile runs before the caller goes on
+            return call.outcome()
+        with trio.move_on_at(deadline):
             try:
-                # A cancelled caller queues nothing; a free worker is taken without yielding to the scheduler, as
-                # Semaphore.acquire would (about 10 us of every call): the wait below yields.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    self._idle.acquire_nowait()
-                except trio.WouldBlock:
+                if not queued:
                     await self._idle.acquire()
-                if self._stopped:
-                    self._idle.release()
-                    raise StoreClosedError(f"{self._engine} store is closed")
-                self._inbox.put((call, token))
+                    self._queue(call, token)
                 await call.finished.wait()
             finally:
                 started = call.abandon()
@@ -436,10 +501,27 @@ class AsyncSql:
             raise StoreTimeoutError(f"{self._engine} store call did not finish within {timeout_s} s; {fate}")
         return call.outcome()
 
+    def _queue_now(self, call: _Call[Any], token: trio.lowlevel.TrioToken) -> bool:
+        """Hand `call` to the worker if it is free; return whether it was."""
+        try:
+            self._idle.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        self._queue(call, token)
+        return True
+
+    def _queue(self, call: _Call[Any], token: trio.lowlevel.TrioToken) -> None:
+        """Hand `call` to the worker, whose turn the caller holds."""
+        if self._stopped:
+            self._idle.release()
+            raise StoreClosedError(f"{self._engine} store is closed")
+        self._inbox.put((call, token))
+
     def _serve(self) -> None:
         while (item := self._inbox.get()) is not None:
             call, token = item
-            call.run()
+            if not call.run():
+                continue  # the caller took the outcome itself (_Call.wait_briefly)
             try:
                 token.run_sync_soon(self._finished, call)
             except trio.RunFinishedError:

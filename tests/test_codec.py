@@ -13,12 +13,15 @@ from crdt import (
     StateStream,
     decode_ops,
     decode_state_part,
+    decode_stored_batch,
+    deflate,
     encode_ops,
     encode_state,
     encode_state_part,
     load_replica,
     merge_state,
     save_replica,
+    stored_batch_keys,
 )
 from node.sync.wire import Ack, Deltas, Hello, from_wire, to_wire
 from tests.conftest import make_replica
@@ -48,6 +51,13 @@ SAMPLE_BATCH = encode_ops(SAMPLE_OPS)
 
 def test_ops_round_trip_through_a_batch():
     assert decode_ops(SAMPLE_BATCH) == SAMPLE_OPS
+
+
+def test_a_stored_batch_gives_the_key_each_op_wrote_without_decoding_the_ops():
+    body = deflate(SAMPLE_BATCH)
+    assert stored_batch_keys(body) == [(op.collection, op.key) for op in decode_stored_batch(body)]
+    with pytest.raises(DecodeError, match="malformed"):
+        stored_batch_keys(deflate(encode_ops(SAMPLE_OPS)[:-3]))
 
 
 def test_a_saved_replica_whose_log_was_compacted_whole_loads_with_its_vector_and_bases():

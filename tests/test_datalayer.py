@@ -267,6 +267,80 @@ async def test_the_projector_brings_every_derived_store_up_to_date(tmp_path):
         await data.close()
 
 
+@pytest.mark.trio
+async def test_a_logged_write_is_projected_from_the_log_and_a_compaction_hands_what_is_unprojected_to_the_outbox(
+    tmp_path,
+):
+    data = await open_data(tmp_path)
+    projector = Projector(data)
+
+    async def analytics_today() -> tuple[int, float | None]:
+        """The analytics store's count and mean sentiment of today's messages (each test message has its own)."""
+        days = await data.in_analytics(lambda analytics: analytics.daily(1, time.time_ns() // 1_000_000))
+        return (days[0].message_count, days[0].sentiment_avg) if days else (0, None)
+
+    try:
+        await data.analytics_ready()
+        async with UnitOfWork(data) as uow:
+            first = uow.conversations.add_message("chat", "hi", sentiment=-1.0)
+            uow.preferences.set("theme", "dark")
+            await uow.commit()
+        # The write queued no outbox row: the projector owes its keys by the log.
+        assert await data.sql.query("SELECT count(*) FROM outbox") == [(0,)]
+        assert (await UnitOfWork(data).totals.counts()).projector_backlog == 2
+        assert await projector.drain() == 2
+        assert await analytics_today() == (1, -1.0) and data.cache.get(PREFERENCE_CACHE_PREFIX + b"theme") is not None
+        assert (await UnitOfWork(data).totals.counts()).projector_backlog == 0
+        async with UnitOfWork(data) as uow:
+            uow.conversations.add_message("chat", "again", sentiment=0.5)
+            await uow.commit()
+        async with UnitOfWork(data) as uow:
+            uow.conversations.forget(first)
+            await uow.commit()
+        # The second message's batch is compacted before the projector read it: its key waits in the outbox instead.
+        # The first batch holds a preference too, and the newest (the forget) stays.
+        assert await data.log.compact(data.sql, dict(data.replica.vector)) == 1
+        assert await data.sql.query("SELECT key_count FROM outbox") == [(1,)]
+        assert await projector.drain() == 2
+        assert await analytics_today() == (1, 0.5)
+        # The newest batch stayed, so the next one still comes after the projector's place in the log.
+        async with UnitOfWork(data) as uow:
+            uow.conversations.add_message("chat", "and again", sentiment=0.25)
+            await uow.commit()
+        assert await projector.drain() == 1
+        assert await analytics_today() == (2, 0.375)
+        # The projector's place in the log outlives a restart: nothing is projected twice.
+        await data.close()
+        data = await open_data(tmp_path)
+        assert await Projector(data).drain() == 0
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_while_the_analytics_store_is_unloaded_the_projector_passes_over_batches_of_messages_alone(tmp_path):
+    data = await open_data(tmp_path)
+    projector = Projector(data)
+    try:
+        for write in ("hi", "theme", "again"):
+            async with UnitOfWork(data) as uow:
+                if write == "theme":
+                    uow.preferences.set("theme", "dark")
+                else:
+                    uow.conversations.add_message("chat", write)
+                await uow.commit()
+        assert await projector.drain() == 1  # the preference alone: the analytics store will read the messages itself
+        assert data.cache.get(PREFERENCE_CACHE_PREFIX + b"theme") is not None
+        assert (await UnitOfWork(data).totals.counts()).projector_backlog == 0
+        assert (await data.analytics_ready()).count() == 2
+        async with UnitOfWork(data) as uow:
+            uow.conversations.add_message("chat", "loaded")
+            await uow.commit()
+        assert await projector.drain() == 1 and data.analytics.count() == 3
+    finally:
+        await data.close()
+
+
 def test_a_schema_2_store_keeps_its_op_log_and_outbox_through_the_migrations(tmp_path, engine):
     replica = Replica(DEVICE, HybridClock(lambda: 1_000))
     ops = [replica.set_preference(f"k{i}", i) for i in range(4500)]  # more than one migration page
@@ -286,6 +360,8 @@ def test_a_schema_2_store_keeps_its_op_log_and_outbox_through_the_migrations(tmp
         # A plain rowid: an AUTOINCREMENT table wrote a page of sqlite_sequence in every write.
         assert "AUTOINCREMENT" not in store.query("SELECT sql FROM sqlite_master WHERE name = 'outbox'")[0][0]
         assert [op for _, logged in primary.logged_pages(store, 0, len(ops)) for op in logged] == ops
+        # Those batches' keys wait in the outbox: the projector's place in the log starts after them.
+        assert primary.log_projections(store, 10_000) == (0, [])
         entries = primary.outbox_batch(store, 10_000)
         assert [(e.target, e.action, key) for e in entries for key in e.keys] == owed
         assert len(entries) == 5  # the 700 keys take two rows of at most OUTBOX_KEYS_MAX

@@ -20,7 +20,7 @@ from stores import (
     migrate,
     open_sql,
 )
-from stores.sql import VALUES_PER_STATEMENT_MAX, _statement_row_counts
+from stores.sql import VALUES_PER_STATEMENT_MAX, _Call, _statement_row_counts
 
 KEY = bytes(range(32))
 WRONG_KEY = bytes(32)
@@ -288,6 +288,27 @@ async def test_async_round_trip_on_one_worker_thread(engine: str, db_path: Path)
     await db.close()
     with pytest.raises(StoreClosedError):
         await db.query("SELECT 1")
+
+
+def test_a_store_call_is_finished_once_whether_it_ends_before_or_while_its_caller_waits() -> None:
+    """The trio thread may wait a moment for a call's outcome (AsyncSql._call): then it finishes the call, else a trio
+    wake-up does; never both, or the worker would take calls two deep."""
+    before = _Call(lambda: 1)
+    assert before.run() is True  # no caller waits: wake it through trio
+    assert before.wait_briefly(0.01) is False  # and the caller must not finish it too
+    assert before.outcome() == 1
+
+    during = _Call(lambda: 2)
+    worker = threading.Timer(0.05, lambda: outcomes.append(during.run()))
+    outcomes: list[bool] = []
+    worker.start()
+    assert during.wait_briefly(5.0) is True  # the caller waited: it finishes the call
+    worker.join()
+    assert outcomes == [False] and during.outcome() == 2
+
+    late = _Call(lambda: 3)
+    assert late.wait_briefly(0.001) is False  # gave up waiting before the function ran
+    assert late.run() is True and late.outcome() == 3
 
 
 @pytest.mark.trio
