@@ -62,12 +62,21 @@ class NatsServer:
 
     def healthy(self) -> bool:
         """Whether the server answers that JetStream is up and current (meta leader known, streams caught up)."""
-        address = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        return self._monitor("healthz").get("status") == "ok"
+
+    def meta_group(self) -> dict:
+        """The server's view of the JetStream meta group: its leader and the other servers' state ({} if unknown)."""
+        return self._monitor("jsz").get("meta_cluster") or {}
+
+    def _monitor(self, endpoint: str) -> dict:
+        """What a monitoring endpoint answers, or {} if it does not."""
+        address = f"http://127.0.0.1:{self.monitor_port}/{endpoint}"
         try:
             with urllib.request.urlopen(address, timeout=PROBE_TIMEOUT_S) as reply:
-                return json.loads(reply.read()).get("status") == "ok"
+                answer = json.loads(reply.read())
         except (urllib.error.URLError, OSError, ValueError):
-            return False
+            return {}
+        return answer if isinstance(answer, dict) else {}
 
 
 class PortTakenError(AssertionError):
@@ -153,6 +162,23 @@ class NatsCluster:
                 raise AssertionError(f"nats-servers {[s.name for s in pending]} not healthy in {READY_TIMEOUT_S} s")
             if pending:
                 time.sleep(0.05)
+        while not self._placement_ready():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the JetStream meta leader saw not every server current in {READY_TIMEOUT_S} s")
+            time.sleep(0.05)
+
+    def _placement_ready(self) -> bool:
+        """Whether the JetStream meta leader sees every other running server as current. Each server being healthy is
+        not enough: until then the leader may refuse a stream with replicas ("no suitable peers for placement, peer
+        offline"), as a CI run saw once."""
+        running = [server for server in self.servers if server.process is not None]
+        for server in running:
+            group = server.meta_group()
+            if group.get("leader") == server.name:
+                peers = group.get("replicas", [])
+                current = {peer["name"] for peer in peers if peer.get("current") and not peer.get("offline")}
+                return {peer.name for peer in running if peer is not server} <= current
+        return False
 
     def stop_server(self, index: int, sig: int = signal.SIGTERM) -> None:
         """Stop one server (SIGKILL to kill it) and wait for its process to end."""

@@ -118,7 +118,7 @@ class Changes:
     upserts: dict[Collection, dict[str, tuple]] = attrs.field(factory=dict)
     deletes: dict[Collection, list[str]] = attrs.field(factory=dict)
     merged_messages: "MergedMessages | None" = None
-    unstored_messages: AbstractSet[str] = frozenset()  # messages the store holds no row of (ids just made): none to read
+    unstored_messages: AbstractSet[str] = frozenset()  # messages with no row in the store yet (ids just made)
 
 
 @attrs.frozen
