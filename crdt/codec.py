@@ -180,7 +180,7 @@ class StoredBatchReader:
             self._devices: list[str] = self._unpacker.unpack()
             self.ops_left: int = self._unpacker.read_array_header()
         except Exception as error:  # any shape error in a stored batch means the store is damaged
-            raise DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}") from None
+            raise _malformed_stored_batch(error) from None
 
     def read(self, ops_max: int) -> list[Op]:
         """Return the batch's next ops, at most `ops_max` of them (none once it is read through)."""
@@ -198,7 +198,7 @@ class StoredBatchReader:
                 for device, seq, hlc, collection, key, kind, payload, prev in rows
             ]
         except Exception as error:
-            raise DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}") from None
+            raise _malformed_stored_batch(error) from None
         self.ops_left -= count
         return ops
 
@@ -209,9 +209,14 @@ class StoredBatchReader:
             rows = [unpack() for _ in range(self.ops_left)]
             keys = [(collections[row[3]], row[4]) for row in rows]
         except Exception as error:
-            raise DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}") from None
+            raise _malformed_stored_batch(error) from None
         self.ops_left = 0
         return keys
+
+
+def _malformed_stored_batch(error: Exception) -> DecodeError:
+    """Return the error for a batch this device's own store logged that does not decode."""
+    return DecodeError(f"stored op batch is malformed: {type(error).__name__}: {error}")
 
 
 def decode_stored_batch(body: bytes, held: bool = True) -> list[Op]:

@@ -336,15 +336,21 @@ def logged_ops_besides_messages(adapter: SqlAdapter) -> list[Op]:
     """Return every logged op of another collection than messages, in the order applied (each device's in seq order)."""
     ops: list[Op] = []
     after = 0
-    # By the partial index, a batch of messages only is never read: a home of a million messages has a few hundred
-    # ops to replay, not all of its log.
-    while rows := adapter.query(
-        "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
-        "ORDER BY id LIMIT ?", (after, LOG_PAGE_BATCHES)
-    ):
+    # A home of a million messages has a few hundred ops to replay, not all of its log.
+    while rows := _logged_rows_besides_messages(adapter, after):
         after = rows[-1][0]
         ops += [op for _, body in rows for op in decode_stored_batch(body) if op.collection is not Collection.MESSAGES]
     return ops
+
+
+def _logged_rows_besides_messages(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
+    """Return (id, deflated body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch` that hold ops of
+    other collections than messages, oldest first; by the partial index, a batch of messages alone is not even read."""
+    return adapter.query(
+        "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
+        "ORDER BY id LIMIT ?",
+        (after_batch, LOG_PAGE_BATCHES),
+    )
 
 
 def _logged_rows(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
@@ -486,8 +492,8 @@ def compact_log(adapter: SqlAdapter, compaction: Compaction) -> None:
     """Delete the planned batches and their runs, raising the bases and keeping their newest HLC, in one transaction;
     the derived-store updates that batches not yet projected owe go to the outbox."""
     with adapter.transaction():
-        projected = get_meta(adapter, PROJECTED_BATCH) or 0
-        owed = logged_bodies(adapter, [batch for batch in compaction.batches if batch > projected])
+        projected_batch = _projected_batch(adapter)
+        owed = logged_bodies(adapter, [batch for batch in compaction.batches if batch > projected_batch])
         _queue_projections(adapter, _logged_projections(map(stored_batch_keys, owed.values())))
         _delete_where_in(adapter, "DELETE FROM op_batches WHERE id IN", list(compaction.batches))
         adapter.executemany("DELETE FROM op_runs WHERE device = ? AND seq_first = ?", list(compaction.runs))
@@ -772,20 +778,12 @@ def log_projections(adapter: SqlAdapter, ops_max: int, messages: bool = True) ->
 
     Every key the ops wrote comes as an upsert: the projector deletes what has no row (it reads every row it projects).
     """
-    after = get_meta(adapter, PROJECTED_BATCH) or 0
+    after = _projected_batch(adapter)
     if messages:
         pages = _logged_decoded(adapter, after, ops_max, stored_batch_keys)
         upto = pages[-1][0] if pages else after
     else:
-        # By the partial index: the bodies of batches of messages alone are not even read.
-        pages = [
-            (batch, stored_batch_keys(body))
-            for batch, body in adapter.query(
-                "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
-                "ORDER BY id LIMIT ?",
-                (after, LOG_PAGE_BATCHES),
-            )
-        ]
+        pages = [(batch, stored_batch_keys(body)) for batch, body in _logged_rows_besides_messages(adapter, after)]
         upto = pages[-1][0] if len(pages) == LOG_PAGE_BATCHES else _newest_batch(adapter)
     if upto <= after:
         return 0, []
@@ -801,14 +799,18 @@ def projected(adapter: SqlAdapter, upto_batch: int) -> None:
 def projector_backlog(adapter: SqlAdapter) -> int:
     """Return how many key updates the derived stores are owed: those in the outbox, and one per logged op after the
     projector's place."""
-    projected_batch = get_meta(adapter, PROJECTED_BATCH) or 0
     (backlog,) = _one_row(
         adapter,
         "SELECT (SELECT coalesce(sum(key_count), 0) FROM outbox) "
         "+ (SELECT coalesce(sum(seq_last - seq_first + 1), 0) FROM op_runs WHERE batch > ?)",
-        (projected_batch,),
+        (_projected_batch(adapter),),
     )
     return backlog
+
+
+def _projected_batch(adapter: SqlAdapter) -> int:
+    """Return the projector's place in the log (PROJECTED_BATCH; 0 before any)."""
+    return get_meta(adapter, PROJECTED_BATCH) or 0
 
 
 def _logged_projections(batches: Iterable[Sequence[tuple[Collection, str]]]) -> list[tuple[str, str, list[str]]]:
