@@ -21,7 +21,9 @@ from crdt.codec import (
     load_replica,
     merge_state,
     save_replica,
+    stored_batch_body,
     stored_batch_keys,
+    stored_batch_plain,
 )
 from crdt.errors import (
     ClockDriftError,
@@ -84,5 +86,7 @@ __all__ = [
     "redacted_op",
     "save_replica",
     "state_keys",
+    "stored_batch_body",
     "stored_batch_keys",
+    "stored_batch_plain",
 ]

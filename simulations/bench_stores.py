@@ -1,5 +1,6 @@
 """`bench stores`: the data layer on the real engines, each figure beside a same-run baseline."""
 
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from stores.repositories import UnitOfWork
 SINGLE_WRITES = 300
 # By then even a raw insert (two pages a write) has passed SQLite's first checkpoint, at 1000 pages of log.
 REUSED_WAL_AFTER_WRITES = 600
+WRITE_ROUNDS = 3  # fresh homes per write figure, which is their median: one round's figure varies by a tenth or more
 IMPORT_MESSAGES = 100_000
 SEARCH_SIZES = (10_000, 100_000)
 SEARCH_QUERIES = 50
@@ -57,7 +59,25 @@ async def _open_node(home: Path) -> tuple[DeviceIdentity, DataLayer]:
 
 
 async def _bench_writes(root: Path) -> list[Metric]:
-    identity, data = await _open_node(root / "writes")
+    rounds = [await _write_round(root / f"writes-{n}") for n in range(WRITE_ROUNDS)]
+    (uow_fresh_ms, uow_reused_ms), (raw_fresh_ms, raw_reused_ms) = (
+        [statistics.median(round_s[writer][window] * 1000 for round_s in rounds) for window in range(2)]
+        for writer in range(2)
+    )
+    return [
+        metric("uow_write_ms", uow_fresh_ms, "ms/write", raw_fresh_ms, "<= 3x baseline", uow_fresh_ms <= 3 * raw_fresh_ms),
+        metric("uow_write_reused_wal_ms", uow_reused_ms, "ms/write", raw_reused_ms, "reported", True),
+    ]
+
+
+async def _write_round(folder: Path) -> list[tuple[float, float]]:
+    """Return the windows (see _write_windows_s) of a message added through the unit of work to a fresh home, then of
+    a raw insert of its row into a fresh plain table.
+
+    One after the other: writes taking turns made, on this machine, the unit of work's 8% faster and the raw insert's
+    20% slower, each fsync then following the other store's.
+    """
+    identity, data = await _open_node(folder / "home")
     now_ms = time.time_ns() // 1_000_000
 
     async def uow_write(i: int) -> None:
@@ -69,7 +89,7 @@ async def _bench_writes(root: Path) -> list[Metric]:
         uow_s = await _write_windows_s(uow_write)
     finally:
         await data.close()
-    raw = open_sql("sqlcipher", root / "raw.db", identity.store_key("sql"))
+    raw = open_sql("sqlcipher", folder / "raw.db", identity.store_key("sql"))
 
     async def raw_write(i: int) -> None:
         f = _message_fields(i, now_ms)
@@ -84,14 +104,9 @@ async def _bench_writes(root: Path) -> list[Metric]:
             "CREATE TABLE messages (id TEXT PRIMARY KEY, conversation TEXT, role TEXT, text TEXT, ts_ms INTEGER, "
             "sentiment REAL, response_time_ms REAL)"
         )
-        raw_s = await _write_windows_s(raw_write)
+        return [uow_s, await _write_windows_s(raw_write)]
     finally:
         raw.close()
-    (uow_fresh_ms, uow_reused_ms), (raw_fresh_ms, raw_reused_ms) = ([s * 1000 for s in pair] for pair in (uow_s, raw_s))
-    return [
-        metric("uow_write_ms", uow_fresh_ms, "ms/write", raw_fresh_ms, "<= 3x baseline", uow_fresh_ms <= 3 * raw_fresh_ms),
-        metric("uow_write_reused_wal_ms", uow_reused_ms, "ms/write", raw_reused_ms, "reported", True),
-    ]
 
 
 async def _write_windows_s(write: Callable[[int], Awaitable[None]]) -> tuple[float, float]:

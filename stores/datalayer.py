@@ -51,6 +51,10 @@ CACHE_DIR = "cache"
 LEGACY_VECTORS_DIR = "vectors"  # where older nodes kept a Chroma index on disk, with vectors and metadata in the clear
 VECTOR_LOAD_ROWS = 5000  # memories read from the primary store per query when loading the vector index
 ANALYTICS_LOAD_ROWS = 50_000  # messages loaded into the analytics store per slice
+# A write of at most this many ops and rows runs on the trio thread while it is idle (AsyncSql.run_brief). No other
+# process writes the store while a node or command has it open (node.home.HomeLock), so such a write never waits out
+# SQLite's busy timeout there.
+BRIEF_WRITE_ROWS_MAX = 32
 T = TypeVar("T")
 
 
@@ -182,6 +186,14 @@ class PendingWrite:
     def ops(self) -> list[Op]:
         """Return the applied ops, in order."""
         return [op for logged in self.log for op in logged.ops]
+
+    @property
+    def brief(self) -> bool:
+        """Whether the write is a few ops and rows (a message add), to be run as a brief store call."""
+        if self.last_part is not None or self.forgotten:  # a snapshot's part, a redaction of the log: rows unknown
+            return False
+        rows = sum(len(logged.ops) for logged in self.log) + self.changes.row_count()
+        return rows <= BRIEF_WRITE_ROWS_MAX
 
 
 class DataLayer:
@@ -455,7 +467,8 @@ class DataLayer:
         """Write what `prepare` took in one transaction; if that fails, rebuild the replica from the store."""
         try:
             p = pending
-            await self.sql.run(primary.persist, p.log, p.changes, p.conflicts, p.forgotten, p.meta, p.bases, self._stamp_numbers)
+            run = self.sql.run_brief if p.brief else self.sql.run
+            await run(primary.persist, p.log, p.changes, p.conflicts, p.forgotten, p.meta, p.bases, self._stamp_numbers)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.reload_replica()

@@ -8,7 +8,6 @@ no logged op made (a state snapshot's, a rebuild's).
 """
 
 import itertools
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
@@ -22,10 +21,10 @@ from crdt import (
     Op,
     decode_op,
     decode_stored_batch,
-    deflate,
-    encode_ops,
     redacted_op,
+    stored_batch_body,
     stored_batch_keys,
+    stored_batch_plain,
 )
 from crdt.messages import ROW_FIELDS as MESSAGE_ROW_FIELDS
 from stores.sql import Migration, SqlAdapter, migrate
@@ -119,6 +118,10 @@ class Changes:
     deletes: dict[Collection, list[str]] = attrs.field(factory=dict)
     merged_messages: "MergedMessages | None" = None
     unstored_messages: AbstractSet[str] = frozenset()  # messages with no row in the store yet (ids just made)
+
+    def row_count(self) -> int:
+        """Return how many rows the write upserts or deletes."""
+        return sum(map(len, self.upserts.values())) + sum(map(len, self.deletes.values()))
 
 
 @attrs.frozen
@@ -243,7 +246,7 @@ def _log_batches(adapter: SqlAdapter, log: Sequence[LogBatch], counted: bool = T
     log = [logged for logged in log if logged.ops]
     if not log:
         return
-    bodies = [logged.deflated or deflate(encode_ops(logged.ops)) for logged in log]
+    bodies = [logged.deflated or stored_batch_body(logged.ops) for logged in log]
     if counted:
         rows = [(body, other_ops(logged.ops)) for body, logged in zip(bodies, log)]
         newest = adapter.insert_rows("INSERT INTO op_batches (body, other_ops) VALUES", rows)
@@ -298,13 +301,13 @@ def _redact_logged(adapter: SqlAdapter, forgotten: Sequence[tuple[Collection, st
     while rows := _logged_rows(adapter, after):
         after = rows[-1][0]
         for batch, body in rows:
-            plain = zlib.decompress(body)
+            plain = stored_batch_plain(body)
             if not any(name in plain for name in names):
                 continue
             logged = decode_stored_batch(body, held=False)
             if any((op.collection, op.key) in keys for op in logged):
                 rewritten = [redacted_op(op) if (op.collection, op.key) in keys else op for op in logged]
-                adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (deflate(encode_ops(rewritten)), batch))
+                adapter.execute("UPDATE op_batches SET body = ? WHERE id = ?", (stored_batch_body(rewritten), batch))
 
 
 def logged_pages(adapter: SqlAdapter, after_batch: int, ops_max: int) -> list[tuple[int, list[Op]]]:
@@ -344,7 +347,7 @@ def logged_ops_besides_messages(adapter: SqlAdapter) -> list[Op]:
 
 
 def _logged_rows_besides_messages(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
-    """Return (id, deflated body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch` that hold ops of
+    """Return (id, stored body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch` that hold ops of
     other collections than messages, oldest first; by the partial index, a batch of messages alone is not even read."""
     return adapter.query(
         "SELECT id, body FROM op_batches INDEXED BY op_batches_with_other_ops WHERE other_ops > 0 AND id > ? "
@@ -354,7 +357,7 @@ def _logged_rows_besides_messages(adapter: SqlAdapter, after_batch: int) -> list
 
 
 def _logged_rows(adapter: SqlAdapter, after_batch: int) -> list[tuple[int, bytes]]:
-    """Return (id, deflated body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch`, oldest first."""
+    """Return (id, stored body) of up to LOG_PAGE_BATCHES logged batches after batch id `after_batch`, oldest first."""
     return adapter.query("SELECT id, body FROM op_batches WHERE id > ? ORDER BY id LIMIT ?", (after_batch, LOG_PAGE_BATCHES))
 
 
@@ -373,7 +376,7 @@ def logged_runs(adapter: SqlAdapter, device: str, after_seq: int, runs_max: int)
 
 
 def logged_bodies(adapter: SqlAdapter, batches: Iterable[int]) -> dict[int, bytes]:
-    """Return the stored (deflated) body of each of these logged batches."""
+    """Return the stored body of each of these logged batches (see stored_batch_body)."""
     return dict(_rows_where_in(adapter, "SELECT id, body FROM op_batches WHERE id IN", (), batches))
 
 

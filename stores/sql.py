@@ -6,6 +6,7 @@ import functools
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,13 @@ OPEN_CLOSE_TIMEOUT_S = 30.0
 # hundred microseconds (a message's write) then skips trio's wake-up through its I/O loop, about 50 us of each call.
 # I/O that comes in meanwhile waits as long; a longer call goes on as an ordinary trio wait.
 IDLE_WAIT_S = 0.001
+# A brief call (AsyncSql.run_brief: a write of a few rows) runs on the trio thread itself while no other task can run:
+# handing it to the worker and back cost about 75 us of a message add's 750 (bench stores, uow_write_ms). Brief calls
+# keep to the loop's budget above: one that overran it counts up, one within it counts down, and at
+# BRIEF_OVERRUNS_MAX (a slow disk, not one checkpoint) the next BRIEF_BACKOFF_CALLS go to the worker, where the loop
+# serves other tasks meanwhile.
+BRIEF_OVERRUNS_MAX = 4
+BRIEF_BACKOFF_CALLS = 64
 
 # WAL with synchronous=FULL fsyncs every commit, so an acknowledged transaction survives kill -9 and power loss.
 # busy_timeout lets a second process (the CLI opening the store directly) wait briefly for the write lock.
@@ -404,11 +412,12 @@ class _Call(Generic[T]):
 class AsyncSql:
     """Trio front for one SqlAdapter whose calls all run, one at a time, on one dedicated worker thread.
 
-    sqlcipher3 allows a connection only on the thread that opened it, so the worker opens it too.
+    The worker opens the connection, for any thread: a brief call (run_brief) may run on the trio thread, never
+    while another call runs.
     libsql holds the GIL while a query runs, which stalls the trio loop for that long; sqlcipher does not.
     While the loop has nothing else to run, a caller waits up to IDLE_WAIT_S on its thread for the outcome.
-    Every call waits at most ``timeout_s`` seconds, queueing included, then raises StoreTimeoutError; a call
-    that timed out before it started never runs, one that had started may still complete.
+    Every call on the worker waits at most ``timeout_s`` seconds, queueing included, then raises StoreTimeoutError; a
+    call that timed out before it started never runs, one that had started may still complete.
     """
 
     def __init__(self, engine: str, timeout_s: float) -> None:
@@ -418,6 +427,8 @@ class AsyncSql:
         self._stopped = False
         # One call in flight at a time keeps the worker's inbox at most one deep.
         self._idle = trio.Semaphore(1)
+        self._brief_overruns = 0  # brief calls that overran IDLE_WAIT_S, less those within it (at least 0)
+        self._brief_on_worker = 0  # brief calls left to run on the worker since they overran too often
         self._inbox: queue.SimpleQueue[tuple[_Call[Any], trio.lowlevel.TrioToken] | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._serve, name=f"aico-sql-{engine}", daemon=True)
         self._worker.start()
@@ -431,7 +442,7 @@ class AsyncSql:
         db = cls(engine, timeout_s)
         try:
             db._adapter = await db._call(
-                functools.partial(open_sql, engine, path, key), max(timeout_s, OPEN_CLOSE_TIMEOUT_S)
+                functools.partial(open_sql, engine, path, key, any_thread=True), max(timeout_s, OPEN_CLOSE_TIMEOUT_S)
             )
         except BaseException:
             db._stop_worker()
@@ -464,6 +475,40 @@ class AsyncSql:
         if self._adapter is None:
             raise StoreClosedError(f"{self._engine} store is closed")
         return await self._call(functools.partial(fn, self._adapter, *args))
+
+    async def run_brief(self, fn: Callable[..., T], *args: Any) -> T:
+        """Return fn(adapter, *args), a call of well under IDLE_WAIT_S, run on the trio thread while no other task can
+        run and brief calls keep within that budget, else on the worker thread as `run`."""
+        adapter = self._adapter
+        if adapter is None:
+            raise StoreClosedError(f"{self._engine} store is closed")
+        if self._brief_on_worker:
+            self._brief_on_worker -= 1
+        elif _idle_wait_s() >= IDLE_WAIT_S:
+            await trio.lowlevel.checkpoint_if_cancelled()  # does not yield: the loop is still idle
+            try:
+                self._idle.acquire_nowait()
+            except trio.WouldBlock:
+                pass  # a call is on the worker: this one waits its turn there
+            else:
+                started_s = time.perf_counter()
+                try:
+                    result = fn(adapter, *args)
+                finally:
+                    self._idle.release()
+                    self._count_brief(time.perf_counter() - started_s)
+                await trio.lowlevel.cancel_shielded_checkpoint()  # what came in meanwhile runs before the caller
+                return result
+        return await self._call(functools.partial(fn, adapter, *args))
+
+    def _count_brief(self, took_s: float) -> None:
+        """Count a brief call run on the trio thread; send the next ones to the worker if they overrun too often."""
+        if took_s <= IDLE_WAIT_S:
+            self._brief_overruns = max(0, self._brief_overruns - 1)
+        elif (overruns := self._brief_overruns + 1) < BRIEF_OVERRUNS_MAX:
+            self._brief_overruns = overruns
+        else:
+            self._brief_overruns, self._brief_on_worker = 0, BRIEF_BACKOFF_CALLS
 
     async def close(self) -> None:
         """Close the store and end the worker thread; idempotent."""

@@ -1,5 +1,6 @@
 """The wire format round-trips, and untrusted bytes only ever raise the codec's own error."""
 
+import attrs
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,8 +22,11 @@ from crdt import (
     load_replica,
     merge_state,
     save_replica,
+    stored_batch_body,
     stored_batch_keys,
+    stored_batch_plain,
 )
+from crdt.codec import STORED_PLAIN_BYTES_MAX
 from node.sync.wire import Ack, Deltas, Hello, from_wire, to_wire
 from tests.conftest import make_replica
 
@@ -58,6 +62,21 @@ def test_a_stored_batch_gives_the_key_each_op_wrote_without_decoding_the_ops():
     assert stored_batch_keys(body) == [(op.collection, op.key) for op in decode_stored_batch(body)]
     with pytest.raises(DecodeError, match="malformed"):
         stored_batch_keys(deflate(encode_ops(SAMPLE_OPS)[:-3]))
+
+
+def test_a_small_batch_is_logged_as_encoded_and_a_large_one_deflated_and_both_read_back():
+    one_op = SAMPLE_OPS[:1]
+    small = stored_batch_body(one_op)
+    assert small == encode_ops(one_op) and stored_batch_plain(small) == small  # a message add is not deflated
+    large_ops = [attrs.evolve(SAMPLE_OPS[0], seq=seq) for seq in range(1, 41)]
+    assert len(encode_ops(large_ops)) > STORED_PLAIN_BYTES_MAX
+    large = stored_batch_body(large_ops)
+    assert large == deflate(encode_ops(large_ops)) and stored_batch_plain(large) == encode_ops(large_ops)
+    for body, ops in ((small, one_op), (large, large_ops)):
+        assert decode_stored_batch(body) == list(ops)
+        assert stored_batch_keys(body) == [(op.collection, op.key) for op in ops]
+    with pytest.raises(DecodeError, match="malformed"):
+        decode_stored_batch(small[:-3])
 
 
 def test_a_saved_replica_whose_log_was_compacted_whole_loads_with_its_vector_and_bases():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trio
 
-from crdt import HybridClock, Replica, encode_op
+from crdt import Collection, HybridClock, Replica, encode_op
 from crdt import messages as message_rules
 from stores import datalayer, migrate, open_sql, primary
 from stores.datalayer import DataLayer, StoreConfig
@@ -203,6 +203,20 @@ async def test_a_peer_is_served_every_op_from_the_store_written_or_not_and_forgo
         await data.close()
         data = await open_data(tmp_path, engine)
         assert data.replica.ops_since({}, 10_000) == served  # read back from the store after a restart
+    finally:
+        await data.close()
+
+
+@pytest.mark.trio
+async def test_a_write_of_a_few_rows_runs_as_a_brief_store_call_and_a_bulk_write_or_a_forget_does_not(tmp_path):
+    data = await open_data(tmp_path)
+    try:
+        added = data.replica.add_message("m1", MESSAGE)
+        assert data.prepare([primary.LogBatch([added])]).brief
+        bulk = [data.replica.set_preference(f"k{i}", i) for i in range(datalayer.BRIEF_WRITE_ROWS_MAX // 2 + 1)]
+        assert not data.prepare([primary.LogBatch(bulk)]).brief  # as many rows again as ops: over the bound
+        forget = data.replica.forget(Collection.MESSAGES, "m1")
+        assert not data.prepare([primary.LogBatch([forget])], [(Collection.MESSAGES, "m1")]).brief
     finally:
         await data.close()
 

@@ -20,7 +20,14 @@ from stores import (
     migrate,
     open_sql,
 )
-from stores.sql import VALUES_PER_STATEMENT_MAX, _Call, _statement_row_counts
+from stores.sql import (
+    BRIEF_BACKOFF_CALLS,
+    BRIEF_OVERRUNS_MAX,
+    IDLE_WAIT_S,
+    VALUES_PER_STATEMENT_MAX,
+    _Call,
+    _statement_row_counts,
+)
 
 KEY = bytes(range(32))
 WRONG_KEY = bytes(32)
@@ -288,6 +295,49 @@ async def test_async_round_trip_on_one_worker_thread(engine: str, db_path: Path)
     await db.close()
     with pytest.raises(StoreClosedError):
         await db.query("SELECT 1")
+
+
+@pytest.mark.trio
+async def test_a_brief_call_runs_on_the_trio_thread_only_while_nothing_else_waits_and_it_keeps_within_budget(
+    engine: str, db_path: Path
+) -> None:
+    db = await AsyncSql.open(engine, db_path, KEY)
+    here = threading.get_ident()
+
+    def insert(adapter: SqlAdapter, text: str) -> int:
+        with adapter.transaction():
+            adapter.execute("INSERT INTO t VALUES (?)", (text,))
+        return threading.get_ident()
+
+    def slow(adapter: SqlAdapter) -> int:
+        time.sleep(2 * IDLE_WAIT_S)
+        return threading.get_ident()
+
+    try:
+        await db.execute("CREATE TABLE t (text TEXT)")
+        worker = await db.run(lambda adapter: threading.get_ident())
+        assert worker != here
+        assert await db.run_brief(insert, "idle") == here  # nothing else to run: no hand-over to the worker
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)  # a task ready to run must not wait for the call
+            assert await db.run_brief(insert, "busy") == worker
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.query, SLOW_QUERY)
+            await trio.sleep(0.05)  # the worker runs the slow query: a brief call waits its turn, never runs beside it
+            assert await db.run_brief(insert, "after") == worker
+        with pytest.raises(StoreError, match="no such table"):
+            await db.run_brief(SqlAdapter.query, "SELECT * FROM missing")
+        assert await db.query("SELECT text FROM t ORDER BY rowid") == [("idle",), ("busy",), ("after",)]
+
+        # Calls that overrun the loop's budget time after time (a slow disk) go to the worker for a while.
+        assert [await db.run_brief(slow) for _ in range(BRIEF_OVERRUNS_MAX)] == [here] * BRIEF_OVERRUNS_MAX
+        backed_off = [await db.run_brief(insert, "backed off") for _ in range(BRIEF_BACKOFF_CALLS)]
+        assert backed_off == [worker] * BRIEF_BACKOFF_CALLS
+        assert await db.run_brief(insert, "again") == here
+    finally:
+        await db.close()
+    with pytest.raises(StoreClosedError):
+        await db.run_brief(insert, "closed")
 
 
 def test_a_store_call_is_finished_once_whether_it_ends_before_or_while_its_caller_waits() -> None:
