@@ -479,27 +479,26 @@ class AsyncSql:
     async def run_brief(self, fn: Callable[..., T], *args: Any) -> T:
         """Return fn(adapter, *args), a call of well under IDLE_WAIT_S, run on the trio thread while no other task can
         run and brief calls keep within that budget, else on the worker thread as `run`."""
-        adapter = self._adapter
-        if adapter is None:
-            raise StoreClosedError(f"{self._engine} store is closed")
+        if not self._brief_here():
+            return await self.run(fn, *args)
+        await trio.lowlevel.checkpoint_if_cancelled()  # raises, or goes on without yielding: the turn is still free
+        self._idle.acquire_nowait()
+        started_s = time.perf_counter()
+        try:
+            result = fn(self._adapter, *args)
+        finally:
+            self._idle.release()
+            self._count_brief(time.perf_counter() - started_s)
+        await trio.lowlevel.cancel_shielded_checkpoint()  # what came in meanwhile runs before the caller goes on
+        return result
+
+    def _brief_here(self) -> bool:
+        """Whether a brief call runs on the trio thread now: the store is open, no call is on the worker, the loop is
+        idle, and brief calls are not backing off to the worker."""
         if self._brief_on_worker:
             self._brief_on_worker -= 1
-        elif _idle_wait_s() >= IDLE_WAIT_S:
-            await trio.lowlevel.checkpoint_if_cancelled()  # does not yield: the loop is still idle
-            try:
-                self._idle.acquire_nowait()
-            except trio.WouldBlock:
-                pass  # a call is on the worker: this one waits its turn there
-            else:
-                started_s = time.perf_counter()
-                try:
-                    result = fn(adapter, *args)
-                finally:
-                    self._idle.release()
-                    self._count_brief(time.perf_counter() - started_s)
-                await trio.lowlevel.cancel_shielded_checkpoint()  # what came in meanwhile runs before the caller
-                return result
-        return await self._call(functools.partial(fn, adapter, *args))
+            return False
+        return self._adapter is not None and self._idle.value > 0 and _idle_wait_s() >= IDLE_WAIT_S
 
     def _count_brief(self, took_s: float) -> None:
         """Count a brief call run on the trio thread; send the next ones to the worker if they overrun too often."""
